@@ -1,0 +1,533 @@
+//! Tessera's API types: the one place where `TranscodeJob` and `WorkerPool` are defined.
+//!
+//! The operator, the worker and `tessera run` all read these types; `crdgen` turns them into the CRD YAML
+//! under `crds/` (checked in, and diff-checked in CI).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+mod validate;
+pub use validate::{validate_spec, ValidationError};
+
+/// The API group of every Tessera kind.
+pub const GROUP: &str = "tessera.dev";
+
+/// A request to turn one input into a set of renditions.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tessera.dev",
+    version = "v1alpha1",
+    kind = "TranscodeJob",
+    namespaced,
+    shortname = "tj",
+    status = "TranscodeJobStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.display"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TranscodeJobSpec {
+    /// Where the source video is read from.
+    pub input: InputSpec,
+    /// Where the renditions are written to.
+    pub output: OutputSpec,
+    /// The outputs to produce; each one is a separately encoded file (mp4) or media playlist (hls).
+    #[schemars(length(min = 1, max = 32))]
+    pub renditions: Vec<Rendition>,
+    /// How the input is cut into chunks that are encoded in parallel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunking: Option<ChunkingSpec>,
+    /// Which encoder family to use: `auto` tries hardware encoders first and falls back to software.
+    #[serde(default)]
+    pub hardware: Hardware,
+    /// Larger runs first. Can be changed while the job is queued.
+    #[serde(default)]
+    pub priority: i32,
+    /// Objective quality metrics to compute for every rendition against the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualitySpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InputSpec {
+    /// `file:///absolute/path` (local mode) or `s3://bucket/key`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub uri: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputSpec {
+    /// A folder: `file:///absolute/dir/` or `s3://bucket/prefix/`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub uri: String,
+    /// `mp4` writes `<rendition>.mp4`; `hls` writes `master.m3u8` and `<rendition>/index.m3u8`.
+    #[serde(default)]
+    pub container: Container,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    #[default]
+    Mp4,
+    Hls,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rendition {
+    /// Used in output names, so it is restricted to a safe file name.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+    )]
+    pub name: String,
+    pub video: VideoSpec,
+    /// Defaults to AAC at 128 kb/s when the input has audio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<AudioSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VideoSpec {
+    pub codec: VideoCodec,
+    /// Output width; when only one of width and height is given the other keeps the aspect ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 8192))]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 8192))]
+    pub height: Option<u32>,
+    /// Constant rate factor (quality target); exclusive with `bitrate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 63))]
+    pub crf: Option<u8>,
+    /// Average bitrate, e.g. `3M` or `800k`; exclusive with `crf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitrate: Option<Bitrate>,
+    /// Peak bitrate cap (VBV), with `crf` or `bitrate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maxrate: Option<Bitrate>,
+    /// Encoder speed/quality preset in the software encoder's terms (x264/x265: ultrafast..placebo; SVT-AV1: 0..13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub preset: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoCodec {
+    H264,
+    Hevc,
+    Av1,
+}
+
+impl fmt::Display for VideoCodec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::H264 => "h264",
+            Self::Hevc => "hevc",
+            Self::Av1 => "av1",
+        })
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AudioSpec {
+    pub codec: AudioCodec,
+    /// e.g. `128k`; ignored for `copy` and `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitrate: Option<Bitrate>,
+    /// Down- or up-mix to this many channels (default: keep, at most 2 for opus).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 8))]
+    pub channels: Option<u32>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioCodec {
+    Aac,
+    Opus,
+    Copy,
+    None,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChunkingSpec {
+    /// Target chunk length; chunks start on source keyframes near multiples of it. Automatic when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.5, max = 3600.0))]
+    pub target_seconds: Option<f64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Hardware {
+    /// Try NVENC, QSV, VAAPI in that order by opening them; fall back to software.
+    #[default]
+    Auto,
+    Nvidia,
+    Intel,
+    Vaapi,
+    Software,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QualitySpec {
+    #[serde(default)]
+    pub metrics: Vec<QualityMetric>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QualityMetric {
+    Psnr,
+    Ssim,
+}
+
+/// A bitrate in bits per second, written as an integer or a string with a `k`/`M`/`G` suffix (`128k`, `4.5M`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bitrate(pub u64);
+
+impl Bitrate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (num, mult) = match t.char_indices().last() {
+            Some((i, 'k' | 'K')) => (&t[..i], 1e3),
+            Some((i, 'm' | 'M')) => (&t[..i], 1e6),
+            Some((i, 'g' | 'G')) => (&t[..i], 1e9),
+            _ => (t, 1.0),
+        };
+        let v: f64 = num.parse().map_err(|_| {
+            format!(
+                "invalid bitrate {s:?}: expected a number with an optional k/M/G suffix, e.g. 128k"
+            )
+        })?;
+        let bps = v * mult;
+        if !(1_000.0..=2e9).contains(&bps) {
+            return Err(format!("bitrate {s:?} is out of range (1k..2G)"));
+        }
+        Ok(Self(bps.round() as u64))
+    }
+}
+
+impl fmt::Display for Bitrate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b % 1_000_000 == 0 {
+            write!(f, "{}M", b / 1_000_000)
+        } else if b % 1_000 == 0 {
+            write!(f, "{}k", b / 1_000)
+        } else {
+            write!(f, "{b}")
+        }
+    }
+}
+
+impl Serialize for Bitrate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Bitrate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Bitrate::parse(&n.to_string()),
+            Raw::Str(s) => Bitrate::parse(&s),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Bitrate {
+    fn schema_name() -> Cow<'static, str> {
+        "Bitrate".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Bits per second: an integer, or a string with a k/M/G suffix such as 128k or 4.5M.",
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [
+                {"type": "integer", "minimum": 1000},
+                {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?[kKmMgG]?$"}
+            ]
+        })
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TranscodeJobStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Standard conditions: `Complete`, `Failed`, `Progressing`, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renditions: Vec<RenditionStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub chunks_done: u32,
+    pub chunks_total: u32,
+    /// 0..=100, whole percent.
+    pub percent: u32,
+    /// What `kubectl get tj` shows, e.g. `7/12 (58%)`.
+    pub display: String,
+}
+
+impl Progress {
+    pub fn new(chunks_done: u32, chunks_total: u32) -> Self {
+        let percent = if chunks_total == 0 {
+            0
+        } else {
+            (u64::from(chunks_done) * 100 / u64::from(chunks_total)) as u32
+        };
+        Self {
+            chunks_done,
+            chunks_total,
+            percent,
+            display: format!("{chunks_done}/{chunks_total} ({percent}%)"),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RenditionStatus {
+    pub name: String,
+    /// The finished output: the mp4 file, or the media playlist for hls.
+    pub uri: String,
+    pub frames: u64,
+    pub duration_seconds: f64,
+    pub bytes: u64,
+    pub width: u32,
+    pub height: u32,
+    /// FFmpeg encoder name, e.g. `libx264` or `h264_nvenc`.
+    pub encoder: String,
+    /// Why this encoder was chosen, including every hardware encoder that failed to open.
+    pub encoder_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psnr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssim: Option<f64>,
+}
+
+/// A set of worker pods on nodes with a given device-plugin resource. Completed by the operator issue.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tessera.dev",
+    version = "v1alpha1",
+    kind = "WorkerPool",
+    namespaced,
+    shortname = "wp",
+    status = "WorkerPoolStatus",
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desired"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.ready"}"#,
+    printcolumn = r#"{"name":"Busy","type":"integer","jsonPath":".status.busy"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerPoolSpec {
+    /// Device-plugin resource each worker requests, e.g. `nvidia.com/gpu`; absent for CPU-only pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<DeviceResource>,
+    #[serde(default)]
+    pub min_workers: u32,
+    #[serde(default = "default_max_workers")]
+    pub max_workers: u32,
+    /// Chunk tasks one worker runs at a time.
+    #[serde(default = "default_tasks_per_worker")]
+    #[schemars(range(min = 1, max = 64))]
+    pub tasks_per_worker: u32,
+    /// Worker image (the `tessera` binary with FFmpeg runtime libraries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+}
+
+fn default_max_workers() -> u32 {
+    4
+}
+fn default_tasks_per_worker() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceResource {
+    /// e.g. `nvidia.com/gpu`, `gpu.intel.com/i915`.
+    pub name: String,
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPoolStatus {
+    #[serde(default)]
+    pub desired: u32,
+    #[serde(default)]
+    pub pending: u32,
+    #[serde(default)]
+    pub ready: u32,
+    #[serde(default)]
+    pub busy: u32,
+    #[serde(default)]
+    pub idle: u32,
+}
+
+/// Parse a `TranscodeJob` manifest (the YAML `kubectl apply` and `tessera run` both accept).
+///
+/// Errors name the offending field path, e.g. `spec.renditions[0].video.codec`.
+pub fn parse_job_yaml(text: &str) -> Result<TranscodeJob, String> {
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    let field = |k: &str| {
+        value
+            .get(k)
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("<missing>")
+            .to_string()
+    };
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    if api_version != format!("{GROUP}/v1alpha1") || kind != "TranscodeJob" {
+        return Err(format!(
+            "apiVersion/kind: expected tessera.dev/v1alpha1 TranscodeJob, found {api_version} {kind}"
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+apiVersion: tessera.dev/v1alpha1
+kind: TranscodeJob
+metadata: {name: fixture-job}
+spec:
+  input:  {uri: "file:///abs/in.mp4"}
+  output: {uri: "file:///abs/outdir/", container: mp4}
+  renditions:
+    - name: 720p
+      video: {codec: h264, height: 720, crf: 23, preset: medium}
+      audio: {codec: aac, bitrate: 128k}
+    - name: 360p
+      video: {codec: h264, height: 360, crf: 28}
+  chunking: {targetSeconds: 10}
+  hardware: auto
+  priority: 0
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let job = parse_job_yaml(EXAMPLE).unwrap();
+        assert_eq!(job.spec.renditions.len(), 2);
+        assert_eq!(job.spec.renditions[0].video.height, Some(720));
+        assert_eq!(
+            job.spec.renditions[0].audio.as_ref().unwrap().bitrate,
+            Some(Bitrate(128_000))
+        );
+        assert_eq!(job.spec.chunking.unwrap().target_seconds, Some(10.0));
+        assert_eq!(job.spec.hardware, Hardware::Auto);
+    }
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let bad = EXAMPLE.replace("codec: h264, height: 360", "codec: h265, height: 360");
+        let err = parse_job_yaml(&bad).unwrap_err();
+        assert!(err.contains("spec.renditions[1].video.codec"), "{err}");
+        assert!(err.contains("h265"), "{err}");
+        let bad = EXAMPLE.replace("crf: 28", "crf: 28, sharpness: 3");
+        let err = parse_job_yaml(&bad).unwrap_err();
+        assert!(
+            err.contains("spec.renditions[1].video") && err.contains("sharpness"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bitrates_parse_with_suffixes_and_integers() {
+        assert_eq!(Bitrate::parse("128k").unwrap(), Bitrate(128_000));
+        assert_eq!(Bitrate::parse("4.5M").unwrap(), Bitrate(4_500_000));
+        assert_eq!(Bitrate::parse("800000").unwrap(), Bitrate(800_000));
+        assert!(Bitrate::parse("fast").is_err());
+        assert!(Bitrate::parse("12").is_err());
+        let y = EXAMPLE.replace("bitrate: 128k", "bitrate: 96000");
+        let job = parse_job_yaml(&y).unwrap();
+        assert_eq!(
+            job.spec.renditions[0].audio.as_ref().unwrap().bitrate,
+            Some(Bitrate(96_000))
+        );
+        assert_eq!(Bitrate(96_000).to_string(), "96k");
+    }
+
+    #[test]
+    fn progress_display_matches_counts() {
+        let p = Progress::new(7, 12);
+        assert_eq!((p.percent, p.display.as_str()), (58, "7/12 (58%)"));
+        assert_eq!(Progress::new(0, 0).percent, 0);
+    }
+
+    #[test]
+    fn wrong_kind_is_rejected() {
+        let err = parse_job_yaml(&EXAMPLE.replace("kind: TranscodeJob", "kind: Job")).unwrap_err();
+        assert!(err.contains("kind"), "{err}");
+    }
+}

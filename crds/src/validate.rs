@@ -1,0 +1,267 @@
+//! Semantic checks the schema cannot express. Pure: shared by the operator (admission-time status) and
+//! `tessera run`. Every error names the field it is about.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::{AudioCodec, Container, TranscodeJobSpec, VideoCodec};
+
+/// One problem with a spec, with the path of the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+const X26X_PRESETS: &[&str] = &[
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+];
+
+/// Check a spec; returns every problem found, not just the first.
+pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>> {
+    let mut errs = Vec::new();
+    let mut err = |field: String, message: String| errs.push(ValidationError { field, message });
+
+    check_uri("spec.input.uri", &spec.input.uri, false, &mut err);
+    check_uri("spec.output.uri", &spec.output.uri, true, &mut err);
+
+    if spec.renditions.is_empty() {
+        err(
+            "spec.renditions".into(),
+            "at least one rendition is required".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, r) in spec.renditions.iter().enumerate() {
+        let at = |f: &str| format!("spec.renditions[{i}].{f}");
+        if !valid_name(&r.name) {
+            err(
+                at("name"),
+                format!(
+                    "{:?} is not a safe output name: use 1-63 letters, digits, '-', '_' or '.', starting and ending \
+                     with a letter or digit",
+                    r.name
+                ),
+            );
+        } else if !names.insert(r.name.to_ascii_lowercase()) {
+            err(
+                at("name"),
+                format!("{:?} is used by more than one rendition", r.name),
+            );
+        }
+        let v = &r.video;
+        if v.crf.is_some() && v.bitrate.is_some() {
+            err(
+                at("video"),
+                "crf and bitrate are exclusive: give one of them".into(),
+            );
+        }
+        let crf_max = match v.codec {
+            VideoCodec::H264 | VideoCodec::Hevc => 51,
+            VideoCodec::Av1 => 63,
+        };
+        if let Some(crf) = v.crf {
+            if crf > crf_max {
+                err(
+                    at("video.crf"),
+                    format!("{crf} is out of range for {} (0..={crf_max})", v.codec),
+                );
+            }
+        }
+        if let (Some(b), Some(m)) = (v.bitrate, v.maxrate) {
+            if m.0 < b.0 {
+                err(at("video.maxrate"), format!("{m} is below bitrate {b}"));
+            }
+        }
+        for (f, dim) in [("video.width", v.width), ("video.height", v.height)] {
+            if let Some(d) = dim {
+                if !(16..=8192).contains(&d) {
+                    err(at(f), format!("{d} is out of range (16..=8192)"));
+                }
+            }
+        }
+        if let Some(p) = &v.preset {
+            let ok = match v.codec {
+                VideoCodec::H264 | VideoCodec::Hevc => X26X_PRESETS.contains(&p.as_str()),
+                VideoCodec::Av1 => p.parse::<u8>().is_ok_and(|n| n <= 13),
+            };
+            if !ok {
+                let expected = match v.codec {
+                    VideoCodec::Av1 => "0..13 (SVT-AV1 speed)".to_string(),
+                    _ => X26X_PRESETS.join(", "),
+                };
+                err(
+                    at("video.preset"),
+                    format!(
+                        "unknown preset {p:?} for {}; expected one of {expected}",
+                        v.codec
+                    ),
+                );
+            }
+        }
+        if let Some(a) = &r.audio {
+            if spec.output.container == Container::Hls && a.codec == AudioCodec::Opus {
+                err(
+                    at("audio.codec"),
+                    "opus is not playable in HLS: use aac".into(),
+                );
+            }
+            if a.codec == AudioCodec::Opus && a.channels.is_some_and(|c| c > 2) {
+                err(
+                    at("audio.channels"),
+                    "opus output is limited to 2 channels here".into(),
+                );
+            }
+        }
+    }
+    if let Some(t) = spec.chunking.as_ref().and_then(|c| c.target_seconds) {
+        if !(t.is_finite() && (0.5..=3600.0).contains(&t)) {
+            err(
+                "spec.chunking.targetSeconds".into(),
+                format!("{t} is out of range (0.5..=3600)"),
+            );
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, String)) {
+    if let Some(path) = uri.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            err(
+                field.into(),
+                format!("{uri:?}: file:// URIs must hold an absolute path (file:///abs/path)"),
+            );
+        } else if path.split('/').any(|seg| seg == "..") {
+            err(
+                field.into(),
+                format!("{uri:?}: '..' is not allowed in paths"),
+            );
+        } else if !is_dir && path.ends_with('/') {
+            err(
+                field.into(),
+                format!("{uri:?}: names a folder; the input must be a file"),
+            );
+        }
+    } else if uri.starts_with("s3://") {
+        // Checked in full where S3 I/O lives; here only its shape.
+        if uri["s3://".len()..]
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .is_empty()
+        {
+            err(
+                field.into(),
+                format!("{uri:?}: missing bucket name (s3://bucket/key)"),
+            );
+        }
+    } else {
+        err(
+            field.into(),
+            format!("{uri:?}: unsupported scheme; use file:///abs/path or s3://bucket/key"),
+        );
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_job_yaml;
+
+    fn spec(renditions: &str, extra: &str) -> TranscodeJobSpec {
+        let y = format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {{name: t}}\nspec:\n  input: {{uri: \
+             \"file:///in.mp4\"}}\n  output: {{uri: \"file:///out/\"{extra}}}\n  renditions:\n{renditions}"
+        );
+        parse_job_yaml(&y).unwrap().spec
+    }
+
+    fn fields(s: &TranscodeJobSpec) -> Vec<String> {
+        validate_spec(s)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_plain_spec_is_valid() {
+        assert!(fields(&spec(
+            "    - {name: a, video: {codec: h264, height: 360}}\n",
+            ""
+        ))
+        .is_empty());
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        let s = spec(
+            "    - {name: a, video: {codec: h264, crf: 20, bitrate: 1M}}\n    - {name: ../x, video: {codec: av1, \
+             preset: medium}}\n    - {name: A, video: {codec: hevc, crf: 60}}\n",
+            "",
+        );
+        assert_eq!(
+            fields(&s),
+            [
+                "spec.renditions[0].video",
+                "spec.renditions[1].name",
+                "spec.renditions[1].video.preset",
+                "spec.renditions[2].name",
+                "spec.renditions[2].video.crf"
+            ]
+        );
+    }
+
+    #[test]
+    fn opus_in_hls_and_bad_uris_are_rejected() {
+        let mut s = spec(
+            "    - {name: a, video: {codec: h264}, audio: {codec: opus}}\n",
+            ", container: hls",
+        );
+        s.input.uri = "relative.mp4".into();
+        s.output.uri = "file://out/".into();
+        assert_eq!(
+            fields(&s),
+            [
+                "spec.input.uri",
+                "spec.output.uri",
+                "spec.renditions[0].audio.codec"
+            ]
+        );
+        s.input.uri = "file:///a/../etc/passwd".into();
+        assert!(fields(&s).contains(&"spec.input.uri".to_string()));
+    }
+}
