@@ -1,1 +1,15 @@
+//! Tessera's media engine: probe, plan, encode chunks, encode audio, stitch, measure quality.
 
+pub mod audio;
+pub mod avlog;
+pub mod chunk;
+pub mod encode;
+pub mod error;
+pub mod job;
+pub mod packets;
+pub mod plan;
+pub mod probe;
+pub mod quality;
+pub mod stitch;
+
+pub use error::{Error, Result};

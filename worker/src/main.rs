@@ -1,1 +1,214 @@
-fn main() {}
+//! `tessera`: run a TranscodeJob on this machine, or probe an input.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera::job::{self, Progress, RunOptions};
+use tessera::{probe, Error};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Frame-exact chunked video transcoding, on one machine or a Kubernetes cluster"
+)]
+struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a TranscodeJob YAML here, with parallel chunk workers.
+    Run {
+        /// The TranscodeJob manifest (the same file `kubectl apply` takes).
+        job: PathBuf,
+        /// Parallel chunk workers (default: the number of cores).
+        #[arg(long, short)]
+        workers: Option<usize>,
+        /// Print one JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show streams, duration, frame rate, rotation and keyframes of an input.
+    Probe {
+        /// A path or file:// URI.
+        uri: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let res = match cli.command {
+        Command::Run { job, workers, json } => run(job, workers, json),
+        Command::Probe { uri, json } => probe_cmd(&uri, json),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: error: {e}");
+            ExitCode::from(match e {
+                Error::Spec { .. } | Error::Field { .. } => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
+    let job = job::read_job(&path)?;
+    let progress = Arc::new(Progress::default());
+    let opts = RunOptions {
+        workers: workers.unwrap_or_else(job::default_workers),
+        progress: progress.clone(),
+        ..Default::default()
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg:<18} [{bar:30}] {percent:>3}% {pos}/{len} frames  {per_sec}  ETA {eta}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let summary = std::thread::scope(|s| {
+        if let Some(bar) = &bar {
+            let (progress, done) = (&progress, &done);
+            s.spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    bar.set_length(progress.frames_total.load(Ordering::Relaxed));
+                    bar.set_position(progress.frames_done.load(Ordering::Relaxed));
+                    let stage = progress.stage.lock().map(|s| s.clone()).unwrap_or_default();
+                    bar.set_message(format!(
+                        "{stage} {}/{}",
+                        progress.chunks_done.load(Ordering::Relaxed),
+                        progress.chunks_total.load(Ordering::Relaxed)
+                    ));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+        let r = job::run_job(&job, &opts);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("summary serialises")
+        );
+    } else {
+        println!(
+            "{}: {} frames, {} chunks on {} workers in {:.1}s",
+            summary.job,
+            summary.source.frames,
+            summary.chunks,
+            summary.workers,
+            summary.elapsed_seconds
+        );
+        for r in &summary.renditions {
+            let q = match (r.psnr, r.ssim) {
+                (Some(p), Some(s)) => format!("  PSNR {p:.2} dB  SSIM {s:.4}"),
+                (Some(p), None) => format!("  PSNR {p:.2} dB"),
+                (None, Some(s)) => format!("  SSIM {s:.4}"),
+                _ => String::new(),
+            };
+            println!(
+                "  {:<10} {}x{} {} frames {:.3}s {} bytes  {}{q}\n             {}",
+                r.name, r.width, r.height, r.frames, r.duration_seconds, r.bytes, r.encoder, r.uri
+            );
+        }
+        if let Some(m) = &summary.master_playlist {
+            println!("  master playlist: {m}");
+        }
+    }
+    Ok(())
+}
+
+fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
+    let path = match uri.strip_prefix("file://") {
+        Some(p) => PathBuf::from(p),
+        None if uri.contains("://") => {
+            return Err(Error::Field {
+                field: "URI".into(),
+                message: format!("{uri:?}: only local files and file:// URIs are supported here"),
+            })
+        }
+        None => PathBuf::from(uri),
+    };
+    let info = probe::probe(&path)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).expect("probe serialises")
+        );
+        return Ok(());
+    }
+    let v = &info.video;
+    println!(
+        "{}: {} ({} bytes), {:.3}s",
+        info.path.display(),
+        info.format,
+        info.bytes,
+        info.duration
+    );
+    println!(
+        "  video #{}: {} {}x{} {} {:.3} fps{} {} frames{}{}",
+        v.index,
+        v.codec,
+        v.width,
+        v.height,
+        v.pix_fmt,
+        v.fps.0 as f64 / v.fps.1.max(1) as f64,
+        if v.vfr { " (VFR)" } else { "" },
+        v.frames,
+        if v.frames_exact { "" } else { " (estimated)" },
+        if v.rotation != 0.0 {
+            format!(", rotation {}°", v.rotation)
+        } else {
+            String::new()
+        },
+    );
+    if let Some(a) = &info.audio {
+        println!(
+            "  audio #{}: {} {} Hz, {} channels",
+            a.index, a.codec, a.sample_rate, a.channels
+        );
+    }
+    println!(
+        "  keyframes: {} (from {})",
+        info.keyframes.len(),
+        info.keyframe_source
+    );
+    Ok(())
+}

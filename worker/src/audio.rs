@@ -1,0 +1,296 @@
+//! Audio: decoded once for the whole input and encoded once per distinct setting (renditions asking for the
+//! same codec, bitrate and channels share one encode), never per chunk, so there is no drift or gap at seams.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ffmpeg_next::{self as ff, codec, ffi, filter, frame, Packet, Rational};
+use tessera_crds::AudioCodec;
+
+use crate::avlog;
+use crate::chunk::rescale;
+use crate::error::{Error, Result};
+use crate::packets::{PacketWriter, StreamParams};
+use crate::plan::AudioPlan;
+use crate::probe::open_input;
+
+pub struct AudioJob<'a> {
+    pub path: &'a Path,
+    pub stream: usize,
+    /// Input start time in seconds: the origin of output timestamps.
+    pub start_time: f64,
+    pub outputs: Vec<(AudioPlan, PathBuf)>,
+}
+
+struct Encoding {
+    graph: filter::Graph,
+    encoder: ff::encoder::Audio,
+    writer: PacketWriter,
+    sink_tb: Rational,
+    enc_tb: Rational,
+    name: String,
+}
+
+/// Returns the number of input audio frames decoded.
+pub fn encode_audio(job: &AudioJob<'_>, cancel: &AtomicBool) -> Result<u64> {
+    let path = job.path;
+    let mut ictx = open_input(path)?;
+    let st = ictx
+        .stream(job.stream)
+        .ok_or_else(|| Error::media(path, "audio stream vanished", job.stream))?;
+    let tb = st.time_base();
+    let origin = rescale(
+        (job.start_time * 1e6).round() as i64,
+        Rational::new(1, 1_000_000),
+        tb,
+    );
+    let par = st.parameters();
+    let mut copies: Vec<PacketWriter> = Vec::new();
+    for (plan, out) in job
+        .outputs
+        .iter()
+        .filter(|(p, _)| p.codec == AudioCodec::Copy)
+    {
+        // SAFETY: the stream's parameters are valid while the input is open.
+        let params = unsafe {
+            StreamParams::from_raw(par.as_ptr(), (tb.numerator(), tb.denominator()), "copy")
+        };
+        let _ = plan;
+        copies.push(PacketWriter::create(out, &params)?);
+    }
+    let needs_decode = job.outputs.iter().any(|(p, _)| p.codec != AudioCodec::Copy);
+    let mut decoder = if needs_decode {
+        let mut ctx = codec::context::Context::from_parameters(par)
+            .map_err(|e| Error::media(path, "audio decoder setup", e))?;
+        // SAFETY: plain field.
+        unsafe { (*ctx.as_mut_ptr()).pkt_timebase = tb.into() };
+        Some(
+            ctx.decoder()
+                .audio()
+                .map_err(|e| Error::media(path, "cannot open the audio decoder", e))?,
+        )
+    } else {
+        None
+    };
+    let mut encodings: Vec<Encoding> = Vec::new();
+    let mut decoded = frame::Audio::empty();
+    let mut frames = 0u64;
+    let mut packets = ictx.packets();
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let next = packets.next();
+        let eof = next.is_none();
+        if let Some((s, p)) = next {
+            if s.index() != job.stream {
+                continue;
+            }
+            for w in &mut copies {
+                let mut c = p.clone();
+                c.set_pts(p.pts().map(|v| v - origin));
+                c.set_dts(p.dts().map(|v| v - origin));
+                w.write(&c)?;
+            }
+            if let Some(d) = decoder.as_mut() {
+                if let Err(e) = d.send_packet(&p) {
+                    tracing::warn!(error = %e, "undecodable audio packet skipped");
+                    continue;
+                }
+            }
+        } else if let Some(d) = decoder.as_mut() {
+            let _ = d.send_eof();
+        }
+        if let Some(d) = decoder.as_mut() {
+            while d.receive_frame(&mut decoded).is_ok() {
+                if encodings.is_empty() {
+                    encodings = job
+                        .outputs
+                        .iter()
+                        .filter(|(p, _)| p.codec != AudioCodec::Copy)
+                        .map(|(plan, out)| open_encoding(plan, out, &decoded, tb))
+                        .collect::<Result<_>>()?;
+                }
+                let ts = decoded.timestamp().map(|t| t - origin);
+                decoded.set_pts(ts);
+                for e in &mut encodings {
+                    e.graph
+                        .get("in")
+                        .expect("source")
+                        .source()
+                        .add(&decoded)
+                        .map_err(|err| audio_err(&e.name, err))?;
+                    pull(e, false)?;
+                }
+                frames += 1;
+            }
+        }
+        if eof {
+            break;
+        }
+    }
+    for mut e in encodings {
+        e.graph
+            .get("in")
+            .expect("source")
+            .source()
+            .flush()
+            .map_err(|err| audio_err(&e.name, err))?;
+        pull(&mut e, true)?;
+        e.writer.finish()?;
+    }
+    for w in copies {
+        w.finish()?;
+    }
+    Ok(frames)
+}
+
+fn audio_err(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Encoder {
+        encoder: name.to_string(),
+        detail: format!("audio: {e}"),
+    }
+}
+
+fn pull(e: &mut Encoding, flush: bool) -> Result<()> {
+    let mut f = frame::Audio::empty();
+    loop {
+        match e.graph.get("out").expect("sink").sink().frame(&mut f) {
+            Ok(()) => {
+                let pts = f.pts().map(|p| rescale(p, e.sink_tb, e.enc_tb));
+                f.set_pts(pts);
+                e.encoder
+                    .send_frame(&f)
+                    .map_err(|err| audio_err(&e.name, err))?;
+                drain(e)?;
+            }
+            Err(ff::Error::Other {
+                errno: ff::error::EAGAIN,
+            })
+            | Err(ff::Error::Eof) => break,
+            Err(err) => return Err(audio_err(&e.name, err)),
+        }
+    }
+    if flush {
+        e.encoder
+            .send_eof()
+            .map_err(|err| audio_err(&e.name, err))?;
+        drain(e)?;
+    }
+    Ok(())
+}
+
+fn drain(e: &mut Encoding) -> Result<()> {
+    let mut p = Packet::empty();
+    while e.encoder.receive_packet(&mut p).is_ok() {
+        e.writer.write(&p)?;
+    }
+    Ok(())
+}
+
+fn open_encoding(
+    plan: &AudioPlan,
+    out: &Path,
+    first: &frame::Audio,
+    in_tb: Rational,
+) -> Result<Encoding> {
+    let (name, fmt, rate, max_ch) = match plan.codec {
+        AudioCodec::Opus if ff::encoder::find_by_name("libopus").is_some() => {
+            ("libopus", "flt", 48_000, 2)
+        }
+        AudioCodec::Opus => ("opus", "flt", 48_000, 2),
+        _ => ("aac", "fltp", first.rate().min(48_000).max(8_000), 8),
+    };
+    let codec = ff::encoder::find_by_name(name)
+        .ok_or_else(|| audio_err(name, "not built into this FFmpeg"))?;
+    let in_ch = first.channels().max(1) as u32;
+    let channels = plan.channels.unwrap_or(in_ch).min(max_ch).max(1);
+    // SAFETY: builds a default layout for a channel count.
+    let out_mask = unsafe {
+        let mut l: ffi::AVChannelLayout = std::mem::zeroed();
+        ffi::av_channel_layout_default(&mut l, channels as i32);
+        l.u.mask
+    };
+    // SAFETY: reads the decoded frame's layout.
+    let in_mask = unsafe {
+        let l = &(*first.as_ptr()).ch_layout;
+        if l.order == ffi::AVChannelOrder::AV_CHANNEL_ORDER_NATIVE {
+            l.u.mask
+        } else {
+            let mut d: ffi::AVChannelLayout = std::mem::zeroed();
+            ffi::av_channel_layout_default(&mut d, in_ch as i32);
+            d.u.mask
+        }
+    };
+    let mut graph = filter::Graph::new();
+    let args = format!(
+        "time_base={}/{}:sample_rate={}:sample_fmt={}:channel_layout=0x{:x}",
+        in_tb.numerator(),
+        in_tb.denominator(),
+        first.rate(),
+        first.format().name(),
+        in_mask
+    );
+    let build = |graph: &mut filter::Graph| -> std::result::Result<(), ff::Error> {
+        graph.add(
+            &filter::find("abuffer").ok_or(ff::Error::FilterNotFound)?,
+            "in",
+            &args,
+        )?;
+        graph.add(
+            &filter::find("abuffersink").ok_or(ff::Error::FilterNotFound)?,
+            "out",
+            "",
+        )?;
+        graph
+            .output("in", 0)?
+            .input("out", 0)?
+            .parse(&format!("aresample={rate},aformat=sample_fmts={fmt}:sample_rates={rate}:channel_layouts=0x{out_mask:x}"))?;
+        graph.validate()
+    };
+    let (res, lines) = avlog::capture(|| build(&mut graph));
+    res.map_err(|e| audio_err(name, avlog::explain(e, &lines)))?;
+
+    let mut enc = codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .audio()
+        .map_err(|e| audio_err(name, e))?;
+    enc.set_rate(rate as i32);
+    // SAFETY: configuring the encoder's channel layout and sample format before open.
+    unsafe {
+        let c = enc.as_mut_ptr();
+        ffi::av_channel_layout_uninit(&mut (*c).ch_layout);
+        ffi::av_channel_layout_from_mask(&mut (*c).ch_layout, out_mask);
+        (*c).sample_fmt =
+            ffi::av_get_sample_fmt(std::ffi::CString::new(fmt).expect("static").as_ptr());
+    }
+    enc.set_time_base(Rational::new(1, rate as i32));
+    enc.set_bit_rate(plan.bitrate as usize);
+    enc.set_flags(codec::Flags::GLOBAL_HEADER);
+    let (opened, lines) = avlog::capture(|| enc.open());
+    let encoder = opened.map_err(|e| audio_err(name, avlog::explain(e, &lines)))?;
+    let frame_size = encoder.frame_size();
+    if frame_size > 0 {
+        graph
+            .get("out")
+            .expect("sink")
+            .sink()
+            .set_frame_size(frame_size);
+    }
+    let sink_tb = graph.get("out").expect("sink").sink().time_base();
+    let enc_tb = Rational::new(1, rate as i32);
+    // SAFETY: the encoder is open; its parameters are copied out.
+    let params = unsafe {
+        let par = ff::codec::Parameters::from(&*encoder);
+        StreamParams::from_raw(par.as_ptr(), (1, rate as i32), name)
+    };
+    let writer = PacketWriter::create(out, &params)?;
+    Ok(Encoding {
+        graph,
+        encoder,
+        writer,
+        sink_tb,
+        enc_tb,
+        name: name.to_string(),
+    })
+}

@@ -1,0 +1,209 @@
+//! Opening video encoders: the same settings in every chunk of a rendition, and the choice between hardware
+//! and software made once per rendition by actually opening each candidate.
+
+use ffmpeg_next::{self as ff, codec, ffi, format::Pixel, Dictionary, Rational};
+use serde::Serialize;
+use tessera_crds::{Hardware, Rendition};
+
+use crate::avlog;
+use crate::error::{Error, Result};
+use crate::plan::{self, Family};
+
+/// Everything about a rendition's video that is the same in every chunk.
+#[derive(Debug, Clone)]
+pub struct VideoTarget {
+    pub width: u32,
+    pub height: u32,
+    pub pix_fmt: Pixel,
+    pub time_base: Rational,
+    pub frame_rate: Rational,
+    pub sar: Rational,
+    /// Colour description copied from the source: range, primaries, transfer, matrix.
+    pub color: (
+        ff::color::Range,
+        ff::color::Primaries,
+        ff::color::TransferCharacteristic,
+        ff::color::Space,
+    ),
+    pub threads: usize,
+}
+
+/// The encoder a rendition uses for all of its chunks, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderChoice {
+    pub name: String,
+    pub reason: String,
+    #[serde(skip)]
+    pub pix_fmt: Pixel,
+}
+
+/// Pixel format an encoder is fed: 8-bit 4:2:0 unless the source has more bits and the codec can keep them.
+pub fn encoder_pix_fmt(
+    encoder: &str,
+    source_bit_depth: u8,
+    codec: tessera_crds::VideoCodec,
+) -> Pixel {
+    let deep = source_bit_depth > 8 && codec != tessera_crds::VideoCodec::H264;
+    match (plan::family(encoder), deep) {
+        (Family::Qsv, false) => Pixel::NV12,
+        (Family::Qsv | Family::Nvenc, true) => Pixel::P010LE,
+        (Family::Vaapi, _) => Pixel::VAAPI,
+        (_, true) => Pixel::YUV420P10LE,
+        (_, false) => Pixel::YUV420P,
+    }
+}
+
+/// Open `name` with the rendition's settings. The error text includes FFmpeg's own explanation.
+pub fn open_video(
+    name: &str,
+    r: &Rendition,
+    t: &VideoTarget,
+    pix_fmt: Pixel,
+) -> Result<ff::encoder::Video, String> {
+    let codec =
+        ff::encoder::find_by_name(name).ok_or_else(|| "not built into this FFmpeg".to_string())?;
+    if plan::family(name) == Family::Vaapi {
+        vaapi_device_present()?;
+        return Err("VA-API device found, but VA-API encoding needs hardware frame upload, which this build does not do".into());
+    }
+    let mut ctx = codec::context::Context::new_with_codec(codec);
+    if t.threads > 0 {
+        ctx.set_threading({
+            let mut c = codec::threading::Config::kind(codec::threading::Type::Frame);
+            c.count = t.threads;
+            c
+        });
+    }
+    let mut enc = ctx.encoder().video().map_err(|e| e.to_string())?;
+    enc.set_width(t.width);
+    enc.set_height(t.height);
+    enc.set_format(pix_fmt);
+    enc.set_time_base(t.time_base);
+    enc.set_frame_rate(Some(t.frame_rate));
+    enc.set_aspect_ratio(t.sar);
+    enc.set_color_range(t.color.0);
+    enc.set_color_primaries(t.color.1);
+    enc.set_color_transfer_characteristic(t.color.2);
+    enc.set_colorspace(t.color.3);
+    enc.set_flags(codec::Flags::GLOBAL_HEADER);
+    let rc = plan::rate_control(name, r);
+    if let Some(b) = rc.bit_rate {
+        enc.set_bit_rate(b as usize);
+    }
+    if let Some(m) = rc.max_rate {
+        enc.set_max_bit_rate(m as usize);
+        // SAFETY: plain field of the context being configured.
+        unsafe {
+            (*enc.as_mut_ptr()).rc_buffer_size =
+                rc.buf_size.unwrap_or(m * 2).min(i32::MAX as u64) as i32
+        };
+    }
+    let mut opts = Dictionary::new();
+    for (k, v) in &rc.options {
+        opts.set(k, v);
+    }
+    match plan::family(name) {
+        Family::X26x if name == "libx265" => opts.set(
+            "x265-params",
+            &format!("log-level=error:pools={}", t.threads.max(1)),
+        ),
+        Family::SvtAv1 => opts.set("svtav1-params", &format!("lp={}", t.threads.max(1))),
+        _ => {}
+    }
+    let (res, lines) = avlog::capture(|| enc.open_with(opts));
+    res.map_err(|e| explain_open_failure(name, e, &lines))
+}
+
+fn vaapi_device_present() -> Result<(), String> {
+    let mut dev: *mut ffi::AVBufferRef = std::ptr::null_mut();
+    // SAFETY: creates (and below frees) a device reference.
+    let (ret, lines) = avlog::capture(|| unsafe {
+        ffi::av_hwdevice_ctx_create(
+            &mut dev,
+            ffi::AVHWDeviceType::AV_HWDEVICE_TYPE_VAAPI,
+            std::ptr::null(),
+            std::ptr::null_mut(),
+            0,
+        )
+    });
+    if ret < 0 {
+        return Err(avlog::explain(
+            format!("no VA-API device ({})", ff::Error::from(ret)),
+            &lines,
+        ));
+    }
+    // SAFETY: dev was allocated by av_hwdevice_ctx_create.
+    unsafe { ffi::av_buffer_unref(&mut dev) };
+    Ok(())
+}
+
+/// FFmpeg's words plus what a user can do about the known NVENC failure modes.
+fn explain_open_failure(name: &str, e: ff::Error, lines: &[String]) -> String {
+    let mut msg = avlog::explain(e, lines);
+    let all = lines.join(" ").to_lowercase();
+    if plan::family(name) == Family::Nvenc {
+        if all.contains("libnvidia-encode") || all.contains("cannot load") {
+            let caps = std::env::var("NVIDIA_DRIVER_CAPABILITIES").unwrap_or_default();
+            if !caps.is_empty() && !caps.contains("video") && caps != "all" {
+                msg.push_str(&format!(
+                    "; NVIDIA_DRIVER_CAPABILITIES={caps} lacks `video`, so the container runtime did not mount \
+                     libnvidia-encode: set it to compute,video,utility"
+                ));
+            } else {
+                msg.push_str("; the NVIDIA encode library is not available here (no NVIDIA driver with NVENC)");
+            }
+        } else if all.contains("out of memory") || all.contains("incompatible client key") {
+            msg.push_str("; the GPU's limit on concurrent NVENC sessions is probably reached");
+        } else if all.contains("unsupported device") || all.contains("no capable devices") {
+            msg.push_str("; this GPU has no NVENC encoder");
+        }
+    }
+    msg
+}
+
+/// Pick the encoder for a rendition: the first candidate that opens with the real settings.
+pub fn select(
+    r: &Rendition,
+    hw: Hardware,
+    t: &VideoTarget,
+    source_bit_depth: u8,
+) -> Result<EncoderChoice> {
+    let mut failures = Vec::new();
+    for name in plan::encoder_candidates(r.video.codec, hw) {
+        let pix = encoder_pix_fmt(name, source_bit_depth, r.video.codec);
+        match open_video(name, r, t, pix) {
+            Ok(_) => {
+                let reason = if failures.is_empty() {
+                    format!("{name} opened (hardware: {})", hw_name(hw))
+                } else {
+                    format!("{}; used {name}", failures.join("; "))
+                };
+                tracing::info!(rendition = %r.name, encoder = name, %reason, "encoder chosen");
+                return Ok(EncoderChoice {
+                    name: name.to_string(),
+                    reason,
+                    pix_fmt: pix,
+                });
+            }
+            Err(why) => {
+                tracing::debug!(rendition = %r.name, encoder = name, %why, "encoder did not open");
+                failures.push(format!("{name} failed to open: {why}"));
+            }
+        }
+    }
+    Err(Error::Encoder {
+        encoder: format!("spec.renditions[{}] ({})", r.name, r.video.codec),
+        detail: format!(
+            "no usable encoder for hardware: {}: {}",
+            hw_name(hw),
+            failures.join("; ")
+        ),
+    })
+}
+
+fn hw_name(hw: Hardware) -> String {
+    serde_json::to_value(hw)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}

@@ -1,0 +1,74 @@
+//! The worker crate's one error type. Every variant carries the context a user needs: the file, the field,
+//! the encoder, and FFmpeg's own words where it gave any.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {message}")]
+    Spec { path: PathBuf, message: String },
+
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: cannot write: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: {what}: {detail}")]
+    Media {
+        path: PathBuf,
+        what: String,
+        detail: String,
+    },
+
+    #[error("{path}: no video stream (streams found: {found})")]
+    NoVideo { path: PathBuf, found: String },
+
+    #[error("encoder {encoder}: {detail}")]
+    Encoder { encoder: String, detail: String },
+
+    #[error("chunk {chunk}: {detail}")]
+    Chunk { chunk: usize, detail: String },
+
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    pub fn media(
+        path: impl Into<PathBuf>,
+        what: impl Into<String>,
+        detail: impl std::fmt::Display,
+    ) -> Self {
+        Self::Media {
+            path: path.into(),
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// A short, stable label for metrics and status reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Spec { .. } | Self::Field { .. } => "InvalidSpec",
+            Self::Read { .. } => "InputUnreadable",
+            Self::Write { .. } => "OutputUnwritable",
+            Self::Media { .. } => "InvalidMedia",
+            Self::NoVideo { .. } => "NoVideoStream",
+            Self::Encoder { .. } => "EncoderFailed",
+            Self::Chunk { .. } => "ChunkFailed",
+            Self::Cancelled => "Cancelled",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,523 @@
+//! Running a whole job on this machine: probe, plan, encode chunks and audio in parallel, stitch, measure,
+//! and only then make the outputs visible.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ffmpeg_next::{self as ff, ffi, Rational};
+use serde::Serialize;
+use tessera_crds::{AudioCodec, Container, QualityMetric, RenditionStatus, TranscodeJob};
+
+use crate::audio::{encode_audio, AudioJob};
+use crate::chunk::{encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
+use crate::encode::{self, EncoderChoice, VideoTarget};
+use crate::error::{Error, Result};
+use crate::plan::{self, AudioPlan, Chunk};
+use crate::probe::{self, open_input, ProbeInfo};
+use crate::quality;
+use crate::stitch::{self, StitchInput};
+
+/// Live counters a progress display reads from another thread.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub frames_done: AtomicU64,
+    pub frames_total: AtomicU64,
+    pub chunks_done: AtomicU32,
+    pub chunks_total: AtomicU32,
+    pub stage: Mutex<String>,
+}
+
+impl Progress {
+    fn stage(&self, s: &str) {
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub workers: usize,
+    pub progress: Arc<Progress>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            workers: default_workers(),
+            progress: Arc::default(),
+            cancel: Arc::default(),
+        }
+    }
+}
+
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// What `tessera run --json` prints.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub job: String,
+    pub input: String,
+    pub output: String,
+    pub container: Container,
+    pub workers: usize,
+    pub chunks: usize,
+    pub target_seconds: f64,
+    pub elapsed_seconds: f64,
+    pub source: SourceSummary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_playlist: Option<String>,
+    pub renditions: Vec<RenditionStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSummary {
+    pub frames: u64,
+    pub duration_seconds: f64,
+    pub fps: f64,
+    pub vfr: bool,
+    pub width: u32,
+    pub height: u32,
+    pub rotation: f64,
+    pub keyframes: usize,
+}
+
+/// `file:///abs/path` → `/abs/path`; other schemes are named in the error.
+pub fn local_path(field: &str, uri: &str) -> Result<PathBuf> {
+    match uri.strip_prefix("file://") {
+        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ if uri.starts_with("s3://") => Err(Error::Field {
+            field: field.into(),
+            message: format!("{uri:?}: s3:// URIs are not supported by local mode in this build yet; use file:///"),
+        }),
+        _ => Err(Error::Field { field: field.into(), message: format!("{uri:?}: expected file:///absolute/path") }),
+    }
+}
+
+/// Find each planned boundary keyframe's presentation timestamp (one packet read per boundary).
+fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i64)>> {
+    let mut ictx = None;
+    let mut out: Vec<(i64, i64)> = Vec::with_capacity(starts.len());
+    for (n, &i) in starts.iter().enumerate() {
+        let k = info.keyframes[i];
+        if n == 0 {
+            out.push((k.seek_ts, i64::MIN));
+            continue;
+        }
+        let pts = match k.pts {
+            Some(p) => p,
+            None => {
+                let ictx = match ictx.as_mut() {
+                    Some(c) => c,
+                    None => ictx.insert(open_input(&info.path)?),
+                };
+                // SAFETY: seeking an open input.
+                let ret = unsafe {
+                    ffi::av_seek_frame(
+                        ictx.as_mut_ptr(),
+                        info.video.index as i32,
+                        k.seek_ts,
+                        ffi::AVSEEK_FLAG_BACKWARD,
+                    )
+                };
+                if ret < 0 {
+                    return Err(Error::media(
+                        &info.path,
+                        "seek to a keyframe",
+                        ff::Error::from(ret),
+                    ));
+                }
+                let found = ictx
+                    .packets()
+                    .filter(|(s, p)| s.index() == info.video.index && p.is_key())
+                    .find_map(|(_, p)| p.pts().or(p.dts()));
+                match found {
+                    Some(p) => p,
+                    None => continue,
+                }
+            }
+        };
+        // Strictly increasing, and after the first frame.
+        if out.len() > 1 && pts <= out.last().expect("non-empty").1 {
+            continue;
+        }
+        out.push((k.seek_ts, pts));
+    }
+    Ok(out)
+}
+
+enum Task {
+    Audio,
+    Chunk(Chunk),
+}
+
+struct RenditionPlan {
+    target: VideoTarget,
+    encoder: EncoderChoice,
+    audio: Option<AudioPlan>,
+}
+
+/// Run a job here. Outputs become visible only when every rendition is complete.
+pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let spec = &job.spec;
+    tessera_crds::validate_spec(spec).map_err(|errs| Error::Field {
+        field: errs[0].field.clone(),
+        message: errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+            .replacen(&format!("{}: ", errs[0].field), "", 1),
+    })?;
+    let input = local_path("spec.input.uri", &spec.input.uri)?;
+    let out_dir = local_path("spec.output.uri", &spec.output.uri)?;
+    let workers = opts.workers.max(1);
+    let progress = &opts.progress;
+    progress.stage("probing");
+
+    let info = probe::probe(&input)?;
+    let target_seconds = spec
+        .chunking
+        .as_ref()
+        .and_then(|c| c.target_seconds)
+        .unwrap_or_else(|| plan::auto_target_seconds(info.duration, workers));
+    let starts = plan::plan_boundaries(&info.keyframes, info.duration, target_seconds);
+    let bounds = resolve_boundaries(&info, &starts)?;
+    let chunks = plan::chunks_from_boundaries(&bounds);
+    tracing::info!(
+        input = %input.display(), frames = info.video.frames, duration = info.duration, keyframes = info.keyframes.len(),
+        keyframe_source = info.keyframe_source, chunks = chunks.len(), target_seconds, vfr = info.video.vfr,
+        "planned"
+    );
+
+    // Output timing: CFR sources get a 1/fps time base (as ffmpeg does), VFR ones keep their own.
+    let v = &info.video;
+    let src_tb = Rational::new(v.time_base.0, v.time_base.1);
+    let fps = Rational::new(v.fps.0.max(1), v.fps.1.max(1));
+    let origin = rescale(
+        (info.start_time * 1e6).round() as i64,
+        Rational::new(1, 1_000_000),
+        src_tb,
+    );
+    let clock = if !v.vfr && v.fps.0 > 0 && v.fps.1 > 0 {
+        Clock {
+            src_tb,
+            origin,
+            enc_tb: fps.invert(),
+            default_duration: 1,
+        }
+    } else {
+        Clock {
+            src_tb,
+            origin,
+            enc_tb: src_tb,
+            default_duration: rescale(1, fps.invert(), src_tb).max(1),
+        }
+    };
+    let per_task_threads = (default_workers() / workers).max(1);
+
+    // Per rendition: size, encoder (chosen once by opening it), audio settings.
+    progress.stage("choosing encoders");
+    let (color, sar) = source_color(&info)?;
+    let mut plans = Vec::with_capacity(spec.renditions.len());
+    for r in &spec.renditions {
+        let (w, h) =
+            plan::output_size(v.width, v.height, v.rotation, r.video.width, r.video.height);
+        let target = VideoTarget {
+            width: w,
+            height: h,
+            pix_fmt: ff::format::Pixel::YUV420P,
+            time_base: clock.enc_tb,
+            frame_rate: fps,
+            sar: scaled_sar(sar, v.width, v.height, w, h),
+            color,
+            threads: per_task_threads,
+        };
+        let encoder = encode::select(r, spec.hardware, &target, v.bit_depth)?;
+        let audio = info
+            .audio
+            .as_ref()
+            .and_then(|_| plan::audio_plan(r.audio.as_ref()));
+        plans.push(RenditionPlan {
+            target: VideoTarget {
+                pix_fmt: encoder.pix_fmt,
+                ..target
+            },
+            encoder,
+            audio,
+        });
+    }
+
+    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Write {
+        path: out_dir.clone(),
+        source,
+    })?;
+    let scratch = tempfile::Builder::new()
+        .prefix("tessera-")
+        .tempdir()
+        .map_err(|source| Error::Write {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let chunk_path = |r: usize, c: usize| scratch.path().join(format!("r{r}-c{c:05}.tpk"));
+    let mut audio_plans: Vec<AudioPlan> = plans.iter().filter_map(|p| p.audio).collect();
+    audio_plans.dedup_by(|a, b| a == b);
+    let mut uniq: Vec<AudioPlan> = Vec::new();
+    for a in audio_plans {
+        if !uniq.contains(&a) {
+            uniq.push(a);
+        }
+    }
+    let audio_path = |a: &AudioPlan| {
+        scratch.path().join(format!(
+            "audio-{}.tpk",
+            uniq.iter().position(|u| u == a).unwrap_or(0)
+        ))
+    };
+
+    // Encode: audio first (the longest single task), then chunks in order.
+    let mut tasks: Vec<Task> = Vec::new();
+    if let (Some(a), false) = (&info.audio, uniq.is_empty()) {
+        let _ = a;
+        tasks.push(Task::Audio);
+    }
+    tasks.extend(chunks.iter().copied().map(Task::Chunk));
+    progress.frames_total.store(v.frames, Ordering::Relaxed);
+    progress
+        .chunks_total
+        .store(chunks.len() as u32, Ordering::Relaxed);
+    progress.stage("encoding");
+    let next = AtomicUsize::new(0);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let frames_emitted = AtomicU64::new(0);
+    let cancel = &opts.cancel;
+    let on_frame = || {
+        progress.frames_done.fetch_add(1, Ordering::Relaxed);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(tasks.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(task) = tasks.get(i) else { break };
+                if cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                let res = match task {
+                    Task::Audio => {
+                        let a = info.audio.as_ref().expect("audio task only with audio");
+                        let job = AudioJob {
+                            path: &input,
+                            stream: a.index,
+                            start_time: info.start_time,
+                            outputs: uniq.iter().map(|p| (*p, audio_path(p))).collect(),
+                        };
+                        encode_audio(&job, cancel).map(|_| ())
+                    }
+                    Task::Chunk(c) => {
+                        let outputs: Vec<ChunkOutput> = spec
+                            .renditions
+                            .iter()
+                            .zip(&plans)
+                            .enumerate()
+                            .map(|(ri, (r, p))| ChunkOutput {
+                                rendition: r,
+                                target: &p.target,
+                                encoder: &p.encoder,
+                                path: chunk_path(ri, c.index),
+                            })
+                            .collect();
+                        let input = ChunkInput {
+                            path: &input,
+                            stream: v.index,
+                            chunk: *c,
+                            clock,
+                            decoder_threads: per_task_threads,
+                        };
+                        encode_chunk(&input, &outputs, cancel, &on_frame).map(|n| {
+                            frames_emitted.fetch_add(n, Ordering::Relaxed);
+                            progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+                        })
+                    }
+                };
+                if let Err(e) = res {
+                    cancel.store(true, Ordering::Relaxed);
+                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_none() || matches!(slot.as_ref(), Some(Error::Cancelled)) {
+                        *slot = Some(e);
+                    }
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let frames = frames_emitted.load(Ordering::Relaxed);
+    if v.frames_exact && frames != v.frames {
+        tracing::warn!(
+            expected = v.frames,
+            encoded = frames,
+            "frame count differs from the container index (damaged input?)"
+        );
+    }
+
+    // Stitch every rendition under temporary names.
+    progress.stage("stitching");
+    let mut staged = Vec::new();
+    let mut statuses = Vec::new();
+    let mut variants = Vec::new();
+    for (ri, (r, p)) in spec.renditions.iter().zip(&plans).enumerate() {
+        let files: Vec<PathBuf> = chunks.iter().map(|c| chunk_path(ri, c.index)).collect();
+        let apath = p.audio.map(|a| audio_path(&a));
+        let sin = StitchInput {
+            chunks: &files,
+            audio: apath.as_deref(),
+            display_matrix: v.display_matrix,
+        };
+        let (st, stg) = match spec.output.container {
+            Container::Mp4 => stitch::stitch_mp4(&sin, &out_dir, &r.name)?,
+            Container::Hls => stitch::stitch_hls(&sin, &out_dir, &r.name)?,
+        };
+        statuses.push(RenditionStatus {
+            name: r.name.clone(),
+            uri: format!("file://{}", st.path.display()),
+            frames: st.frames,
+            duration_seconds: (st.duration * 1000.0).round() / 1000.0,
+            bytes: st.bytes,
+            width: st.width,
+            height: st.height,
+            encoder: p.encoder.name.clone(),
+            encoder_reason: p.encoder.reason.clone(),
+            psnr: None,
+            ssim: None,
+        });
+        variants.push((r.name.clone(), st, f64::from(fps)));
+        staged.push(stg);
+    }
+
+    // Quality, measured on the staged outputs before they are published.
+    let metrics: Vec<QualityMetric> = spec
+        .quality
+        .as_ref()
+        .map(|q| q.metrics.clone())
+        .unwrap_or_default();
+    if !metrics.is_empty() {
+        progress.stage("measuring quality");
+        let outs: Vec<(PathBuf, u32, u32)> = staged
+            .iter()
+            .zip(&statuses)
+            .map(|(s, st)| (s.staged_path(), st.width, st.height))
+            .collect();
+        let scores = quality::measure(&input, v.index, &outs, cancel)?;
+        for (st, q) in statuses.iter_mut().zip(scores) {
+            if metrics.contains(&QualityMetric::Psnr) {
+                st.psnr = Some((q.psnr * 1000.0).round() / 1000.0);
+            }
+            if metrics.contains(&QualityMetric::Ssim) {
+                st.ssim = Some((q.ssim * 100000.0).round() / 100000.0);
+            }
+        }
+    }
+
+    progress.stage("publishing");
+    for s in staged {
+        s.commit()?;
+    }
+    let master = if spec.output.container == Container::Hls {
+        Some(stitch::write_master(&out_dir, &variants)?)
+    } else {
+        None
+    };
+    let _ = AudioCodec::Copy;
+    Ok(Summary {
+        job: job.metadata.name.clone().unwrap_or_default(),
+        input: spec.input.uri.clone(),
+        output: spec.output.uri.clone(),
+        container: spec.output.container,
+        workers,
+        chunks: chunks.len(),
+        target_seconds,
+        elapsed_seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        source: SourceSummary {
+            frames,
+            duration_seconds: info.duration,
+            fps: f64::from(fps),
+            vfr: v.vfr,
+            width: v.width,
+            height: v.height,
+            rotation: v.rotation,
+            keyframes: info.keyframes.len(),
+        },
+        master_playlist: master.map(|m| format!("file://{}", m.display())),
+        renditions: statuses,
+    })
+}
+
+type Color = (
+    ff::color::Range,
+    ff::color::Primaries,
+    ff::color::TransferCharacteristic,
+    ff::color::Space,
+);
+
+/// The source's colour description and sample aspect ratio, copied to every rendition.
+fn source_color(info: &ProbeInfo) -> Result<(Color, Rational)> {
+    let ictx = open_input(&info.path)?;
+    let st = ictx
+        .stream(info.video.index)
+        .ok_or_else(|| Error::media(&info.path, "stream vanished", info.video.index))?;
+    // SAFETY: plain codecpar fields of an open stream.
+    let (c, sar) = unsafe {
+        let p = &*st.parameters().as_ptr();
+        (
+            (
+                p.color_range.into(),
+                p.color_primaries.into(),
+                p.color_trc.into(),
+                p.color_space.into(),
+            ),
+            Rational::from(p.sample_aspect_ratio),
+        )
+    };
+    let sar = if sar.numerator() > 0 && sar.denominator() > 0 {
+        sar
+    } else {
+        Rational::new(1, 1)
+    };
+    Ok((c, sar))
+}
+
+/// Keep the display aspect ratio when scaling changes the storage aspect ratio.
+fn scaled_sar(sar: Rational, sw: u32, sh: u32, w: u32, h: u32) -> Rational {
+    let num = i64::from(sar.numerator()) * i64::from(sw) * i64::from(h);
+    let den = i64::from(sar.denominator()) * i64::from(sh) * i64::from(w);
+    let (mut n, mut d) = (0i32, 0i32);
+    // SAFETY: pure arithmetic into locals.
+    unsafe { ffi::av_reduce(&mut n, &mut d, num, den, 65535) };
+    if n <= 0 || d <= 0 {
+        Rational::new(1, 1)
+    } else {
+        Rational::new(n, d)
+    }
+}
+
+/// Path of the job file, for error messages.
+pub fn read_job(path: &Path) -> Result<TranscodeJob> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    tessera_crds::parse_job_yaml(&text).map_err(|message| Error::Spec {
+        path: path.into(),
+        message,
+    })
+}

@@ -1,0 +1,418 @@
+//! Probe: what is in an input, read from the container's headers and index without decoding it.
+
+use std::path::{Path, PathBuf};
+
+use ffmpeg_next::{self as ff, ffi, format, media, Rational};
+use serde::Serialize;
+
+use crate::avlog;
+use crate::error::{Error, Result};
+
+/// Everything the planner and the encoders need to know about an input.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeInfo {
+    pub path: PathBuf,
+    pub format: String,
+    pub bytes: u64,
+    /// Container duration in seconds.
+    pub duration: f64,
+    /// Earliest timestamp of any stream, seconds: the origin of every output timestamp.
+    pub start_time: f64,
+    pub video: VideoInfo,
+    pub audio: Option<AudioInfo>,
+    /// Keyframes of the video stream in decode order, from the container index where it has one.
+    pub keyframes: Vec<Keyframe>,
+    /// `container index` or `packet scan`.
+    pub keyframe_source: &'static str,
+    pub streams: Vec<StreamSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VideoInfo {
+    pub index: usize,
+    pub codec: String,
+    pub width: u32,
+    pub height: u32,
+    pub pix_fmt: String,
+    pub bit_depth: u8,
+    pub time_base: (i32, i32),
+    /// Average frame rate (num, den).
+    pub fps: (i32, i32),
+    /// Number of frames: exact where the container index lists every sample, else estimated.
+    pub frames: u64,
+    pub frames_exact: bool,
+    pub vfr: bool,
+    /// Display rotation in degrees, counter-clockwise, as the display matrix says (0 when none).
+    pub rotation: f64,
+    /// Raw display matrix, kept so outputs carry it unchanged.
+    #[serde(skip)]
+    pub display_matrix: Option<[i32; 9]>,
+    pub has_b_frames: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AudioInfo {
+    pub index: usize,
+    pub codec: String,
+    pub sample_rate: u32,
+    pub channels: u32,
+    pub time_base: (i32, i32),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Keyframe {
+    /// Timestamp to seek to (the container index's own timestamp, in the stream time base).
+    pub seek_ts: i64,
+    /// Presentation timestamp, where known without reading the packet.
+    pub pts: Option<i64>,
+    /// Seconds from the input's start (approximate; for planning).
+    pub time: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamSummary {
+    pub index: usize,
+    pub kind: String,
+    pub codec: String,
+}
+
+pub(crate) fn rat(r: Rational) -> (i32, i32) {
+    (r.numerator(), r.denominator())
+}
+
+pub(crate) fn secs(ts: i64, tb: (i32, i32)) -> f64 {
+    ts as f64 * tb.0 as f64 / tb.1 as f64
+}
+
+/// Open an input for demuxing, with errors that name the file.
+pub(crate) fn open_input(path: &Path) -> Result<format::context::Input> {
+    avlog::init();
+    let meta = std::fs::metadata(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    if meta.is_dir() {
+        return Err(Error::media(path, "cannot open", "is a directory"));
+    }
+    if meta.len() == 0 {
+        return Err(Error::media(path, "cannot open", "file is empty (0 bytes)"));
+    }
+    let (res, lines) = avlog::capture(|| format::input(&path));
+    res.map_err(|e| Error::media(path, "not a readable media file", avlog::explain(e, &lines)))
+}
+
+/// Probe an input file.
+pub fn probe(path: &Path) -> Result<ProbeInfo> {
+    let mut ictx = open_input(path)?;
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let streams: Vec<StreamSummary> = ictx
+        .streams()
+        .map(|s| {
+            let p = s.parameters();
+            StreamSummary {
+                index: s.index(),
+                kind: format!("{:?}", p.medium()).to_lowercase(),
+                codec: p.id().name().to_string(),
+            }
+        })
+        .collect();
+
+    let vstream = ictx
+        .streams()
+        .filter(|s| s.parameters().medium() == media::Type::Video)
+        // SAFETY: reading a plain field of a stream owned by the open context.
+        .find(|s| unsafe { (*s.as_ptr()).disposition } & ffi::AV_DISPOSITION_ATTACHED_PIC == 0)
+        .ok_or_else(|| Error::NoVideo {
+            path: path.into(),
+            found: if streams.is_empty() {
+                "none".into()
+            } else {
+                streams
+                    .iter()
+                    .map(|s| format!("#{} {} {}", s.index, s.kind, s.codec))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })?;
+    let vindex = vstream.index();
+    let vtb = rat(vstream.time_base());
+    let par = vstream.parameters();
+    // SAFETY: codecpar is valid for the lifetime of the stream.
+    let (width, height, fmt_raw) = unsafe {
+        let p = &*par.as_ptr();
+        (p.width.max(0) as u32, p.height.max(0) as u32, p.format)
+    };
+    if par.id() == ff::codec::Id::None || ff::decoder::find(par.id()).is_none() {
+        return Err(Error::media(
+            path,
+            "unsupported video codec",
+            format!("stream #{vindex}: {}", par.id().name()),
+        ));
+    }
+    if width == 0 || height == 0 || width > 16384 || height > 16384 {
+        return Err(Error::media(
+            path,
+            "implausible video dimensions",
+            format!("{width}x{height}"),
+        ));
+    }
+    let pix = ff::format::Pixel::from(
+        // SAFETY: the value came from FFmpeg as an AVPixelFormat.
+        unsafe { std::mem::transmute::<i32, ffi::AVPixelFormat>(fmt_raw) },
+    );
+    // SAFETY: descriptors are static tables in libavutil.
+    let bit_depth = pix
+        .descriptor()
+        .map(|d| unsafe { (*d.as_ptr()).comp[0].depth as u8 })
+        .unwrap_or(8);
+    let pix_fmt = pix
+        .descriptor()
+        .map(|d| d.name().to_string())
+        .unwrap_or_else(|| "unknown".into());
+
+    let mut fps = rat(vstream.avg_frame_rate());
+    if fps.0 <= 0 || fps.1 <= 0 {
+        fps = rat(vstream.rate());
+    }
+    // SAFETY: side data lookups on a valid stream; the matrix is 9 i32s when present.
+    let display_matrix = unsafe {
+        let mut size: usize = 0;
+        let p = ffi::av_stream_get_side_data(
+            vstream.as_ptr(),
+            ffi::AVPacketSideDataType::AV_PKT_DATA_DISPLAYMATRIX,
+            &mut size,
+        );
+        (!p.is_null() && size >= 36).then(|| {
+            let mut m = [0i32; 9];
+            std::ptr::copy_nonoverlapping(p as *const i32, m.as_mut_ptr(), 9);
+            m
+        })
+    };
+    let rotation = display_matrix
+        // SAFETY: m is a 3x3 matrix as FFmpeg expects.
+        .map(|m| unsafe { ffi::av_display_rotation_get(m.as_ptr()) })
+        .filter(|r| r.is_finite())
+        .map(|r| if r == 0.0 { 0.0 } else { r })
+        .unwrap_or(0.0);
+    // SAFETY: reading plain fields.
+    let (has_b_frames, nb_frames) = unsafe {
+        (
+            (*par.as_ptr()).video_delay > 0,
+            (*vstream.as_ptr()).nb_frames,
+        )
+    };
+
+    let audio = ictx
+        .streams()
+        .filter(|s| s.parameters().medium() == media::Type::Audio)
+        .find(|s| ff::decoder::find(s.parameters().id()).is_some())
+        .map(|s| {
+            let p = s.parameters();
+            // SAFETY: plain codecpar fields.
+            let (sr, ch) = unsafe {
+                (
+                    (*p.as_ptr()).sample_rate,
+                    (*p.as_ptr()).ch_layout.nb_channels,
+                )
+            };
+            AudioInfo {
+                index: s.index(),
+                codec: p.id().name().to_string(),
+                sample_rate: sr.max(0) as u32,
+                channels: ch.max(0) as u32,
+                time_base: rat(s.time_base()),
+            }
+        });
+
+    // SAFETY: plain field of the open context.
+    let raw_start = unsafe { (*ictx.as_ptr()).start_time };
+    let start_time = if raw_start == ffi::AV_NOPTS_VALUE {
+        0.0
+    } else {
+        raw_start as f64 / 1e6
+    };
+    let duration = if ictx.duration() > 0 {
+        ictx.duration() as f64 / 1e6
+    } else {
+        0.0
+    };
+    let format = ictx.format().name().to_string();
+
+    // Keyframes and per-sample timing from the container index.
+    let (mut keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
+    let mut keyframe_source = "container index";
+    let mut frames_exact = false;
+    let mut frames = 0u64;
+    let mut sample_ts: Vec<i64> = Vec::new();
+    if samples.len() > 1 && (nb_frames == 0 || samples.len() as i64 == nb_frames) {
+        // The index lists every sample (MP4/MOV): exact frame count and timing without reading packets.
+        frames = samples.len() as u64;
+        frames_exact = true;
+        sample_ts = samples;
+    } else if keyframes.len() < 2 {
+        // No usable index (MPEG-TS, raw streams, MKV without cues): scan packets, demuxing only.
+        let scan = scan_packets(&mut ictx, vindex, vtb, start_time, path)?;
+        keyframes = scan.keyframes;
+        frames = scan.pts.len() as u64;
+        frames_exact = true;
+        sample_ts = scan.pts;
+        keyframe_source = "packet scan";
+    }
+    if frames == 0 {
+        frames = if nb_frames > 0 {
+            nb_frames as u64
+        } else {
+            (duration * fps.0 as f64 / fps.1 as f64).round() as u64
+        };
+    }
+    let vfr = if sample_ts.len() > 2 {
+        is_vfr(&mut sample_ts)
+    } else {
+        false
+    };
+
+    Ok(ProbeInfo {
+        path: path.into(),
+        format,
+        bytes,
+        duration,
+        start_time,
+        video: VideoInfo {
+            index: vindex,
+            codec: par.id().name().to_string(),
+            width,
+            height,
+            pix_fmt,
+            bit_depth,
+            time_base: vtb,
+            fps,
+            frames,
+            frames_exact,
+            vfr,
+            rotation,
+            display_matrix,
+            has_b_frames,
+        },
+        audio,
+        keyframes,
+        keyframe_source,
+        streams,
+    })
+}
+
+/// (keyframes, timestamps of every non-discarded sample) from the stream's index.
+fn index_entries(
+    ictx: &format::context::Input,
+    vindex: usize,
+    tb: (i32, i32),
+    start: f64,
+) -> (Vec<Keyframe>, Vec<i64>) {
+    let mut keys = Vec::new();
+    let mut all = Vec::new();
+    // SAFETY: the index belongs to the stream of the open context; entries are read, never kept.
+    unsafe {
+        let st = *(*ictx.as_ptr()).streams.add(vindex);
+        let n = ffi::avformat_index_get_entries_count(st);
+        for i in 0..n {
+            let e = ffi::avformat_index_get_entry(st, i);
+            if e.is_null() {
+                continue;
+            }
+            let e = &*e;
+            let flags = e.flags();
+            if flags & ffi::AVINDEX_DISCARD_FRAME as i32 != 0 {
+                continue;
+            }
+            all.push(e.timestamp);
+            if flags & ffi::AVINDEX_KEYFRAME as i32 != 0 {
+                keys.push(Keyframe {
+                    seek_ts: e.timestamp,
+                    pts: None,
+                    time: secs(e.timestamp, tb) - start,
+                });
+            }
+        }
+    }
+    (keys, all)
+}
+
+struct Scan {
+    keyframes: Vec<Keyframe>,
+    pts: Vec<i64>,
+}
+
+fn scan_packets(
+    ictx: &mut format::context::Input,
+    vindex: usize,
+    tb: (i32, i32),
+    start: f64,
+    path: &Path,
+) -> Result<Scan> {
+    let mut keyframes = Vec::new();
+    let mut pts = Vec::new();
+    for (stream, packet) in ictx.packets() {
+        if stream.index() != vindex {
+            continue;
+        }
+        let Some(p) = packet.pts().or(packet.dts()) else {
+            continue;
+        };
+        pts.push(p);
+        if packet.is_key() {
+            keyframes.push(Keyframe {
+                seek_ts: packet.dts().unwrap_or(p),
+                pts: Some(p),
+                time: secs(p, tb) - start,
+            });
+        }
+    }
+    if pts.is_empty() {
+        return Err(Error::media(
+            path,
+            "no video packets",
+            "the video stream holds no data (truncated or corrupt file?)",
+        ));
+    }
+    Ok(Scan { keyframes, pts })
+}
+
+/// Variable frame rate: frame intervals that differ by more than rounding allows.
+pub(crate) fn is_vfr(ts: &mut [i64]) -> bool {
+    ts.sort_unstable();
+    let deltas: Vec<i64> = ts
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|d| *d > 0)
+        .collect();
+    let (Some(min), Some(max)) = (deltas.iter().min(), deltas.iter().max()) else {
+        return false;
+    };
+    // Timestamps rounded to a coarse time base (e.g. 1 ms in Matroska) jitter by one tick.
+    max - min > 1 && (max - min) as f64 > 0.02 * *min as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_vfr;
+
+    #[test]
+    fn cfr_and_rounded_cfr_are_not_vfr() {
+        let mut cfr: Vec<i64> = (0..100).map(|i| i * 512).collect();
+        assert!(!is_vfr(&mut cfr));
+        // 29.97 fps in a 1 ms time base: 33 and 34 ms intervals.
+        let mut ms: Vec<i64> = (0..100)
+            .map(|i| (i as f64 * 1001.0 / 30.0).round() as i64)
+            .collect();
+        assert!(!is_vfr(&mut ms));
+    }
+
+    #[test]
+    fn mixed_intervals_are_vfr_even_when_out_of_order() {
+        let mut v: Vec<i64> = (0..50)
+            .map(|i| i * 40)
+            .chain((0..50).map(|i| 2000 + i * 20))
+            .collect();
+        v.reverse();
+        assert!(is_vfr(&mut v));
+    }
+}
