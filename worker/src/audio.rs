@@ -114,11 +114,13 @@ pub fn encode_audio(job: &AudioJob<'_>, cancel: &AtomicBool) -> Result<u64> {
                 let ts = decoded.timestamp().map(|t| t - origin);
                 decoded.set_pts(ts);
                 for e in &mut encodings {
+                    // `Source::add` moves the frame's buffers into the graph: each encoding gets its own reference.
+                    let copy = decoded.clone();
                     e.graph
                         .get("in")
                         .expect("source")
                         .source()
-                        .add(&decoded)
+                        .add(&copy)
                         .map_err(|err| audio_err(&e.name, err))?;
                     pull(e, false)?;
                 }

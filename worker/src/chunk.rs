@@ -103,7 +103,7 @@ pub fn encode_chunk(
 
 struct RenditionEncoder<'a> {
     out: &'a ChunkOutput<'a>,
-    encoder: ff::encoder::Video,
+    encoder: encode::OpenEncoder,
     scaler: Option<scaling::Context>,
     writer: PacketWriter,
     /// Output pts → duration, for packets whose frame duration is known.
@@ -142,6 +142,7 @@ impl RenditionEncoder<'_> {
         }
         self.last_pts = Some(pts);
         let name = &self.out.encoder.name;
+        self.encoder.fed = true;
         self.encoder.send_frame(f).map_err(|e| Error::Encoder {
             encoder: name.clone(),
             detail: format!("chunk {chunk}: {e}"),

@@ -53,13 +53,53 @@ pub fn encoder_pix_fmt(
     }
 }
 
+/// An open video encoder that is always flushed before it is freed: libsvtav1 (and other encoders with
+/// internal threads) can deadlock in `avcodec_close` when freed without having seen end-of-stream.
+pub struct OpenEncoder {
+    inner: Option<ff::encoder::Video>,
+    /// SVT-AV1 1.4 hangs on end-of-stream when it never received a frame.
+    hangs_unfed: bool,
+    /// Set once a frame was sent.
+    pub fed: bool,
+}
+
+impl std::ops::Deref for OpenEncoder {
+    type Target = ff::encoder::Video;
+    fn deref(&self) -> &Self::Target {
+        self.inner.as_ref().expect("encoder present until drop")
+    }
+}
+
+impl std::ops::DerefMut for OpenEncoder {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.inner.as_mut().expect("encoder present until drop")
+    }
+}
+
+impl Drop for OpenEncoder {
+    fn drop(&mut self) {
+        let Some(mut enc) = self.inner.take() else {
+            return;
+        };
+        if self.hangs_unfed && !self.fed {
+            // Closing it would block forever; leaking one unused encoder (error paths only) is the lesser harm.
+            std::mem::forget(enc);
+            return;
+        }
+        // A second EOF is refused harmlessly when the encoder was already flushed.
+        let _ = enc.send_eof();
+        let mut p = ff::Packet::empty();
+        while enc.receive_packet(&mut p).is_ok() {}
+    }
+}
+
 /// Open `name` with the rendition's settings. The error text includes FFmpeg's own explanation.
 pub fn open_video(
     name: &str,
     r: &Rendition,
     t: &VideoTarget,
     pix_fmt: Pixel,
-) -> Result<ff::encoder::Video, String> {
+) -> Result<OpenEncoder, String> {
     let codec =
         ff::encoder::find_by_name(name).ok_or_else(|| "not built into this FFmpeg".to_string())?;
     if plan::family(name) == Family::Vaapi {
@@ -111,7 +151,12 @@ pub fn open_video(
         _ => {}
     }
     let (res, lines) = avlog::capture(|| enc.open_with(opts));
-    res.map_err(|e| explain_open_failure(name, e, &lines))
+    res.map(|e| OpenEncoder {
+        inner: Some(e),
+        hangs_unfed: name == "libsvtav1",
+        fed: false,
+    })
+    .map_err(|e| explain_open_failure(name, e, &lines))
 }
 
 fn vaapi_device_present() -> Result<(), String> {
@@ -171,8 +216,16 @@ pub fn select(
     let mut failures = Vec::new();
     for name in plan::encoder_candidates(r.video.codec, hw) {
         let pix = encoder_pix_fmt(name, source_bit_depth, r.video.codec);
-        match open_video(name, r, t, pix) {
-            Ok(_) => {
+        // SVT-AV1 cannot be opened and closed without frames (see OpenEncoder); it is opened per chunk.
+        let trial = if name == "libsvtav1" {
+            ff::encoder::find_by_name(name)
+                .map(|_| ())
+                .ok_or_else(|| "not built into this FFmpeg".to_string())
+        } else {
+            open_video(name, r, t, pix).map(drop)
+        };
+        match trial {
+            Ok(()) => {
                 let reason = if failures.is_empty() {
                     format!("{name} opened (hardware: {})", hw_name(hw))
                 } else {

