@@ -21,6 +21,7 @@ crds:
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check crds charts/tessera/crds
+	$(TESSERA_CACHE)/hadolint-2.15.1/bin/hadolint Dockerfile
 
 test: setup lint
 	$(CARGO) test --release --workspace --locked

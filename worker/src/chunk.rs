@@ -16,6 +16,7 @@ use tessera_crds::Rendition;
 use crate::avlog;
 use crate::encode::{self, EncoderChoice, VideoTarget};
 use crate::error::{Error, Result};
+use crate::hwdec;
 use crate::packets::{PacketWriter, StreamParams};
 use crate::plan::Chunk;
 use crate::probe::open_input;
@@ -63,6 +64,8 @@ pub struct ChunkInput<'a> {
     pub chunk: Chunk,
     pub clock: Clock,
     pub decoder_threads: usize,
+    /// Hardware decode device type, when the job chose one.
+    pub hw_device: Option<ffi::AVHWDeviceType>,
 }
 
 /// Encode one chunk for every output. `on_frame` is called once per source frame emitted.
@@ -78,8 +81,12 @@ pub fn encode_chunk(
     let attempts: Vec<Option<i64>> = match chunk.seek_ts {
         None => vec![None],
         Some(ts) => {
+            // MP4 seeks by presentation time (so the start PTS lands on the chunk's own keyframe), other
+            // demuxers by the index timestamp; the guard in `run_chunk` catches any overshoot.
             let ten_s = rescale(10, Rational::new(1, 1), input.clock.src_tb).max(1);
-            vec![Some(ts), Some(ts - ten_s), None]
+            let mut v = vec![chunk.start_pts, Some(ts), Some(ts - ten_s), None];
+            v.dedup();
+            v
         }
     };
     for seek in attempts {
@@ -227,6 +234,13 @@ fn run_chunk(
     }
     // SAFETY: plain field; the packet time base lets the decoder compute durations.
     unsafe { (*dctx.as_mut_ptr()).pkt_timebase = input.clock.src_tb.into() };
+    let hw_fmt = input.hw_device.and_then(|t| match hwdec::attach(&mut dctx, t) {
+        Ok(f) => Some(f),
+        Err(why) => {
+            tracing::warn!(chunk = chunk.index, %why, "hardware decoding unavailable; decoding in software");
+            None
+        }
+    });
     let mut decoder = dctx
         .decoder()
         .video()
@@ -278,6 +292,12 @@ fn run_chunk(
             }
         };
         while decoder.receive_frame(&mut decoded).is_ok() {
+            if hw_fmt.is_some_and(|f| decoded.format() == ff::format::Pixel::from(f)) {
+                decoded = hwdec::download(&decoded).map_err(|detail| Error::Chunk {
+                    chunk: chunk.index,
+                    detail,
+                })?;
+            }
             let Some(pts) = decoded.timestamp() else {
                 continue;
             };

@@ -125,7 +125,9 @@ pub fn open_video(
     enc.set_color_primaries(t.color.1);
     enc.set_color_transfer_characteristic(t.color.2);
     enc.set_colorspace(t.color.3);
-    enc.set_flags(codec::Flags::GLOBAL_HEADER);
+    // OR the flag in: `set_flags` would replace codec defaults such as libx264's closed GOP (`+cgop`).
+    // SAFETY: plain field of the context being configured.
+    unsafe { (*enc.as_mut_ptr()).flags |= ffi::AV_CODEC_FLAG_GLOBAL_HEADER as i32 };
     let rc = plan::rate_control(name, r);
     if let Some(b) = rc.bit_rate {
         enc.set_bit_rate(b as usize);

@@ -14,6 +14,7 @@ use crate::audio::{encode_audio, AudioJob};
 use crate::chunk::{encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
 use crate::encode::{self, EncoderChoice, VideoTarget};
 use crate::error::{Error, Result};
+use crate::hwdec;
 use crate::plan::{self, AudioPlan, Chunk};
 use crate::probe::{self, open_input, ProbeInfo};
 use crate::quality;
@@ -71,6 +72,8 @@ pub struct Summary {
     pub target_seconds: f64,
     pub elapsed_seconds: f64,
     pub source: SourceSummary,
+    /// How the video was decoded (`cuda`, `vaapi` or `software`) and why.
+    pub decoder: hwdec::DecodeChoice,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_playlist: Option<String>,
     pub renditions: Vec<RenditionStatus>,
@@ -232,6 +235,10 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     // Fewer chunks than workers (short inputs, sparse keyframes): give each task more encoder threads.
     let per_task_threads = (default_workers() / workers.min(chunks.len()).max(1)).max(1);
 
+    // Decode on a GPU where one opens (bit-identical frames, less CPU); chosen once per job.
+    let decode = hwdec::choose(ff::codec::Id::from(codec_id(&info)?), spec.hardware);
+    tracing::info!(method = %decode.method, reason = %decode.reason, "video decoding");
+
     // Per rendition: size, encoder (chosen once by opening it), audio settings.
     progress.stage("choosing encoders");
     let (color, sar) = source_color(&info)?;
@@ -348,6 +355,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
                             chunk: *c,
                             clock,
                             decoder_threads: per_task_threads,
+                            hw_device: decode.device,
                         };
                         encode_chunk(&input, &outputs, cancel, &on_frame).map(|n| {
                             frames_emitted.fetch_add(n, Ordering::Relaxed);
@@ -465,6 +473,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             rotation: v.rotation,
             keyframes: info.keyframes.len(),
         },
+        decoder: decode,
         master_playlist: master.map(|m| format!("file://{}", m.display())),
         renditions: statuses,
     })
@@ -502,6 +511,15 @@ fn source_color(info: &ProbeInfo) -> Result<(Color, Rational)> {
         Rational::new(1, 1)
     };
     Ok((c, sar))
+}
+
+fn codec_id(info: &ProbeInfo) -> Result<ffi::AVCodecID> {
+    let ictx = open_input(&info.path)?;
+    let st = ictx
+        .stream(info.video.index)
+        .ok_or_else(|| Error::media(&info.path, "stream vanished", info.video.index))?;
+    // SAFETY: plain codecpar field.
+    Ok(unsafe { (*st.parameters().as_ptr()).codec_id })
 }
 
 /// Keep the display aspect ratio when scaling changes the storage aspect ratio.

@@ -187,6 +187,39 @@ fn check_mp4_against_source(src: &Path, out: &Path) {
             out.display()
         );
     }
+    // Closed GOPs: nothing after a keyframe (in decode order) is shown before it, so every keyframe is a
+    // clean cut point (what lets chunks be stitched and HLS segments start anywhere there is a keyframe).
+    let pk = ffprobe(
+        out,
+        &[
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "packet=pts,flags",
+        ],
+    );
+    let pk: Vec<(i64, bool)> = pk["packets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["pts"].as_i64().unwrap(),
+                p["flags"].as_str().unwrap().starts_with('K'),
+            )
+        })
+        .collect();
+    let mut suffix_min = vec![i64::MAX; pk.len() + 1];
+    for i in (0..pk.len()).rev() {
+        suffix_min[i] = suffix_min[i + 1].min(pk[i].0);
+    }
+    for (i, (pts, key)) in pk.iter().enumerate() {
+        assert!(
+            !key || suffix_min[i + 1] >= *pts,
+            "{}: open GOP at keyframe pts {pts}",
+            out.display()
+        );
+    }
     let bytes = std::fs::read(out).unwrap();
     let pos = |tag: &[u8]| bytes.windows(4).position(|w| w == tag).unwrap();
     assert!(
