@@ -162,11 +162,6 @@ fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i6
     Ok(out)
 }
 
-enum Task {
-    Audio,
-    Chunk(Chunk),
-}
-
 struct RenditionPlan {
     target: VideoTarget,
     encoder: EncoderChoice,
@@ -232,8 +227,16 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             default_duration: rescale(1, fps.invert(), src_tb).max(1),
         }
     };
-    // Fewer chunks than workers (short inputs, sparse keyframes): give each task more encoder threads.
-    let per_task_threads = (default_workers() / workers.min(chunks.len()).max(1)).max(1);
+    // Threads per task. Encoders get twice a slot's share of the cores (at most all of them): a task that
+    // runs alone at the tail of a job then still uses every core, at the price of mild oversubscription
+    // while all slots are busy (measured faster on the engine benchmark). Decoders get one slot's share.
+    let cores = default_workers();
+    let active = workers.min(chunks.len()).max(1);
+    let decoder_threads = (cores / active).max(1);
+    let encoder_threads = std::env::var("TESSERA_ENCODER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| (2 * cores).div_ceil(active).min(cores).max(1));
 
     // Decode on a GPU where one opens (bit-identical frames, less CPU); chosen once per job.
     let decode = hwdec::choose(ff::codec::Id::from(codec_id(&info)?), spec.hardware);
@@ -254,7 +257,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             frame_rate: fps,
             sar: scaled_sar(sar, v.width, v.height, w, h),
             color,
-            threads: per_task_threads,
+            threads: encoder_threads,
         };
         let encoder = encode::select(r, spec.hardware, &target, v.bit_depth)?;
         let audio = info
@@ -298,13 +301,8 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         ))
     };
 
-    // Encode: audio first (the longest single task), then chunks in order.
-    let mut tasks: Vec<Task> = Vec::new();
-    if let (Some(a), false) = (&info.audio, uniq.is_empty()) {
-        let _ = a;
-        tasks.push(Task::Audio);
-    }
-    tasks.extend(chunks.iter().copied().map(Task::Chunk));
+    // Encode: chunk tasks on `workers` threads; the audio track on a thread of its own beside them (it is
+    // light, and in a worker slot it would delay the video or unbalance the tail).
     progress.frames_total.store(v.frames, Ordering::Relaxed);
     progress
         .chunks_total
@@ -317,58 +315,64 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     let on_frame = || {
         progress.frames_done.fetch_add(1, Ordering::Relaxed);
     };
+    let fail = |e: Error| {
+        cancel.store(true, Ordering::Relaxed);
+        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() || matches!(slot.as_ref(), Some(Error::Cancelled)) {
+            *slot = Some(e);
+        }
+    };
+    let encode_one = |c: &Chunk| {
+        let outputs: Vec<ChunkOutput> = spec
+            .renditions
+            .iter()
+            .zip(&plans)
+            .enumerate()
+            .map(|(ri, (r, p))| ChunkOutput {
+                rendition: r,
+                target: &p.target,
+                encoder: &p.encoder,
+                path: chunk_path(ri, c.index),
+            })
+            .collect();
+        let input = ChunkInput {
+            path: &input,
+            stream: v.index,
+            chunk: *c,
+            clock,
+            decoder_threads,
+            hw_device: decode.device,
+        };
+        encode_chunk(&input, &outputs, cancel, &on_frame).map(|n| {
+            frames_emitted.fetch_add(n, Ordering::Relaxed);
+            progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+        })
+    };
     std::thread::scope(|s| {
-        for _ in 0..workers.min(tasks.len()) {
+        if let (Some(a), false) = (&info.audio, uniq.is_empty()) {
+            let job = AudioJob {
+                path: &input,
+                stream: a.index,
+                start_time: info.start_time,
+                outputs: uniq.iter().map(|p| (*p, audio_path(p))).collect(),
+            };
+            let fail = &fail;
+            s.spawn(move || {
+                if let Err(e) = encode_audio(&job, cancel) {
+                    fail(e);
+                }
+            });
+        }
+        for _ in 0..workers.min(chunks.len()) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(task) = tasks.get(i) else { break };
+                let Some(c) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
                 if cancel.load(Ordering::Relaxed) {
                     break;
                 }
-                let res = match task {
-                    Task::Audio => {
-                        let a = info.audio.as_ref().expect("audio task only with audio");
-                        let job = AudioJob {
-                            path: &input,
-                            stream: a.index,
-                            start_time: info.start_time,
-                            outputs: uniq.iter().map(|p| (*p, audio_path(p))).collect(),
-                        };
-                        encode_audio(&job, cancel).map(|_| ())
-                    }
-                    Task::Chunk(c) => {
-                        let outputs: Vec<ChunkOutput> = spec
-                            .renditions
-                            .iter()
-                            .zip(&plans)
-                            .enumerate()
-                            .map(|(ri, (r, p))| ChunkOutput {
-                                rendition: r,
-                                target: &p.target,
-                                encoder: &p.encoder,
-                                path: chunk_path(ri, c.index),
-                            })
-                            .collect();
-                        let input = ChunkInput {
-                            path: &input,
-                            stream: v.index,
-                            chunk: *c,
-                            clock,
-                            decoder_threads: per_task_threads,
-                            hw_device: decode.device,
-                        };
-                        encode_chunk(&input, &outputs, cancel, &on_frame).map(|n| {
-                            frames_emitted.fetch_add(n, Ordering::Relaxed);
-                            progress.chunks_done.fetch_add(1, Ordering::Relaxed);
-                        })
-                    }
-                };
-                if let Err(e) = res {
-                    cancel.store(true, Ordering::Relaxed);
-                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                    if slot.is_none() || matches!(slot.as_ref(), Some(Error::Cancelled)) {
-                        *slot = Some(e);
-                    }
+                if let Err(e) = encode_one(c) {
+                    fail(e);
                     break;
                 }
             });

@@ -6,11 +6,13 @@ use tessera_crds::{AudioCodec, AudioSpec, Bitrate, Hardware, Rendition, VideoCod
 
 use crate::probe::Keyframe;
 
-/// Automatic chunk length: about three chunks per worker so a slow chunk does not hold up the job's tail,
-/// but never so short that the extra IDR frames cost size, nor so long that a retry loses much work.
+/// Automatic chunk length: about two chunks per worker, at least 10 s and at most 120 s. Every seam costs a
+/// little compression (the encoder cannot look past a chunk's end), so chunks are as long as keeping all
+/// workers busy allows; a chunk left alone at the end of a job uses every core (see `job`), so two per
+/// worker balance well enough. Long inputs get 120 s chunks: few seams, and a lost chunk costs little.
 pub fn auto_target_seconds(duration: f64, workers: usize) -> f64 {
-    let per = duration / (workers.max(1) as f64 * 3.0);
-    per.clamp(5.0, 60.0)
+    let per = duration / (workers.max(1) as f64 * 2.0);
+    per.clamp(10.0, 120.0)
 }
 
 /// Indices into `keyframes` at which chunks start. The first chunk always starts at the input's beginning;
@@ -347,9 +349,9 @@ mod tests {
 
     #[test]
     fn auto_target_scales_with_duration_and_workers() {
-        assert_eq!(auto_target_seconds(5.0, 8), 5.0);
-        assert_eq!(auto_target_seconds(120.0, 2), 20.0);
-        assert_eq!(auto_target_seconds(7200.0, 4), 60.0);
+        assert_eq!(auto_target_seconds(5.0, 8), 10.0);
+        assert_eq!(auto_target_seconds(120.0, 2), 30.0);
+        assert_eq!(auto_target_seconds(7200.0, 4), 120.0);
     }
 
     #[test]
