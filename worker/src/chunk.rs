@@ -305,6 +305,10 @@ fn run_chunk(
                 continue;
             }
             if chunk.end_pts.is_some_and(|e| pts >= e) {
+                if frames == 0 && chunk.start_pts.is_some() {
+                    // The seek overshot the whole chunk: try an earlier one.
+                    return Ok(None);
+                }
                 done = true;
                 break;
             }
@@ -330,6 +334,10 @@ fn run_chunk(
         if eof {
             break;
         }
+    }
+    if frames == 0 && chunk.start_pts.is_some() && seek.is_some() {
+        // The seek went past the chunk (to the end of the input): try an earlier one.
+        return Ok(None);
     }
     if frames == 0 {
         return Err(Error::Chunk {

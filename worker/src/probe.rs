@@ -238,13 +238,32 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
     };
     let format = ictx.format().name().to_string();
 
-    // Keyframes and per-sample timing from the container index.
-    let (mut keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
+    // Keyframes and per-sample timing from the container index. Matroska reads its cues lazily, on the
+    // first seek: seeking to the start loads them without reading the clusters.
+    let (mut keyframes, mut samples) = index_entries(&ictx, vindex, vtb, start_time);
+    if keyframes.len() < 2 && format.contains("matroska") {
+        // SAFETY: seeking an open input context.
+        if unsafe {
+            ffi::av_seek_frame(
+                ictx.as_mut_ptr(),
+                vindex as i32,
+                i64::MIN + 1,
+                ffi::AVSEEK_FLAG_BACKWARD,
+            )
+        } >= 0
+        {
+            (keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
+        }
+    }
     let mut keyframe_source = "container index";
     let mut frames_exact = false;
     let mut frames = 0u64;
     let mut sample_ts: Vec<i64> = Vec::new();
-    if samples.len() > 1 && (nb_frames == 0 || samples.len() as i64 == nb_frames) {
+    // A full sample table (MP4) has non-keyframe entries, or as many entries as the stream has frames;
+    // Matroska cues list keyframes only.
+    let full_table =
+        samples.len() > keyframes.len() || (nb_frames > 0 && samples.len() as i64 == nb_frames);
+    if samples.len() > 1 && full_table && (nb_frames == 0 || samples.len() as i64 == nb_frames) {
         // The index lists every sample (MP4/MOV): exact frame count and timing without reading packets.
         frames = samples.len() as u64;
         frames_exact = true;
@@ -257,6 +276,24 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
         frames_exact = true;
         sample_ts = scan.pts;
         keyframe_source = "packet scan";
+    }
+    if sample_ts.is_empty() {
+        // The index lists keyframes only (Matroska cues): frame timing from the first packets, demux only.
+        // SAFETY: rewinding an open input context.
+        unsafe {
+            ffi::av_seek_frame(
+                ictx.as_mut_ptr(),
+                vindex as i32,
+                i64::MIN + 1,
+                ffi::AVSEEK_FLAG_BACKWARD,
+            )
+        };
+        sample_ts = ictx
+            .packets()
+            .filter(|(s, _)| s.index() == vindex)
+            .filter_map(|(_, p)| p.pts().or(p.dts()))
+            .take(600)
+            .collect();
     }
     if frames == 0 {
         frames = if nb_frames > 0 {

@@ -278,10 +278,78 @@ fn ntsc_open_gop_source_is_frame_exact() {
     );
 }
 
+/// Remuxed copies decode to the same frames as the MP4 they came from.
+fn ntsc_or(src: &Path, ntsc: &Path) -> PathBuf {
+    if src.extension().is_some_and(|e| e == "mkv" || e == "ts") {
+        ntsc.to_path_buf()
+    } else {
+        src.to_path_buf()
+    }
+}
+
+#[test]
+fn probe_reads_keyframes_from_the_container_index() {
+    let ntsc = ntsc_open_gop();
+    let mkv = fixture(
+        "ntsc-opengop.mkv",
+        &["-i", ntsc.to_str().unwrap(), "-c", "copy"],
+    );
+    let ts = fixture(
+        "ntsc-opengop.ts",
+        &["-i", ntsc.to_str().unwrap(), "-c", "copy"],
+    );
+    for (src, source, exact) in [
+        (&ntsc, "container index", true),
+        (&mkv, "container index", false),
+        (&ts, "packet scan", true),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("probe")
+            .arg(src)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(p["keyframe_source"], source, "{}", src.display());
+        assert_eq!(
+            p["keyframes"].as_array().unwrap().len(),
+            7,
+            "{}",
+            src.display()
+        );
+        assert_eq!(p["video"]["vfr"], false, "{}", src.display());
+        assert_eq!(p["video"]["fps"], serde_json::json!([30000, 1001]));
+        if exact {
+            assert_eq!(p["video"]["frames"], 300, "{}", src.display());
+        }
+    }
+}
+
 /// The seam test: a lossless chunked encode decodes to exactly the source's frames.
 #[test]
 fn lossless_chunked_encode_is_frame_identical_to_the_source() {
-    for (name, src) in [("ll-ntsc", ntsc_open_gop()), ("ll-cfr", cfr_scenes())] {
+    // The same open-GOP stream in Matroska (keyframes from its cues) and MPEG-TS (no index: packet scan,
+    // and seeks that overshoot) must cut exactly as well.
+    let ntsc = ntsc_open_gop();
+    let mkv = fixture(
+        "ntsc-opengop.mkv",
+        &["-i", ntsc.to_str().unwrap(), "-c", "copy"],
+    );
+    let ts = fixture(
+        "ntsc-opengop.ts",
+        &["-i", ntsc.to_str().unwrap(), "-c", "copy"],
+    );
+    for (name, src) in [
+        ("ll-ntsc", ntsc.clone()),
+        ("ll-cfr", cfr_scenes()),
+        ("ll-mkv", mkv),
+        ("ll-ts", ts),
+    ] {
         let out = out_dir(name);
         let yaml = job_yaml(
             &src,
@@ -292,7 +360,10 @@ fn lossless_chunked_encode_is_frame_identical_to_the_source() {
         );
         let s = tessera_ok(&out, &yaml, &["--workers", "3"]);
         assert!(s["chunks"].as_u64().unwrap() >= 5, "{name}: {s}");
-        let (a, b) = (frame_md5s(&src), frame_md5s(&output(&s, 0)));
+        let (a, b) = (
+            frame_md5s(&ntsc_or(&src, &ntsc)),
+            frame_md5s(&output(&s, 0)),
+        );
         assert_eq!(a.len(), b.len(), "{name}: frame count");
         if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
             panic!("{name}: frame {i} differs from the source");

@@ -36,7 +36,10 @@ pub fn fixture(name: &str, args: &[&str]) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let ext = Path::new(name).extension().unwrap().to_str().unwrap();
-        let tmp = dir.join(format!("{name}.{}.partial.{ext}", std::process::id()));
+        // Unique per call: tests run as threads of one process and may build the same fixture at once.
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{name}.{}-{n}.partial.{ext}", std::process::id()));
         let mut a: Vec<&str> = args.to_vec();
         let t = tmp.to_str().unwrap().to_string();
         a.push(&t);
