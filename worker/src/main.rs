@@ -77,6 +77,7 @@ fn main() -> ExitCode {
             eprintln!("tessera: error: {e}");
             ExitCode::from(match e {
                 Error::Spec { .. } | Error::Field { .. } => 2,
+                Error::Cancelled => 130,
                 _ => 1,
             })
         }
@@ -86,10 +87,22 @@ fn main() -> ExitCode {
 fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
     let job = job::read_job(&path)?;
     let progress = Arc::new(Progress::default());
+    // Ctrl-C / SIGTERM: stop cooperatively so partial outputs and scratch files are removed; a second
+    // signal exits at once.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ntessera: stopping (press Ctrl-C again to exit at once)");
+        });
+    }
     let opts = RunOptions {
         workers: workers.unwrap_or_else(job::default_workers),
         progress: progress.clone(),
-        ..Default::default()
+        cancel: cancel.clone(),
     };
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);

@@ -670,3 +670,91 @@ fn bad_input_fails_with_a_message_naming_the_field_or_file_and_leaves_nothing() 
         &["invalid YAML", ".yaml"],
     );
 }
+
+#[test]
+fn interrupting_a_run_leaves_no_partial_output_or_scratch() {
+    let src = cfr_scenes();
+    let out = out_dir("interrupt");
+    let target = out.join("outputs");
+    let tmp = out.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let job = out.join("job.yaml");
+    std::fs::write(
+        &job,
+        job_yaml(
+            &src,
+            &target,
+            "mp4",
+            "    - {name: a, video: {codec: h264, preset: veryslow}}\n",
+            "  chunking: {targetSeconds: 2}\n",
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("run")
+        .arg(&job)
+        .env("TMPDIR", &tmp)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The output folder is created when encoding starts; that is the moment to interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !target.exists() || listing(&tmp).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "encoding never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "tessera exited before it could be interrupted"
+        );
+        std::thread::yield_now();
+    }
+    let ok = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(listing(&target).is_empty(), "left {:?}", listing(&target));
+    assert!(listing(&tmp).is_empty(), "scratch left {:?}", listing(&tmp));
+}
+
+#[test]
+fn ten_bit_hevc_keeps_its_depth_where_the_codec_can() {
+    let src = fixture(
+        "hevc10.mp4",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=2",
+            "-pix_fmt",
+            "yuv420p10le",
+            "-c:v",
+            "libx265",
+            "-x265-params",
+            "log-level=error:keyint=25",
+        ],
+    );
+    let out = out_dir("hevc10");
+    let yaml = job_yaml(
+        &src,
+        &out,
+        "mp4",
+        "    - {name: avc, video: {codec: h264, preset: ultrafast}}\n    - {name: hevc, video: {codec: hevc, preset: ultrafast}}\n",
+        "  chunking: {targetSeconds: 1}\n",
+    );
+    let s = tessera_ok(&out, &yaml, &[]);
+    assert_eq!(s["chunks"], 2);
+    for (i, pix) in [(0, "yuv420p"), (1, "yuv420p10le")] {
+        let v = video(&output(&s, i));
+        assert_eq!(
+            (v["pix_fmt"].as_str().unwrap(), num(&v, "nb_read_frames")),
+            (pix, 50.0),
+            "{v}"
+        );
+    }
+}
