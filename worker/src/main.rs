@@ -106,25 +106,38 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
     };
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg:<18} [{bar:30}] {percent:>3}% {pos}/{len} frames  {per_sec}  ETA {eta}")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("static template"));
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     });
+    let bar_style = ProgressStyle::with_template(
+        "{spinner} {msg:<22} [{bar:30}] {percent:>3}% {pos}/{len} frames  {prefix}  ETA {eta}",
+    )
+    .expect("static template")
+    .progress_chars("=> ");
     let done = std::sync::atomic::AtomicBool::new(false);
     let summary = std::thread::scope(|s| {
         if let Some(bar) = &bar {
-            let (progress, done) = (&progress, &done);
+            let (progress, done, bar_style) = (&progress, &done, &bar_style);
             s.spawn(move || {
+                let started = std::time::Instant::now();
+                let mut styled = false;
                 while !done.load(Ordering::Relaxed) {
-                    bar.set_length(progress.frames_total.load(Ordering::Relaxed));
-                    bar.set_position(progress.frames_done.load(Ordering::Relaxed));
+                    let total = progress.frames_total.load(Ordering::Relaxed);
+                    let frames = progress.frames_done.load(Ordering::Relaxed);
+                    if total > 0 && !styled {
+                        bar.set_style(bar_style.clone());
+                        styled = true;
+                    }
+                    bar.set_length(total);
+                    bar.set_position(frames);
+                    bar.set_prefix(format!(
+                        "{:.0} fps",
+                        frames as f64 / started.elapsed().as_secs_f64().max(1e-3)
+                    ));
                     let stage = progress.stage.lock().map(|s| s.clone()).unwrap_or_default();
                     bar.set_message(format!(
-                        "{stage} {}/{}",
+                        "{stage} {}/{} chunks",
                         progress.chunks_done.load(Ordering::Relaxed),
                         progress.chunks_total.load(Ordering::Relaxed)
                     ));
