@@ -34,6 +34,10 @@ pub fn fixture(name: &str, args: &[&str]) -> PathBuf {
     let dir = target_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
+    // One generation per fixture: tests run as threads and derived fixtures (remuxes) must be made from the
+    // final file, not from a copy another thread is about to replace.
+    static GENERATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = GENERATING.lock().unwrap_or_else(|p| p.into_inner());
     if !path.exists() {
         let ext = Path::new(name).extension().unwrap().to_str().unwrap();
         // Unique per call: tests run as threads of one process and may build the same fixture at once.
