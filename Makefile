@@ -20,6 +20,7 @@ crds:
 
 lint: setup
 	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check crds charts/tessera/crds
 	$(TESSERA_CACHE)/hadolint-2.15.1/bin/hadolint Dockerfile
 

@@ -164,14 +164,9 @@ fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, 
                 format!("{uri:?}: names a folder; the input must be a file"),
             );
         }
-    } else if uri.starts_with("s3://") {
+    } else if let Some(rest) = uri.strip_prefix("s3://") {
         // Checked in full where S3 I/O lives; here only its shape.
-        if uri["s3://".len()..]
-            .split('/')
-            .next()
-            .unwrap_or("")
-            .is_empty()
-        {
+        if rest.split('/').next().unwrap_or("").is_empty() {
             err(
                 field.into(),
                 format!("{uri:?}: missing bucket name (s3://bucket/key)"),

@@ -46,7 +46,7 @@ pub fn encode_audio(job: &AudioJob<'_>, cancel: &AtomicBool) -> Result<u64> {
     );
     let par = st.parameters();
     let mut copies: Vec<PacketWriter> = Vec::new();
-    for (plan, out) in job
+    for (_, out) in job
         .outputs
         .iter()
         .filter(|(p, _)| p.codec == AudioCodec::Copy)
@@ -55,7 +55,6 @@ pub fn encode_audio(job: &AudioJob<'_>, cancel: &AtomicBool) -> Result<u64> {
         let params = unsafe {
             StreamParams::from_raw(par.as_ptr(), (tb.numerator(), tb.denominator()), "copy")
         };
-        let _ = plan;
         copies.push(PacketWriter::create(out, &params)?);
     }
     let needs_decode = job.outputs.iter().any(|(p, _)| p.codec != AudioCodec::Copy);
@@ -201,7 +200,7 @@ fn open_encoding(
             ("libopus", "flt", 48_000, 2)
         }
         AudioCodec::Opus => ("opus", "flt", 48_000, 2),
-        _ => ("aac", "fltp", first.rate().min(48_000).max(8_000), 8),
+        _ => ("aac", "fltp", first.rate().clamp(8_000, 48_000), 8),
     };
     let codec = ff::encoder::find_by_name(name)
         .ok_or_else(|| audio_err(name, "not built into this FFmpeg"))?;

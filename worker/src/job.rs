@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ffmpeg_next::{self as ff, ffi, Rational};
 use serde::Serialize;
-use tessera_crds::{AudioCodec, Container, QualityMetric, RenditionStatus, TranscodeJob};
+use tessera_crds::{Container, QualityMetric, RenditionStatus, TranscodeJob};
 
 use crate::audio::{encode_audio, AudioJob};
 use crate::chunk::{encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
@@ -286,10 +286,9 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             source,
         })?;
     let chunk_path = |r: usize, c: usize| scratch.path().join(format!("r{r}-c{c:05}.tpk"));
-    let mut audio_plans: Vec<AudioPlan> = plans.iter().filter_map(|p| p.audio).collect();
-    audio_plans.dedup_by(|a, b| a == b);
+    // Renditions asking for the same audio settings share one encode.
     let mut uniq: Vec<AudioPlan> = Vec::new();
-    for a in audio_plans {
+    for a in plans.iter().filter_map(|p| p.audio) {
         if !uniq.contains(&a) {
             uniq.push(a);
         }
@@ -364,16 +363,15 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             });
         }
         for _ in 0..workers.min(chunks.len()) {
-            s.spawn(|| loop {
-                let Some(c) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                if cancel.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Err(e) = encode_one(c) {
-                    fail(e);
-                    break;
+            s.spawn(|| {
+                while let Some(c) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if cancel.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = encode_one(c) {
+                        fail(e);
+                        break;
+                    }
                 }
             });
         }
@@ -457,7 +455,6 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     } else {
         None
     };
-    let _ = AudioCodec::Copy;
     Ok(Summary {
         job: job.metadata.name.clone().unwrap_or_default(),
         input: spec.input.uri.clone(),

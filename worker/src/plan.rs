@@ -21,7 +21,7 @@ pub fn auto_target_seconds(duration: f64, workers: usize) -> f64 {
 /// before it.
 pub fn plan_boundaries(keyframes: &[Keyframe], duration: f64, target: f64) -> Vec<usize> {
     let mut starts = vec![0usize];
-    if keyframes.is_empty() || !(target > 0.0) {
+    if keyframes.is_empty() || target.is_nan() || target <= 0.0 {
         return starts;
     }
     let mut cur = 0usize;

@@ -357,11 +357,11 @@ fn index_entries(
             }
             let e = &*e;
             let flags = e.flags();
-            if flags & ffi::AVINDEX_DISCARD_FRAME as i32 != 0 {
+            if flags & ffi::AVINDEX_DISCARD_FRAME != 0 {
                 continue;
             }
             all.push(e.timestamp);
-            if flags & ffi::AVINDEX_KEYFRAME as i32 != 0 {
+            if flags & ffi::AVINDEX_KEYFRAME != 0 {
                 keys.push(Keyframe {
                     seek_ts: e.timestamp,
                     pts: None,

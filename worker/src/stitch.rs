@@ -268,22 +268,6 @@ fn h264_profile_level(ed: &[u8]) -> Option<String> {
     Some(format!("{:02x}{:02x}{:02x}", sps[0], sps[1], sps[2]))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn h264_codec_strings_from_either_extradata_form() {
-        assert_eq!(
-            super::h264_profile_level(&[1, 0x64, 0x00, 0x1f, 0xff]).as_deref(),
-            Some("64001f")
-        );
-        assert_eq!(
-            super::h264_profile_level(&[0, 0, 0, 1, 0x67, 0x4d, 0x40, 0x1e, 0xaa]).as_deref(),
-            Some("4d401e")
-        );
-        assert_eq!(super::h264_profile_level(&[0, 0, 1, 0x68, 1]), None);
-    }
-}
-
 /// A finished output under its temporary name; `commit` makes it visible under the final name.
 pub struct Staged {
     tmp: PathBuf,
@@ -469,4 +453,20 @@ pub fn write_master(dir: &Path, variants: &[(String, Stitched, f64)]) -> Result<
     })?;
     guard.0 = None;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn h264_codec_strings_from_either_extradata_form() {
+        assert_eq!(
+            super::h264_profile_level(&[1, 0x64, 0x00, 0x1f, 0xff]).as_deref(),
+            Some("64001f")
+        );
+        assert_eq!(
+            super::h264_profile_level(&[0, 0, 0, 1, 0x67, 0x4d, 0x40, 0x1e, 0xaa]).as_deref(),
+            Some("4d401e")
+        );
+        assert_eq!(super::h264_profile_level(&[0, 0, 1, 0x68, 1]), None);
+    }
 }

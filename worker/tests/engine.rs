@@ -268,6 +268,12 @@ fn ntsc_open_gop_source_is_frame_exact() {
     check_mp4_against_source(&src, &output(&s, 0));
     let reason = s["renditions"][0]["encoderReason"].as_str().unwrap();
     let encoder = s["renditions"][0]["encoder"].as_str().unwrap();
+    // Decoding: a GPU where one opens, else software with the reason (here: no CUDA or VA-API device).
+    let dec = &s["decoder"];
+    match dec["method"].as_str().unwrap() {
+        "software" => assert!(dec["reason"].as_str().unwrap().contains("cuda"), "{dec}"),
+        m => assert!(m == "cuda" || m == "vaapi", "{dec}"),
+    }
     // `hardware: auto` tried NVENC first; on a machine without it the reason says what failed and why.
     assert!(
         encoder == "h264_nvenc"
