@@ -8,11 +8,14 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// The folder for fixtures and outputs (created on first use: a fresh clone has none).
 pub fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
-        .join("target/test-fixtures")
+        .join("target/test-fixtures");
+    std::fs::create_dir_all(&d).expect("create target/test-fixtures");
+    d
 }
 
 /// Run ffmpeg; panics with its stderr on failure.
