@@ -104,7 +104,13 @@ impl StreamParams {
             let p = &mut *p;
             p.codec_type = std::mem::transmute::<i32, ffi::AVMediaType>(self.codec_type);
             p.codec_id = std::mem::transmute::<u32, ffi::AVCodecID>(self.codec_id);
-            p.codec_tag = 0;
+            // HEVC as `hvc1` (parameter sets in the sample entry only), which Apple players require; the
+            // muxers' default `hev1` allows them in-band. Everything else: the muxer's own default.
+            p.codec_tag = if self.codec_id == ffi::AVCodecID::AV_CODEC_ID_HEVC as u32 {
+                u32::from_le_bytes(*b"hvc1")
+            } else {
+                0
+            };
             if !p.extradata.is_null() {
                 ffi::av_freep(&mut p.extradata as *mut *mut u8 as *mut std::ffi::c_void);
             }

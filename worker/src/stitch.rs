@@ -241,10 +241,13 @@ fn mux(
 
 /// RFC 6381 codec string for the master playlist, where it can be derived from the parameters.
 fn codecs_string(v: &StreamParams, a: Option<&StreamParams>) -> Option<String> {
-    if v.codec_id != ffi::AVCodecID::AV_CODEC_ID_H264 as u32 {
+    let video = if v.codec_id == ffi::AVCodecID::AV_CODEC_ID_H264 as u32 {
+        format!("avc1.{}", h264_profile_level(&v.extradata)?)
+    } else if v.codec_id == ffi::AVCodecID::AV_CODEC_ID_HEVC as u32 {
+        format!("hvc1.{}", hevc_codec_suffix(&v.extradata)?)
+    } else {
         return None;
-    }
-    let video = format!("avc1.{}", h264_profile_level(&v.extradata)?);
+    };
     match a {
         None => Some(video),
         Some(a) if a.codec_id == ffi::AVCodecID::AV_CODEC_ID_AAC as u32 => {
@@ -455,8 +458,69 @@ pub fn write_master(dir: &Path, variants: &[(String, Stitched, f64)]) -> Result<
     Ok(path)
 }
 
+/// The HEVC part of an RFC 6381 / ISO 14496-15 codec string (`1.6.L93.B0`) from extradata in hvcC or
+/// Annex B form: profile space and idc, reversed compatibility flags, tier and level, constraint bytes.
+fn hevc_codec_suffix(ed: &[u8]) -> Option<String> {
+    // profile_tier_level: 1 byte space/tier/idc, 4 bytes compatibility, 6 bytes constraints, 1 byte level.
+    let ptl: Vec<u8> = if ed.first() == Some(&1) {
+        ed.get(1..13)?.to_vec()
+    } else {
+        // Annex B: the SPS (NAL type 33); two header bytes and one byte of ids precede profile_tier_level.
+        let start = ed
+            .windows(5)
+            .position(|w| w[..3] == [0, 0, 1] && (w[3] >> 1) & 0x3f == 33)?
+            + 3;
+        let end = ed[start..]
+            .windows(3)
+            .position(|w| w[..3] == [0, 0, 1])
+            .map_or(ed.len(), |e| start + e);
+        let mut rbsp = Vec::new();
+        let mut zeros = 0;
+        for &b in &ed[start..end] {
+            if zeros >= 2 && b == 3 {
+                zeros = 0;
+                continue; // emulation prevention byte
+            }
+            zeros = if b == 0 { zeros + 1 } else { 0 };
+            rbsp.push(b);
+        }
+        rbsp.get(3..15)?.to_vec()
+    };
+    let space = ["", "A", "B", "C"][(ptl[0] >> 6) as usize];
+    let tier = if ptl[0] & 0x20 != 0 { 'H' } else { 'L' };
+    let compat = u32::from_be_bytes([ptl[1], ptl[2], ptl[3], ptl[4]]).reverse_bits();
+    let mut constraints: Vec<u8> = ptl[5..11].to_vec();
+    while constraints.last() == Some(&0) {
+        constraints.pop();
+    }
+    let mut s = format!("{space}{}.{compat:X}.{tier}{}", ptl[0] & 0x1f, ptl[11]);
+    for c in constraints {
+        s.push_str(&format!(".{c:X}"));
+    }
+    Some(s)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hevc_codec_strings_from_annex_b_with_emulation_prevention() {
+        // x265 Main, level 3 (90), progressive-source constraint: compat flags 0x60000000 need an
+        // emulation-prevention byte after the two zero bytes.
+        let sps = [
+            0, 0, 0, 1, 0x42, 0x01, 0x01, 0x01, 0x60, 0x00, 0x00, 0x03, 0x00, 0xb0, 0, 0, 0, 0, 0,
+            0x5a, 0xa0,
+        ];
+        assert_eq!(
+            super::hevc_codec_suffix(&sps).as_deref(),
+            Some("1.6.L90.B0")
+        );
+        let vps_then_sps = [&[0u8, 0, 0, 1, 0x40, 0x01, 0x0c][..], &sps[..]].concat();
+        assert_eq!(
+            super::hevc_codec_suffix(&vps_then_sps).as_deref(),
+            Some("1.6.L90.B0")
+        );
+    }
+
     #[test]
     fn h264_codec_strings_from_either_extradata_form() {
         assert_eq!(

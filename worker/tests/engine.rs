@@ -750,3 +750,46 @@ fn ten_bit_hevc_keeps_its_depth_where_the_codec_can() {
         );
     }
 }
+
+#[test]
+fn hevc_hls_uses_fragmented_mp4_tagged_for_apple_players() {
+    let src = short();
+    let out = out_dir("hls-hevc");
+    let yaml = job_yaml(
+        &src,
+        &out,
+        "hls",
+        "    - {name: hevc, video: {codec: hevc, preset: ultrafast}}\n",
+        "  chunking: {targetSeconds: 1}\n",
+    );
+    let s = tessera_ok(&out, &yaml, &[]);
+    let dir = out.join("hevc");
+    assert_eq!(
+        listing(&dir),
+        [
+            "index.m3u8",
+            "init.mp4",
+            "seg_00000.m4s",
+            "seg_00001.m4s",
+            "seg_00002.m4s"
+        ]
+    );
+    assert_eq!(s["chunks"], 3);
+    let v = video(&dir.join("index.m3u8"));
+    assert_eq!(
+        (v["codec_name"].as_str(), num(&v, "nb_read_frames")),
+        (Some("hevc"), 75.0)
+    );
+    let tag = ffprobe(
+        &dir.join("init.mp4"),
+        &[
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=codec_tag_string",
+        ],
+    );
+    assert_eq!(tag["streams"][0]["codec_tag_string"], "hvc1");
+    let master = std::fs::read_to_string(out.join("master.m3u8")).unwrap();
+    assert!(master.contains("CODECS=\"hvc1.1.6.L"), "{master}");
+}
