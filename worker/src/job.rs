@@ -239,12 +239,11 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         .unwrap_or_else(|| (2 * cores).div_ceil(active).min(cores).max(1));
 
     // Decode on a GPU where one opens (bit-identical frames, less CPU); chosen once per job.
-    let decode = hwdec::choose(ff::codec::Id::from(codec_id(&info)?), spec.hardware);
+    let decode = hwdec::choose(v.codec_id, spec.hardware);
     tracing::info!(method = %decode.method, reason = %decode.reason, "video decoding");
 
     // Per rendition: size, encoder (chosen once by opening it), audio settings.
     progress.stage("choosing encoders");
-    let (color, sar) = source_color(&info)?;
     let mut plans = Vec::with_capacity(spec.renditions.len());
     for r in &spec.renditions {
         let (w, h) =
@@ -255,8 +254,8 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             pix_fmt: ff::format::Pixel::YUV420P,
             time_base: clock.enc_tb,
             frame_rate: fps,
-            sar: scaled_sar(sar, v.width, v.height, w, h),
-            color,
+            sar: scaled_sar(v.sar, v.width, v.height, w, h),
+            color: v.color,
             threads: encoder_threads,
         };
         let encoder = encode::select(r, spec.hardware, &target, v.bit_depth)?;
@@ -478,49 +477,6 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         master_playlist: master.map(|m| format!("file://{}", m.display())),
         renditions: statuses,
     })
-}
-
-type Color = (
-    ff::color::Range,
-    ff::color::Primaries,
-    ff::color::TransferCharacteristic,
-    ff::color::Space,
-);
-
-/// The source's colour description and sample aspect ratio, copied to every rendition.
-fn source_color(info: &ProbeInfo) -> Result<(Color, Rational)> {
-    let ictx = open_input(&info.path)?;
-    let st = ictx
-        .stream(info.video.index)
-        .ok_or_else(|| Error::media(&info.path, "stream vanished", info.video.index))?;
-    // SAFETY: plain codecpar fields of an open stream.
-    let (c, sar) = unsafe {
-        let p = &*st.parameters().as_ptr();
-        (
-            (
-                p.color_range.into(),
-                p.color_primaries.into(),
-                p.color_trc.into(),
-                p.color_space.into(),
-            ),
-            Rational::from(p.sample_aspect_ratio),
-        )
-    };
-    let sar = if sar.numerator() > 0 && sar.denominator() > 0 {
-        sar
-    } else {
-        Rational::new(1, 1)
-    };
-    Ok((c, sar))
-}
-
-fn codec_id(info: &ProbeInfo) -> Result<ffi::AVCodecID> {
-    let ictx = open_input(&info.path)?;
-    let st = ictx
-        .stream(info.video.index)
-        .ok_or_else(|| Error::media(&info.path, "stream vanished", info.video.index))?;
-    // SAFETY: plain codecpar field.
-    Ok(unsafe { (*st.parameters().as_ptr()).codec_id })
 }
 
 /// Keep the display aspect ratio when scaling changes the storage aspect ratio.

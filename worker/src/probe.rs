@@ -48,6 +48,18 @@ pub struct VideoInfo {
     #[serde(skip)]
     pub display_matrix: Option<[i32; 9]>,
     pub has_b_frames: bool,
+    /// Codec, colour description and sample aspect ratio, copied to every rendition.
+    #[serde(skip)]
+    pub codec_id: ff::codec::Id,
+    #[serde(skip)]
+    pub color: (
+        ff::color::Range,
+        ff::color::Primaries,
+        ff::color::TransferCharacteristic,
+        ff::color::Space,
+    ),
+    #[serde(skip)]
+    pub sar: Rational,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -194,6 +206,24 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
         .filter(|r| r.is_finite())
         .map(|r| if r == 0.0 { 0.0 } else { r })
         .unwrap_or(0.0);
+    // SAFETY: plain codecpar fields of an open stream.
+    let (color, sar) = unsafe {
+        let p = &*par.as_ptr();
+        (
+            (
+                p.color_range.into(),
+                p.color_primaries.into(),
+                p.color_trc.into(),
+                p.color_space.into(),
+            ),
+            Rational::from(p.sample_aspect_ratio),
+        )
+    };
+    let sar = if sar.numerator() > 0 && sar.denominator() > 0 {
+        sar
+    } else {
+        Rational::new(1, 1)
+    };
     // SAFETY: reading plain fields.
     let (has_b_frames, nb_frames) = unsafe {
         (
@@ -329,6 +359,9 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
             rotation,
             display_matrix,
             has_b_frames,
+            codec_id: par.id(),
+            color,
+            sar,
         },
         audio,
         keyframes,
