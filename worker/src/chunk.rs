@@ -10,16 +10,16 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ffmpeg_next::{self as ff, codec, ffi, frame, software::scaling, Packet, Rational};
+use ffmpeg_next::{self as ff, codec, ffi, frame, Packet, Rational};
 use tessera_crds::Rendition;
 
-use crate::avlog;
 use crate::encode::{self, EncoderChoice, VideoTarget};
 use crate::error::{Error, Result};
 use crate::hwdec;
 use crate::packets::{PacketWriter, StreamParams};
 use crate::plan::Chunk;
 use crate::probe::open_input;
+use crate::scale::Converter;
 
 /// How source timestamps become output timestamps.
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +111,7 @@ pub fn encode_chunk(
 struct RenditionEncoder<'a> {
     out: &'a ChunkOutput<'a>,
     encoder: encode::OpenEncoder,
-    scaler: Option<scaling::Context>,
+    scaler: Converter,
     writer: PacketWriter,
     /// Output pts → duration, for packets whose frame duration is known.
     durations: HashMap<i64, i64>,
@@ -122,22 +122,13 @@ struct RenditionEncoder<'a> {
 
 impl RenditionEncoder<'_> {
     fn send(&mut self, src: &frame::Video, pts: i64, chunk: usize) -> Result<()> {
-        let mut scaled;
-        let f: &frame::Video = match &mut self.scaler {
-            Some(s) => {
-                scaled = frame::Video::empty();
-                s.run(src, &mut scaled).map_err(|e| Error::Chunk {
-                    chunk,
-                    detail: format!("scaling: {e}"),
-                })?;
-                &scaled
-            }
-            None => {
-                scaled = src.clone();
-                scaled.set_kind(ff::picture::Type::None);
-                &scaled
-            }
-        };
+        let converted = self.scaler.convert(src).map_err(|e| Error::Chunk {
+            chunk,
+            detail: format!("scaling: {e}"),
+        })?;
+        // The decoder's frame is shared by every rendition: pass-through frames are copied before their
+        // timestamp and picture type are rewritten.
+        let f = converted.unwrap_or_else(|| src.clone());
         // SAFETY: `f` is a frame we own; only its pts and type are written.
         unsafe {
             let raw = f.as_ptr() as *mut ffi::AVFrame;
@@ -150,7 +141,7 @@ impl RenditionEncoder<'_> {
         self.last_pts = Some(pts);
         let name = &self.out.encoder.name;
         self.encoder.fed = true;
-        self.encoder.send_frame(f).map_err(|e| Error::Encoder {
+        self.encoder.send_frame(&f).map_err(|e| Error::Encoder {
             encoder: name.clone(),
             detail: format!("chunk {chunk}: {e}"),
         })?;
@@ -320,7 +311,7 @@ fn run_chunk(
                 }
             }
             if encs.is_empty() {
-                encs = open_encoders(outputs, &decoded, chunk.index)?;
+                encs = open_encoders(outputs, chunk.index)?;
             }
             let out_pts = input.clock.map(pts);
             for e in &mut encs {
@@ -361,7 +352,6 @@ fn run_chunk(
 
 fn open_encoders<'a>(
     outputs: &'a [ChunkOutput<'a>],
-    first: &frame::Video,
     chunk: usize,
 ) -> Result<Vec<RenditionEncoder<'a>>> {
     outputs
@@ -376,27 +366,7 @@ fn open_encoders<'a>(
                         detail: format!("chunk {chunk}: {d}"),
                     }
                 })?;
-            let same =
-                first.width() == t.width && first.height() == t.height && first.format() == pix;
-            let scaler = if same {
-                None
-            } else {
-                let (ctx, lines) = avlog::capture(|| {
-                    scaling::Context::get(
-                        first.format(),
-                        first.width(),
-                        first.height(),
-                        pix,
-                        t.width,
-                        t.height,
-                        scaling::Flags::BICUBIC,
-                    )
-                });
-                Some(ctx.map_err(|e| Error::Chunk {
-                    chunk,
-                    detail: format!("scaler: {}", avlog::explain(e, &lines)),
-                })?)
-            };
+            let scaler = Converter::new(pix, t.width, t.height);
             // SAFETY: the encoder is open; its codec parameters are copied out.
             let params = unsafe {
                 let par = ff::codec::Parameters::from(&*encoder);

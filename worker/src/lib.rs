@@ -11,6 +11,7 @@ pub mod packets;
 pub mod plan;
 pub mod probe;
 pub mod quality;
+pub mod scale;
 pub mod stitch;
 
 pub use error::{Error, Result};

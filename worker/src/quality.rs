@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ffmpeg_next::{self as ff, codec, format::Pixel, frame, software::scaling};
+use ffmpeg_next::{self as ff, codec, format::Pixel, frame};
 
 use crate::error::{Error, Result};
 use crate::probe::open_input;
+use crate::scale::Converter;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scores {
@@ -18,19 +19,16 @@ pub struct Scores {
     pub frames: u64,
 }
 
-/// Decoded frames of one file's video stream, converted to 8-bit 4:2:0 at a given size.
+/// Decoded frames of one file's video stream, in presentation order.
 struct Frames {
     ictx: ff::format::context::Input,
     decoder: ff::decoder::Video,
     stream: usize,
     eof: bool,
-    path: PathBuf,
-    size: (u32, u32),
-    scaler: Option<(scaling::Context, (Pixel, u32, u32))>,
 }
 
 impl Frames {
-    fn open(path: &Path, stream: Option<usize>, size: (u32, u32)) -> Result<Self> {
+    fn open(path: &Path, stream: Option<usize>) -> Result<Self> {
         let ictx = open_input(path)?;
         let st = match stream {
             Some(i) => ictx.stream(i),
@@ -52,21 +50,18 @@ impl Frames {
             decoder,
             stream,
             eof: false,
-            path: path.into(),
-            size,
-            scaler: None,
         })
     }
 
-    /// The next frame as yuv420p at `size`, or `None` at the end.
-    fn next(&mut self) -> Result<Option<frame::Video>> {
+    /// The next decoded frame, or `None` at the end.
+    fn next(&mut self) -> Option<frame::Video> {
         let mut f = frame::Video::empty();
         loop {
             if self.decoder.receive_frame(&mut f).is_ok() {
-                return self.convert(&f).map(Some);
+                return Some(f);
             }
             if self.eof {
-                return Ok(None);
+                return None;
             }
             match self.ictx.packets().next() {
                 Some((s, p)) if s.index() == self.stream => {
@@ -80,32 +75,13 @@ impl Frames {
             }
         }
     }
+}
 
-    fn convert(&mut self, f: &frame::Video) -> Result<frame::Video> {
-        let (w, h) = self.size;
-        if f.format() == Pixel::YUV420P && f.width() == w && f.height() == h {
-            return Ok(f.clone());
-        }
-        let key = (f.format(), f.width(), f.height());
-        if self.scaler.as_ref().is_none_or(|(_, k)| *k != key) {
-            let s = scaling::Context::get(
-                f.format(),
-                f.width(),
-                f.height(),
-                Pixel::YUV420P,
-                w,
-                h,
-                scaling::Flags::BICUBIC,
-            )
-            .map_err(|e| Error::media(&self.path, "scaler", e))?;
-            self.scaler = Some((s, key));
-        }
-        let mut out = frame::Video::empty();
-        let (s, _) = self.scaler.as_mut().expect("set above");
-        s.run(f, &mut out)
-            .map_err(|e| Error::media(&self.path, "scaling", e))?;
-        Ok(out)
-    }
+/// A frame as 8-bit 4:2:0 at the converter's size.
+fn as_yuv420p(c: &mut Converter, f: frame::Video, path: &Path) -> Result<frame::Video> {
+    Ok(c.convert(&f)
+        .map_err(|e| Error::media(path, "scaling", e))?
+        .unwrap_or(f))
 }
 
 #[derive(Default)]
@@ -123,23 +99,24 @@ pub fn measure(
     outputs: &[(PathBuf, u32, u32)],
     cancel: &AtomicBool,
 ) -> Result<Vec<Scores>> {
-    let mut sources: Vec<Frames> = outputs
+    let mut src = Frames::open(source, Some(stream))?;
+    // Per output: its decoder, a converter for it, one for the source at its size, and the totals.
+    let mut outs = outputs
         .iter()
-        .map(|(_, w, h)| Frames::open(source, Some(stream), (*w, *h)))
-        .collect::<Result<_>>()?;
-    let mut outs: Vec<Frames> = outputs
-        .iter()
-        .map(|(p, w, h)| Frames::open(p, None, (*w, *h)))
-        .collect::<Result<_>>()?;
-    let mut acc: Vec<Acc> = outputs.iter().map(|_| Acc::default()).collect();
-    for ((src, out), a) in sources.iter_mut().zip(outs.iter_mut()).zip(acc.iter_mut()) {
-        loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let (Some(r), Some(m)) = (src.next()?, out.next()?) else {
-                break;
-            };
+        .map(|(p, w, h)| {
+            let conv = || Converter::new(Pixel::YUV420P, *w, *h);
+            Ok((Frames::open(p, None)?, conv(), conv(), Acc::default()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    while let Some(s) = src.next() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        for ((out, out_conv, src_conv, a), (path, _, _)) in outs.iter_mut().zip(outputs) {
+            // An output with fewer frames than the source is compared over the frames it has.
+            let Some(m) = out.next() else { continue };
+            let m = as_yuv420p(out_conv, m, path)?;
+            let r = as_yuv420p(src_conv, s.clone(), source)?;
             let mut frame_ssim = 0.0;
             let mut weight = 0.0;
             for plane in 0..3 {
@@ -168,9 +145,9 @@ pub fn measure(
             a.frames += 1;
         }
     }
-    Ok(acc
+    Ok(outs
         .iter()
-        .map(|a| Scores {
+        .map(|(_, _, _, a)| Scores {
             psnr: psnr(a.sse, a.samples),
             ssim: if a.frames > 0 {
                 a.ssim / a.frames as f64
