@@ -130,6 +130,7 @@ pub fn encode_audio(job: &AudioJob<'_>, cancel: &AtomicBool) -> Result<u64> {
             break;
         }
     }
+    ictx.check()?;
     for mut e in encodings {
         e.graph
             .get("in")

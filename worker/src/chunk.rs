@@ -326,6 +326,8 @@ fn run_chunk(
             break;
         }
     }
+    // A storage error ends demuxing like the end of the input would: it must not pass for one.
+    ictx.check()?;
     if frames == 0 && chunk.start_pts.is_some() && seek.is_some() {
         // The seek went past the chunk (to the end of the input): try an earlier one.
         return Ok(None);

@@ -39,8 +39,34 @@ pub enum Error {
     #[error("chunk {chunk}: {detail}")]
     Chunk { chunk: usize, detail: String },
 
+    /// Object storage: the URI (never credentials), what was being done, and what the store said.
+    #[error("{uri}: {what}: {detail}")]
+    Storage {
+        uri: String,
+        what: String,
+        kind: StorageKind,
+        detail: String,
+    },
+
     #[error("cancelled")]
     Cancelled,
+}
+
+/// Why an object-storage operation failed, for status reasons and for deciding what to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    NotFound,
+    NoSuchBucket,
+    AccessDenied,
+    /// The object changed while it was being read (its ETag no longer matches).
+    Changed,
+    /// Throttling, 5xx, timeouts or dropped connections outlasted the retry budget.
+    Unavailable,
+    /// The upload's size or checksum did not match what was sent.
+    Corrupt,
+    /// Bad configuration: credentials, region, endpoint.
+    Config,
+    Other,
 }
 
 impl Error {
@@ -66,6 +92,16 @@ impl Error {
             Self::NoVideo { .. } => "NoVideoStream",
             Self::Encoder { .. } => "EncoderFailed",
             Self::Chunk { .. } => "ChunkFailed",
+            Self::Storage { kind, .. } => match kind {
+                StorageKind::NotFound => "InputNotFound",
+                StorageKind::NoSuchBucket => "BucketNotFound",
+                StorageKind::AccessDenied => "AccessDenied",
+                StorageKind::Changed => "InputChanged",
+                StorageKind::Unavailable => "StorageUnavailable",
+                StorageKind::Corrupt => "StorageChecksumMismatch",
+                StorageKind::Config => "StorageMisconfigured",
+                StorageKind::Other => "StorageError",
+            },
             Self::Cancelled => "Cancelled",
         }
     }

@@ -18,6 +18,7 @@ use crate::hwdec;
 use crate::plan::{self, AudioPlan, Chunk};
 use crate::probe::{self, open_input, ProbeInfo};
 use crate::quality;
+use crate::s3::{self, S3Uri};
 use crate::stitch::{self, StitchInput};
 
 /// Live counters a progress display reads from another thread.
@@ -92,16 +93,41 @@ pub struct SourceSummary {
     pub keyframes: usize,
 }
 
-/// `file:///abs/path` → `/abs/path`; other schemes are named in the error.
-pub fn local_path(field: &str, uri: &str) -> Result<PathBuf> {
+/// `file:///abs/path` → `/abs/path`; `s3://bucket/key` is kept as it is (the engine opens such names through
+/// the S3 reader); other schemes are named in the error.
+pub fn source_path(field: &str, uri: &str) -> Result<PathBuf> {
     match uri.strip_prefix("file://") {
         Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ if uri.starts_with("s3://") && S3Uri::parse(uri).is_some_and(|u| !u.key.is_empty()) => {
+            Ok(PathBuf::from(uri))
+        }
         _ if uri.starts_with("s3://") => Err(Error::Field {
             field: field.into(),
-            message: format!("{uri:?}: s3:// URIs are not supported by local mode in this build yet; use file:///"),
+            message: format!("{uri:?}: expected s3://bucket/key"),
         }),
-        _ => Err(Error::Field { field: field.into(), message: format!("{uri:?}: expected file:///absolute/path") }),
+        _ => Err(Error::Field {
+            field: field.into(),
+            message: format!("{uri:?}: expected file:///absolute/path or s3://bucket/key"),
+        }),
     }
+}
+
+/// Where outputs go: a folder, or an S3 prefix (written in scratch, then uploaded).
+enum Destination {
+    Dir(PathBuf),
+    S3(S3Uri),
+}
+
+fn destination(uri: &str) -> Result<Destination> {
+    if uri.starts_with("s3://") {
+        return S3Uri::parse(uri)
+            .map(Destination::S3)
+            .ok_or_else(|| Error::Field {
+                field: "spec.output.uri".into(),
+                message: format!("{uri:?}: expected s3://bucket/prefix/"),
+            });
+    }
+    source_path("spec.output.uri", uri).map(Destination::Dir)
 }
 
 /// Find each planned boundary keyframe's presentation timestamp (one packet read per boundary).
@@ -147,6 +173,7 @@ fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i6
                             && p.dts().or(p.pts()).is_some_and(|t| t >= k.seek_ts)
                     })
                     .find_map(|(_, p)| p.pts().or(p.dts()));
+                ictx.check()?;
                 match found {
                     Some(p) => p,
                     None => continue,
@@ -181,8 +208,8 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             .join("; ")
             .replacen(&format!("{}: ", errs[0].field), "", 1),
     })?;
-    let input = local_path("spec.input.uri", &spec.input.uri)?;
-    let out_dir = local_path("spec.output.uri", &spec.output.uri)?;
+    let input = source_path("spec.input.uri", &spec.input.uri)?;
+    let dest = destination(&spec.output.uri)?;
     let workers = opts.workers.max(1);
     let progress = &opts.progress;
     progress.stage("probing");
@@ -273,10 +300,6 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         });
     }
 
-    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Write {
-        path: out_dir.clone(),
-        source,
-    })?;
     let scratch = tempfile::Builder::new()
         .prefix("tessera-")
         .tempdir()
@@ -284,6 +307,14 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             path: std::env::temp_dir(),
             source,
         })?;
+    let out_dir = match &dest {
+        Destination::Dir(d) => d.clone(),
+        Destination::S3(_) => scratch.path().join("out"),
+    };
+    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Write {
+        path: out_dir.clone(),
+        source,
+    })?;
     let chunk_path = |r: usize, c: usize| scratch.path().join(format!("r{r}-c{c:05}.tpk"));
     // Renditions asking for the same audio settings share one encode.
     let mut uniq: Vec<AudioPlan> = Vec::new();
@@ -454,6 +485,40 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     } else {
         None
     };
+    // Name each output by where it ends up.
+    let published = |p: &Path| -> String {
+        match &dest {
+            Destination::Dir(_) => format!("file://{}", p.display()),
+            Destination::S3(prefix) => prefix
+                .join(&p.strip_prefix(&out_dir).unwrap_or(p).to_string_lossy())
+                .to_string(),
+        }
+    };
+    if let Destination::S3(prefix) = &dest {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let master_rel = master.as_ref().map(|m| {
+            m.strip_prefix(&out_dir)
+                .unwrap_or(m)
+                .to_string_lossy()
+                .into_owned()
+        });
+        let s3 = s3::global();
+        let written = s3::block_on(s3::cp::upload_tree(
+            &s3,
+            &out_dir,
+            prefix,
+            master_rel.as_deref(),
+        ))?;
+        tracing::info!(objects = written.len(), bytes = written.iter().map(|w| w.bytes).sum::<u64>(),
+            prefix = %prefix, "outputs published");
+    }
+    for st in &mut statuses {
+        if let Some(p) = st.uri.strip_prefix("file://") {
+            st.uri = published(Path::new(p));
+        }
+    }
     Ok(Summary {
         job: job.metadata.name.clone().unwrap_or_default(),
         input: spec.input.uri.clone(),
@@ -474,7 +539,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             keyframes: info.keyframes.len(),
         },
         decoder: decode,
-        master_playlist: master.map(|m| format!("file://{}", m.display())),
+        master_playlist: master.map(|m| published(&m)),
         renditions: statuses,
     })
 }

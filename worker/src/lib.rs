@@ -11,6 +11,7 @@ pub mod packets;
 pub mod plan;
 pub mod probe;
 pub mod quality;
+pub mod s3;
 pub mod scale;
 pub mod stitch;
 

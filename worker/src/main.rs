@@ -41,8 +41,18 @@ enum Command {
     },
     /// Show streams, duration, frame rate, rotation and keyframes of an input.
     Probe {
-        /// A path or file:// URI.
+        /// A path, file:// or s3:// URI.
         uri: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy file → s3://, s3:// → file, or s3:// → s3://, streaming (bounded memory, any size).
+    Cp {
+        /// Source: a path, file:// or s3://bucket/key.
+        src: String,
+        /// Destination: a path, file:// or s3://bucket/key (a key ending in / takes the source's name).
+        dst: String,
+        /// Print one JSON summary on stdout (bytes, seconds, request and retry counts).
         #[arg(long)]
         json: bool,
     },
@@ -70,6 +80,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Run { job, workers, json } => run(job, workers, json),
         Command::Probe { uri, json } => probe_cmd(&uri, json),
+        Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +107,7 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
             if cancel.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
+            tessera::s3::interrupt();
             eprintln!("\ntessera: stopping (press Ctrl-C again to exit at once)");
         });
     }
@@ -189,10 +201,11 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
 fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
     let path = match uri.strip_prefix("file://") {
         Some(p) => PathBuf::from(p),
+        None if uri.starts_with("s3://") => PathBuf::from(uri),
         None if uri.contains("://") => {
             return Err(Error::Field {
                 field: "URI".into(),
-                message: format!("{uri:?}: only local files and file:// URIs are supported here"),
+                message: format!("{uri:?}: use a path, file:// or s3://bucket/key"),
             })
         }
         None => PathBuf::from(uri),
@@ -241,5 +254,84 @@ fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
         info.keyframes.len(),
         info.keyframe_source
     );
+    Ok(())
+}
+
+fn cp_cmd(src: &str, dst: &str, json: bool) -> Result<(), Error> {
+    use tessera::s3::cp::{copy, CopyProgress, Location};
+    let src_loc = Location::parse(src)?;
+    let mut dst_loc = Location::parse(dst)?;
+    // `cp x s3://b/dir/` and `cp s3://b/k dir/` keep the source's name, as cp and aws s3 cp do.
+    let src_name = match &src_loc {
+        Location::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+        Location::S3(u) => u.key.rsplit('/').next().map(str::to_string),
+    }
+    .filter(|n| !n.is_empty());
+    match &mut dst_loc {
+        Location::S3(u) if u.key.is_empty() || u.key.ends_with('/') => {
+            if let Some(n) = &src_name {
+                u.key.push_str(n);
+            }
+        }
+        Location::File(p) if p.is_dir() || dst.ends_with('/') => {
+            if let Some(n) = &src_name {
+                *p = p.join(n);
+            }
+        }
+        _ => {}
+    }
+    let _ = ctrlc::set_handler(|| {
+        eprintln!("\ntessera: stopping the copy");
+        tessera::s3::interrupt();
+    });
+    let s3 = tessera::s3::global();
+    let progress = Arc::new(CopyProgress::default());
+    let started = std::time::Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bar_thread = std::io::stderr().is_terminal().then(|| {
+        let (progress, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            while !done.load(Ordering::Relaxed) {
+                bar.set_length(progress.total.load(Ordering::Relaxed));
+                bar.set_position(progress.done.load(Ordering::Relaxed));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        })
+    });
+    let res = tessera::s3::block_on(copy(&s3, &src_loc, &dst_loc, &progress));
+    done.store(true, Ordering::Relaxed);
+    if let Some(t) = bar_thread {
+        let _ = t.join();
+    }
+    let bytes = res?;
+    let secs = started.elapsed().as_secs_f64();
+    let stats = s3.stats.snapshot();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "source": src_loc.to_string(),
+                "destination": dst_loc.to_string(),
+                "bytes": bytes,
+                "seconds": (secs * 1000.0).round() / 1000.0,
+                "mibPerSecond": ((bytes as f64 / 1048576.0 / secs.max(1e-9)) * 10.0).round() / 10.0,
+                "s3": stats,
+            })
+        );
+    } else {
+        println!(
+            "{src_loc} -> {dst_loc}: {bytes} bytes in {secs:.1}s ({:.1} MiB/s)",
+            bytes as f64 / 1048576.0 / secs.max(1e-9)
+        );
+    }
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! Probe: what is in an input, read from the container's headers and index without decoding it.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use ffmpeg_next::{self as ff, ffi, format, media, Rational};
 use serde::Serialize;
 
 use crate::avlog;
 use crate::error::{Error, Result};
+use crate::s3::{self, reader::S3Reader, S3Uri};
 
 /// Everything the planner and the encoders need to know about an input.
 #[derive(Debug, Clone, Serialize)]
@@ -96,9 +99,75 @@ pub(crate) fn secs(ts: i64, tb: (i32, i32)) -> f64 {
     ts as f64 * tb.0 as f64 / tb.1 as f64
 }
 
-/// Open an input for demuxing, with errors that name the file.
-pub(crate) fn open_input(path: &Path) -> Result<format::context::Input> {
+/// An open input: a local file, or an S3 object read through ranged GETs (named by its `s3://` URI, which the
+/// engine carries in the same `Path` as a file name). Derefs to FFmpeg's input context.
+pub struct Input {
+    ctx: format::context::Input,
+    /// Where the S3 reader leaves the error that stopped it (FFmpeg only sees "I/O error").
+    io_error: Option<Arc<Mutex<Option<Error>>>>,
+    pub size: u64,
+}
+
+impl std::ops::Deref for Input {
+    type Target = format::context::Input;
+    fn deref(&self) -> &Self::Target {
+        &self.ctx
+    }
+}
+
+impl std::ops::DerefMut for Input {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.ctx
+    }
+}
+
+impl Input {
+    /// The storage error that ended reading early, if one did. Demuxing stops at such an error as if at the
+    /// end of the input: callers check here after their packet loop so it is never mistaken for the end.
+    pub fn check(&self) -> Result<()> {
+        match self
+            .io_error
+            .as_ref()
+            .and_then(|s| s.lock().unwrap_or_else(|p| p.into_inner()).take())
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An S3 reader that keeps its first error where the engine can find it.
+struct TrackedReader {
+    inner: S3Reader,
+    slot: Arc<Mutex<Option<Error>>>,
+}
+
+impl Read for TrackedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|_| {
+            if let Some(e) = self.inner.take_error() {
+                self.slot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+        })
+    }
+}
+
+impl Seek for TrackedReader {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(to)
+    }
+}
+
+/// Open an input for demuxing, with errors that name the file or object.
+pub fn open_input(path: &Path) -> Result<Input> {
     avlog::init();
+    let name = path.to_string_lossy();
+    if s3::is_s3(&name) {
+        return open_s3(&name);
+    }
     let meta = std::fs::metadata(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
@@ -110,13 +179,59 @@ pub(crate) fn open_input(path: &Path) -> Result<format::context::Input> {
         return Err(Error::media(path, "cannot open", "file is empty (0 bytes)"));
     }
     let (res, lines) = avlog::capture(|| format::input(&path));
-    res.map_err(|e| Error::media(path, "not a readable media file", avlog::explain(e, &lines)))
+    let ctx = res
+        .map_err(|e| Error::media(path, "not a readable media file", avlog::explain(e, &lines)))?;
+    Ok(Input {
+        ctx,
+        io_error: None,
+        size: meta.len(),
+    })
+}
+
+fn open_s3(name: &str) -> Result<Input> {
+    let uri = S3Uri::parse(name).ok_or_else(|| Error::Field {
+        field: "spec.input.uri".into(),
+        message: format!("{name:?}: expected s3://bucket/key"),
+    })?;
+    let reader = S3Reader::open(s3::global(), uri)?;
+    let size = reader.size();
+    if size == 0 {
+        return Err(Error::media(
+            name,
+            "cannot open",
+            "object is empty (0 bytes)",
+        ));
+    }
+    let slot = Arc::new(Mutex::new(None));
+    let io = format::context::StreamIo::from_read_seek_with_capacity(
+        TrackedReader {
+            inner: reader,
+            slot: slot.clone(),
+        },
+        64 << 10,
+    )
+    .map_err(|e| Error::media(name, "custom I/O", e))?;
+    let (res, lines) = avlog::capture(|| format::input_from_stream(io, Some(name), None));
+    match res {
+        Ok(ctx) => Ok(Input {
+            ctx,
+            io_error: Some(slot),
+            size,
+        }),
+        Err(e) => Err(slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| {
+                Error::media(name, "not a readable media file", avlog::explain(e, &lines))
+            })),
+    }
 }
 
 /// Probe an input file.
 pub fn probe(path: &Path) -> Result<ProbeInfo> {
     let mut ictx = open_input(path)?;
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let bytes = ictx.size;
     let streams: Vec<StreamSummary> = ictx
         .streams()
         .map(|s| {
@@ -301,6 +416,7 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
     } else if keyframes.len() < 2 {
         // No usable index (MPEG-TS, raw streams, MKV without cues): scan packets, demuxing only.
         let scan = scan_packets(&mut ictx, vindex, vtb, start_time, path)?;
+        ictx.check()?;
         keyframes = scan.keyframes;
         frames = scan.pts.len() as u64;
         frames_exact = true;
@@ -324,6 +440,7 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
             .filter_map(|(_, p)| p.pts().or(p.dts()))
             .take(600)
             .collect();
+        ictx.check()?;
     }
     if frames == 0 {
         frames = if nb_frames > 0 {
@@ -412,7 +529,7 @@ struct Scan {
 }
 
 fn scan_packets(
-    ictx: &mut format::context::Input,
+    ictx: &mut Input,
     vindex: usize,
     tb: (i32, i32),
     start: f64,
@@ -436,6 +553,7 @@ fn scan_packets(
             });
         }
     }
+    ictx.check()?;
     if pts.is_empty() {
         return Err(Error::media(
             path,

@@ -21,7 +21,7 @@ pub struct Scores {
 
 /// Decoded frames of one file's video stream, in presentation order.
 struct Frames {
-    ictx: ff::format::context::Input,
+    ictx: crate::probe::Input,
     decoder: ff::decoder::Video,
     stream: usize,
     eof: bool,
@@ -145,6 +145,7 @@ pub fn measure(
             a.frames += 1;
         }
     }
+    src.ictx.check()?;
     Ok(outs
         .iter()
         .map(|(_, _, _, a)| Scores {
