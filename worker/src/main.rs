@@ -65,11 +65,7 @@ fn main() -> ExitCode {
         // SAFETY (edition 2024 wording): set before any other thread exists.
         std::env::set_var("SVT_LOG", "2");
     }
-    let default = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
+    let default = tessera::s3::cli::log_filter(cli.verbose);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -80,7 +76,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Run { job, workers, json } => run(job, workers, json),
         Command::Probe { uri, json } => probe_cmd(&uri, json),
-        Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json),
+        Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -257,81 +253,26 @@ fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
     Ok(())
 }
 
-fn cp_cmd(src: &str, dst: &str, json: bool) -> Result<(), Error> {
-    use tessera::s3::cp::{copy, CopyProgress, Location};
-    let src_loc = Location::parse(src)?;
-    let mut dst_loc = Location::parse(dst)?;
-    // `cp x s3://b/dir/` and `cp s3://b/k dir/` keep the source's name, as cp and aws s3 cp do.
-    let src_name = match &src_loc {
-        Location::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
-        Location::S3(u) => u.key.rsplit('/').next().map(str::to_string),
-    }
-    .filter(|n| !n.is_empty());
-    match &mut dst_loc {
-        Location::S3(u) if u.key.is_empty() || u.key.ends_with('/') => {
-            if let Some(n) = &src_name {
-                u.key.push_str(n);
-            }
+/// `tessera cp` runs the `tessera-cp` binary beside this one where there is one, the way `git foo` runs
+/// `git-foo`: it carries no FFmpeg, so a copy's memory is the copy's own (about 50 MiB less than this binary's
+/// baseline). Without it, the copy runs here.
+fn cp_cmd(src: &str, dst: &str, json: bool, verbose: u8) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
+    if let Some(bin) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("tessera-cp")))
+        .filter(|b| b.is_file())
+    {
+        let mut cmd = std::process::Command::new(&bin);
+        if verbose > 0 {
+            cmd.arg(format!("-{}", "v".repeat(verbose as usize)));
         }
-        Location::File(p) if p.is_dir() || dst.ends_with('/') => {
-            if let Some(n) = &src_name {
-                *p = p.join(n);
-            }
+        cmd.arg(src).arg(dst);
+        if json {
+            cmd.arg("--json");
         }
-        _ => {}
+        let err = cmd.exec();
+        tracing::warn!(bin = %bin.display(), error = %err, "could not run tessera-cp; copying here");
     }
-    let _ = ctrlc::set_handler(|| {
-        eprintln!("\ntessera: stopping the copy");
-        tessera::s3::interrupt();
-    });
-    let s3 = tessera::s3::global();
-    let progress = Arc::new(CopyProgress::default());
-    let started = std::time::Instant::now();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let bar_thread = std::io::stderr().is_terminal().then(|| {
-        let (progress, done) = (progress.clone(), done.clone());
-        std::thread::spawn(move || {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            while !done.load(Ordering::Relaxed) {
-                bar.set_length(progress.total.load(Ordering::Relaxed));
-                bar.set_position(progress.done.load(Ordering::Relaxed));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        })
-    });
-    let res = tessera::s3::block_on(copy(&s3, &src_loc, &dst_loc, &progress));
-    done.store(true, Ordering::Relaxed);
-    if let Some(t) = bar_thread {
-        let _ = t.join();
-    }
-    let bytes = res?;
-    let secs = started.elapsed().as_secs_f64();
-    let stats = s3.stats.snapshot();
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "source": src_loc.to_string(),
-                "destination": dst_loc.to_string(),
-                "bytes": bytes,
-                "seconds": (secs * 1000.0).round() / 1000.0,
-                "mibPerSecond": ((bytes as f64 / 1048576.0 / secs.max(1e-9)) * 10.0).round() / 10.0,
-                "s3": stats,
-            })
-        );
-    } else {
-        println!(
-            "{src_loc} -> {dst_loc}: {bytes} bytes in {secs:.1}s ({:.1} MiB/s)",
-            bytes as f64 / 1048576.0 / secs.max(1e-9)
-        );
-    }
-    Ok(())
+    tessera::s3::cli::cp_command(src, dst, json)
 }

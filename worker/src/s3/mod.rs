@@ -12,6 +12,7 @@
 //! it with blocking waits that also watch for an interrupt.
 
 mod breaker;
+pub mod cli;
 pub mod cp;
 pub mod reader;
 mod retry;
@@ -103,11 +104,11 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             part_size: 8 << 20,
-            parts_in_flight: 4,
+            parts_in_flight: 3,
             read_block: 4 << 20,
             read_ahead: 4,
-            download_block: 8 << 20,
-            downloads_in_flight: 4,
+            download_block: 16 << 20,
+            downloads_in_flight: 6,
             retry_budget: Duration::from_secs(120),
             max_attempts: 10,
             backoff: Backoff::default(),
@@ -399,8 +400,7 @@ impl S3 {
             .clear();
     }
 
-    /// Fetch `[start, start+len)` of a pinned object. A body that breaks off or stalls is resumed from the
-    /// last byte received; a different ETag is an error (`StorageKind::Changed`), never mixed bytes.
+    /// Fetch `[start, start+len)` of a pinned object into memory (see [`S3::stream_range`]).
     pub async fn fetch_range(
         &self,
         uri: &S3Uri,
@@ -409,13 +409,33 @@ impl S3 {
         len: u64,
     ) -> Result<Bytes> {
         let mut buf = BytesMut::with_capacity(len as usize);
-        let mut r = self.retrier("GetObject", uri);
+        self.stream_range(uri, meta, start, len, &mut |c: &[u8]| {
+            buf.extend_from_slice(c);
+            Ok(())
+        })
+        .await?;
+        Ok(buf.freeze())
+    }
+
+    /// Deliver `[start, start+len)` of a pinned object to `sink`, in order, as it arrives. A body that breaks
+    /// off or stalls is resumed from the last byte delivered; a different ETag is an error
+    /// (`StorageKind::Changed`), never mixed bytes.
+    pub async fn stream_range(
+        &self,
+        uri: &S3Uri,
+        meta: &ObjectMeta,
+        start: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+    ) -> Result<()> {
+        let mut done = 0u64;
         if len == 0 {
-            return Ok(buf.freeze());
+            return Ok(());
         }
+        let mut r = self.retrier("GetObject", uri);
         loop {
             r.admit().await?;
-            let from = start + buf.len() as u64;
+            let from = start + done;
             let to = start + len - 1;
             let mut req = self
                 .client
@@ -454,33 +474,53 @@ impl S3 {
                 }
             }
             let mut body = out.body;
-            let before = buf.len();
+            let before = done;
+            // One timer for the whole body, pushed back only when it fires after progress: a per-chunk timeout
+            // would cost a timer registration per few KiB.
+            let idle = self.settings.body_timeout;
+            let mut last = Instant::now();
+            let timer = tokio::time::sleep(idle);
+            tokio::pin!(timer);
             let failure = loop {
-                match tokio::time::timeout(self.settings.body_timeout, body.next()).await {
+                let next = tokio::select! {
+                    biased;
+                    n = body.next() => Ok(n),
+                    () = &mut timer => {
+                        if last.elapsed() < idle {
+                            timer.as_mut().reset((last + idle).into());
+                            continue;
+                        }
+                        Err(())
+                    }
+                };
+                if matches!(next, Ok(Some(Ok(_)))) {
+                    last = Instant::now();
+                }
+                match next {
                     Ok(Some(Ok(chunk))) => {
                         self.stats
                             .bytes_downloaded
                             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        if buf.len() + chunk.len() > len as usize {
+                        if done + chunk.len() as u64 > len {
                             break Some(Failure::fatal(
                                 StorageKind::Other,
                                 "the store sent more bytes than the range asked for",
                             ));
                         }
-                        buf.extend_from_slice(&chunk);
+                        sink(&chunk)?;
+                        done += chunk.len() as u64;
                     }
-                    Ok(None) if buf.len() == len as usize => break None,
+                    Ok(None) if done == len => break None,
                     Ok(None) => {
                         break Some(Failure::transient(format!(
                             "response body ended after {} of {} bytes",
-                            buf.len(),
-                            len
+                            done, len
                         )))
                     }
                     Ok(Some(Err(e))) => {
                         break Some(Failure::transient(format!(
                             "connection broke mid-body after {} of {} bytes: {}",
-                            buf.len(),
+                            done,
                             len,
                             aws_smithy_types::error::display::DisplayErrorContext(e)
                         )))
@@ -489,7 +529,7 @@ impl S3 {
                         break Some(Failure::transient(format!(
                             "response body stalled for {:.0}s after {} of {} bytes",
                             self.settings.body_timeout.as_secs_f64(),
-                            buf.len(),
+                            done,
                             len
                         )))
                     }
@@ -498,9 +538,9 @@ impl S3 {
             match failure {
                 None => {
                     r.succeeded();
-                    return Ok(buf.freeze());
+                    return Ok(());
                 }
-                Some(f) => r.failed(f, buf.len() > before).await?,
+                Some(f) => r.failed(f, done > before).await?,
             }
         }
     }

@@ -1,0 +1,48 @@
+//! `tessera-cp SRC DST`: what `tessera cp` runs. A binary of its own so that a copy does not carry the
+//! media engine's FFmpeg libraries (their mapped pages alone are about 50 MiB of resident memory).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tessera::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-cp",
+    version,
+    about = "Copy file → s3://, s3:// → file, or s3:// → s3://, streaming"
+)]
+struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Source: a path, file:// or s3://bucket/key.
+    src: String,
+    /// Destination: a path, file:// or s3://bucket/key (a key ending in / takes the source's name).
+    dst: String,
+    /// Print one JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tessera::s3::cli::log_filter(cli.verbose).into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match tessera::s3::cli::cp_command(&cli.src, &cli.dst, cli.json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: error: {e}");
+            ExitCode::from(match e {
+                Error::Spec { .. } | Error::Field { .. } => 2,
+                Error::Cancelled => 130,
+                _ => 1,
+            })
+        }
+    }
+}
