@@ -13,6 +13,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --workspace \
  && install -D -m 0755 target/release/tessera /out/tessera \
+ && install -D -m 0755 target/release/tessera-cp /out/tessera-cp \
  && install -D -m 0755 target/release/tessera-operator /out/tessera-operator
 
 FROM debian:bookworm-slim AS worker
@@ -22,7 +23,7 @@ RUN apt-get update \
       libavcodec59 libavformat59 libavutil57 libavfilter8 libavdevice59 libswscale6 libswresample4 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 65532 --no-create-home tessera
-COPY --from=build /out/tessera /usr/local/bin/tessera
+COPY --from=build /out/tessera /out/tessera-cp /usr/local/bin/
 # NVENC needs the driver's video libraries mounted by the NVIDIA container runtime.
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,video,utility
 USER 65532:65532

@@ -727,3 +727,47 @@ fn missing_objects_buckets_and_bad_credentials_are_named() {
     );
     assert!(store.keys(BUCKET).is_empty());
 }
+
+#[test]
+fn an_interrupted_job_on_s3_stops_promptly_and_publishes_nothing() {
+    let store = Store::new();
+    let proxy = FaultProxy::start(store.addr);
+    let src = source_clip();
+    let key = format!("s3://{BUCKET}/intjob/in.mp4");
+    cp(&store, &store.url(), src.to_str().unwrap(), &key, &[]);
+    let dir = scratch("interrupt-job");
+    let job = dir.join("job.yaml");
+    std::fs::write(
+        &job,
+        lossless_job(&key, &format!("s3://{BUCKET}/intjob/out/"), "mp4"),
+    )
+    .unwrap();
+    // Reads crawl, so the job is waiting on the store when it is interrupted.
+    proxy.set_bandwidth(64 << 10);
+    let r = Running::spawn(tessera(
+        &store,
+        &proxy.url(),
+        &["run", job.to_str().unwrap()],
+        &[],
+    ));
+    wait_until("the job to be reading", Duration::from_secs(60), || {
+        proxy
+            .counters()
+            .get_body_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 64 << 10
+    });
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, _, err) = r.wait();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?} to stop",
+        t.elapsed()
+    );
+    assert_eq!(store.keys(BUCKET), vec!["intjob/in.mp4".to_string()]);
+}
