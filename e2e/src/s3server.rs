@@ -13,13 +13,17 @@ pub fn s3s_fs_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TESSERA_S3S_FS") {
         return p.into();
     }
-    let cache = std::env::var_os("TESSERA_CACHE")
+    cache_dir().join(format!("s3s-fs-{S3S_FS_VERSION}/bin/s3s-fs"))
+}
+
+/// Where `make setup` caches tools: `$TESSERA_CACHE`, else `$XDG_CACHE_HOME/tessera`, else `~/.cache/tessera`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TESSERA_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("tessera")))
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tessera")
-        });
-    cache.join(format!("s3s-fs-{S3S_FS_VERSION}/bin/s3s-fs"))
+        })
 }
 
 pub struct S3Server {

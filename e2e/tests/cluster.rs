@@ -1,0 +1,249 @@
+//! The local control plane itself: real etcd, kube-apiserver, kube-scheduler and kube-controller-manager,
+//! fake GPU nodes and the test kubelet (`scripts/cluster.sh`). These tests are what the operator's e2e tests
+//! stand on: GPU scheduling, pods run as processes with their ServiceAccount's credentials, RBAC enforced,
+//! deletion honoured.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tessera_e2e::faultproxy::wait_until;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// One cluster for this test binary, started by the first test and stopped when the process ends.
+struct Cluster;
+
+static LOCK: Mutex<Option<Cluster>> = Mutex::new(None);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/cluster.sh"))
+            .arg("down")
+            .status();
+    }
+}
+
+fn cluster() -> MutexGuard<'static, Option<Cluster>> {
+    let mut g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if g.is_none() {
+        let out = Command::new(root().join("scripts/cluster.sh"))
+            .arg("up")
+            .env("TESSERA_GPU_NODES", "2")
+            .env("TESSERA_GPUS_PER_NODE", "2")
+            .env("TESSERA_CPU_NODES", "1")
+            .output()
+            .expect("cluster.sh runs");
+        assert!(
+            out.status.success(),
+            "cluster up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        *g = Some(Cluster);
+        // Stop the cluster when the test process exits.
+        extern "C" fn stop() {
+            let _ = Command::new(root().join("scripts/cluster.sh"))
+                .arg("down")
+                .status();
+        }
+        // SAFETY: registering a plain function to run at exit.
+        unsafe { libc_atexit(stop) };
+    }
+    g
+}
+
+extern "C" {
+    #[link_name = "atexit"]
+    fn libc_atexit(f: extern "C" fn()) -> i32;
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut c = Command::new(tessera_e2e::kubectl_bin());
+    c.env("KUBECONFIG", root().join("target/e2e/kubeconfig"))
+        .args(args);
+    if stdin.is_some() {
+        c.stdin(std::process::Stdio::piped());
+    }
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("kubectl runs");
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(args, stdin);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&kubectl_ok(&a, None)).unwrap()
+}
+
+fn sleeper(name: &str, ns: &str, gpus: Option<u32>) -> String {
+    let resources = gpus
+        .map(|g| format!("      resources: {{limits: {{nvidia.com/gpu: {g}}}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 5\n  tolerations: [{{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}]\n  containers:\n    - name: main\n      image: local/sh:1\n      command: [sh, -c, 'trap \"exit 0\" TERM; sleep 300 & wait']\n{resources}"
+    )
+}
+
+#[test]
+fn gpu_pods_land_on_gpu_nodes_and_the_extra_one_stays_pending() {
+    let _c = cluster();
+    let nodes = json(&["get", "nodes"]);
+    let items = nodes["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    let gpus: u32 = items
+        .iter()
+        .filter_map(|n| n["status"]["allocatable"]["nvidia.com/gpu"].as_str())
+        .map(|g| g.parse::<u32>().unwrap())
+        .sum();
+    assert_eq!(gpus, 4);
+    kubectl_ok(&["create", "namespace", "gpu-test"], None);
+    for i in 0..5 {
+        kubectl_ok(
+            &["apply", "-f", "-"],
+            Some(&sleeper(&format!("g{i}"), "gpu-test", Some(1))),
+        );
+    }
+    wait_until("four GPU pods running", Duration::from_secs(60), || {
+        json(&["get", "pods", "-n", "gpu-test"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count()
+            == 4
+    });
+    let pods = json(&["get", "pods", "-n", "gpu-test"]);
+    let mut pending = Vec::new();
+    for p in pods["items"].as_array().unwrap() {
+        match p["status"]["phase"].as_str().unwrap() {
+            "Running" => {
+                let node = p["spec"]["nodeName"].as_str().unwrap();
+                assert!(node.starts_with("gpu-"), "a GPU pod ran on {node}");
+                assert!(p["status"]["podIP"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("127.0.1."));
+            }
+            "Pending" => pending.push(p.clone()),
+            other => panic!("unexpected phase {other}"),
+        }
+    }
+    assert_eq!(pending.len(), 1);
+    let cond = &pending[0]["status"]["conditions"][0];
+    assert_eq!(cond["reason"], "Unschedulable", "{cond}");
+    assert!(
+        cond["message"].as_str().unwrap().contains("nvidia.com/gpu"),
+        "{cond}"
+    );
+    // Deleting a running pod stops its process (SIGTERM, then gone within the grace period).
+    let t = std::time::Instant::now();
+    kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            "-n",
+            "gpu-test",
+            "g0",
+            "--wait=true",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "deletion took {:?}",
+        t.elapsed()
+    );
+    kubectl_ok(&["delete", "namespace", "gpu-test", "--wait=false"], None);
+}
+
+#[test]
+fn pods_get_their_service_accounts_credentials_and_rbac_applies() {
+    let _c = cluster();
+    kubectl_ok(&["create", "namespace", "rbac-test"], None);
+    kubectl_ok(
+        &["create", "serviceaccount", "-n", "rbac-test", "reader"],
+        None,
+    );
+    kubectl_ok(
+        &["create", "serviceaccount", "-n", "rbac-test", "nobody"],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "create",
+            "role",
+            "-n",
+            "rbac-test",
+            "list-pods",
+            "--verb=list",
+            "--resource=pods",
+        ],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "-n",
+            "rbac-test",
+            "reader-list",
+            "--role=list-pods",
+            "--serviceaccount=rbac-test:reader",
+        ],
+        None,
+    );
+    let pod = |name: &str, sa: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: rbac-test}}\nspec:\n  serviceAccountName: {sa}\n  restartPolicy: Never\n  nodeSelector: {{kubernetes.io/hostname: cpu-0}}\n  containers:\n    - name: main\n      image: local/sh:1\n      command: [sh, -c, 'kubectl get pods -n rbac-test -o name']\n"
+        )
+    };
+    kubectl_ok(&["apply", "-f", "-"], Some(&pod("allowed", "reader")));
+    kubectl_ok(&["apply", "-f", "-"], Some(&pod("denied", "nobody")));
+    let phase = |n: &str| {
+        json(&["get", "pod", "-n", "rbac-test", n])["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    wait_until("both pods to finish", Duration::from_secs(60), || {
+        ["allowed", "denied"]
+            .iter()
+            .all(|n| matches!(phase(n).as_str(), "Succeeded" | "Failed"))
+    });
+    assert_eq!(phase("allowed"), "Succeeded");
+    assert_eq!(phase("denied"), "Failed");
+    let log = std::fs::read_to_string(
+        root().join("target/e2e/cluster/kubelet/pods/rbac-test_denied.log"),
+    )
+    .unwrap();
+    assert!(log.contains("forbidden"), "{log}");
+    assert!(
+        log.contains("system:serviceaccount:rbac-test:nobody"),
+        "{log}"
+    );
+    kubectl_ok(&["delete", "namespace", "rbac-test", "--wait=false"], None);
+}
