@@ -1,0 +1,267 @@
+//! The worker pod a WorkerPool asks for. Pure: the reconciler names the pool, the image and the queue, this
+//! builds the Pod.
+//!
+//! Every worker: requests the pool's device-plugin resource (limits, as device plugins require), lands where
+//! the pool's nodeSelector and tolerations allow, runs non-root with a read-only root filesystem, no
+//! privilege escalation, all capabilities dropped and the RuntimeDefault seccomp profile, scratch in an
+//! emptyDir. NVIDIA pools get `NVIDIA_DRIVER_CAPABILITIES=compute,video,utility`: without `video` the
+//! container runtime does not mount libnvidia-encode and NVENC silently falls back to software.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use tessera_crds::WorkerPoolSpec;
+
+pub const POOL_LABEL: &str = "tessera.dev/pool";
+pub const DEFAULT_IMAGE: &str = "ghcr.io/tessera-dev/tessera-worker:0.1.0";
+/// Long enough for a worker to finish or release its lease on SIGTERM.
+pub const GRACE_SECONDS: i64 = 120;
+
+pub struct WorkerPodInput<'a> {
+    pub pool: &'a str,
+    pub namespace: &'a str,
+    pub pool_uid: &'a str,
+    pub spec: &'a WorkerPoolSpec,
+    /// A unique suffix for the pod's name.
+    pub suffix: &'a str,
+    /// ServiceAccount the workers run as (their token authenticates them to the queue).
+    pub service_account: &'a str,
+    /// Where the queue API is (the operator's Service).
+    pub queue_url: &'a str,
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
+    let mut labels = BTreeMap::new();
+    labels.insert(POOL_LABEL.to_string(), i.pool.to_string());
+    labels.insert("app.kubernetes.io/name".into(), "tessera-worker".into());
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "tessera-operator".into(),
+    );
+    let mut envs = vec![
+        env("TESSERA_QUEUE_URL", i.queue_url),
+        env("TESSERA_POOL", i.pool),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        env("TMPDIR", "/scratch"),
+    ];
+    let mut limits = BTreeMap::new();
+    if let Some(r) = &i.spec.resource {
+        limits.insert(r.name.clone(), Quantity(r.count.to_string()));
+        if r.name.starts_with("nvidia.com/") {
+            envs.push(env("NVIDIA_DRIVER_CAPABILITIES", "compute,video,utility"));
+        }
+    }
+    let container = Container {
+        name: "worker".into(),
+        image: Some(i.spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into())),
+        args: Some(vec!["worker".into()]),
+        env: Some(envs),
+        resources: Some(ResourceRequirements {
+            limits: (!limits.is_empty()).then_some(limits),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "scratch".into(),
+            mount_path: "/scratch".into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-worker-{}", i.pool, i.suffix)),
+            namespace: Some(i.namespace.into()),
+            labels: Some(labels),
+            owner_references: Some(vec![OwnerReference {
+                api_version: format!("{}/v1alpha1", tessera_crds::GROUP),
+                kind: "WorkerPool".into(),
+                name: i.pool.into(),
+                uid: i.pool_uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![container],
+            service_account_name: Some(i.service_account.into()),
+            restart_policy: Some("Always".into()),
+            termination_grace_period_seconds: Some(GRACE_SECONDS),
+            node_selector: (!i.spec.node_selector.is_empty()).then(|| i.spec.node_selector.clone()),
+            tolerations: (!i.spec.tolerations.is_empty()).then(|| i.spec.tolerations.clone()),
+            runtime_class_name: i.spec.runtime_class_name.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            volumes: Some(vec![Volume {
+                name: "scratch".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            }]),
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Toleration;
+    use tessera_crds::DeviceResource;
+
+    fn spec(resource: Option<(&str, u32)>) -> WorkerPoolSpec {
+        WorkerPoolSpec {
+            resource: resource.map(|(n, c)| DeviceResource {
+                name: n.into(),
+                count: c,
+            }),
+            min_workers: 0,
+            max_workers: 4,
+            tasks_per_worker: 1,
+            image: None,
+            node_selector: [("tessera.dev/gpu".to_string(), "true".to_string())].into(),
+            tolerations: vec![Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Toleration::default()
+            }],
+            runtime_class_name: Some("nvidia".into()),
+        }
+    }
+
+    fn build(s: &WorkerPoolSpec) -> Pod {
+        worker_pod(&WorkerPodInput {
+            pool: "gpu",
+            namespace: "media",
+            pool_uid: "uid-1",
+            spec: s,
+            suffix: "x7k2p",
+            service_account: "tessera-worker",
+            queue_url: "http://10.0.0.5:8080",
+        })
+    }
+
+    #[test]
+    fn nvidia_pool_requests_the_gpu_and_the_video_capability() {
+        let p = build(&spec(Some(("nvidia.com/gpu", 1))));
+        let ps = p.spec.as_ref().unwrap();
+        let c = &ps.containers[0];
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"],
+            Quantity("1".into())
+        );
+        let envs = c.env.as_ref().unwrap();
+        let caps = envs
+            .iter()
+            .find(|e| e.name == "NVIDIA_DRIVER_CAPABILITIES")
+            .unwrap();
+        assert!(caps
+            .value
+            .as_deref()
+            .unwrap()
+            .split(',')
+            .any(|c| c == "video"));
+        assert_eq!(
+            ps.node_selector.as_ref().unwrap()["tessera.dev/gpu"],
+            "true"
+        );
+        assert_eq!(ps.tolerations.as_ref().unwrap().len(), 1);
+        assert_eq!(ps.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(p.metadata.name.as_deref(), Some("gpu-worker-x7k2p"));
+        assert_eq!(p.metadata.labels.as_ref().unwrap()[POOL_LABEL], "gpu");
+        let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("WorkerPool", Some(true))
+        );
+    }
+
+    #[test]
+    fn intel_and_cpu_pools() {
+        let p = build(&spec(Some(("gpu.intel.com/i915", 1))));
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        assert!(c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "NVIDIA_DRIVER_CAPABILITIES"));
+        let p = build(&spec(None));
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        assert!(c.resources.as_ref().unwrap().limits.is_none());
+    }
+
+    #[test]
+    fn workers_run_locked_down() {
+        let p = build(&spec(Some(("nvidia.com/gpu", 1))));
+        let ps = p.spec.as_ref().unwrap();
+        let sc = ps.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        let psc = ps.security_context.as_ref().unwrap();
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(psc.run_as_user, Some(65532));
+        // Scratch is writable even though the root filesystem is not.
+        let mounts = ps.containers[0].volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts[0].mount_path, "/scratch");
+        assert!(ps.volumes.as_ref().unwrap()[0].empty_dir.is_some());
+        assert_eq!(ps.termination_grace_period_seconds, Some(GRACE_SECONDS));
+    }
+}
