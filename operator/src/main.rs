@@ -8,6 +8,8 @@ use std::process::ExitCode;
 #[allow(dead_code)]
 mod podspec;
 #[allow(dead_code)]
+mod queue;
+#[allow(dead_code)]
 mod scale;
 
 fn main() -> ExitCode {
