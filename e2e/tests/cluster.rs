@@ -247,3 +247,93 @@ fn pods_get_their_service_accounts_credentials_and_rbac_applies() {
     );
     kubectl_ok(&["delete", "namespace", "rbac-test", "--wait=false"], None);
 }
+
+/// The queue API authenticates workers with TokenReview against the real API server: a pool's own
+/// ServiceAccount token is accepted, another account's token is refused for that pool, a made-up token and
+/// a missing one are refused.
+#[test]
+fn queue_api_checks_real_service_account_tokens() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use tessera_operator::api::{router, ApiState, PoolAccess, TokenReviewer};
+    use tessera_operator::queue::{Queue, QueueConfig, Task};
+    use tower::ServiceExt;
+
+    let _c = cluster();
+    kubectl_ok(&["create", "namespace", "queue-test"], None);
+    for sa in ["gpu-worker", "intruder"] {
+        kubectl_ok(&["create", "serviceaccount", "-n", "queue-test", sa], None);
+    }
+    let token = |sa: &str| {
+        kubectl_ok(&["create", "token", "-n", "queue-test", sa], None)
+            .trim()
+            .to_string()
+    };
+    let (good, other) = (token("gpu-worker"), token("intruder"));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(root().join("target/e2e/kubeconfig")).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        let client = kube::Client::try_from(cfg).unwrap();
+        let mut q = Queue::new(QueueConfig::default());
+        q.enqueue(
+            Task {
+                id: 7,
+                pool: "gpu".into(),
+                namespace: "queue-test".into(),
+                job: "j".into(),
+                priority: 0,
+                coalesce: None,
+            },
+            0,
+        );
+        let mut access = PoolAccess::default();
+        access
+            .pools
+            .insert("gpu".into(), ("queue-test".into(), "gpu-worker".into()));
+        let st = Arc::new(ApiState {
+            queue: std::sync::Mutex::new(q),
+            access: std::sync::Mutex::new(access),
+            auth: Box::new(TokenReviewer { client }),
+            started: std::time::Instant::now(),
+        });
+        let call = |token: Option<String>| {
+            let st = st.clone();
+            async move {
+                let mut req =
+                    Request::post("/v1/pools/gpu/lease").header("content-type", "application/json");
+                if let Some(t) = token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let resp = router(st)
+                    .oneshot(req.body(Body::from(r#"{"worker":"pod-1"}"#)).unwrap())
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        assert_eq!(call(None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            call(Some("not-a-real-token".into())).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let (s, body) = call(Some(other.clone())).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+        assert!(
+            body.contains("system:serviceaccount:queue-test:intruder"),
+            "{body}"
+        );
+        assert!(!body.contains(&other), "the token must not be echoed");
+        let (s, body) = call(Some(good.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(body.contains("\"id\":7"), "{body}");
+    });
+    kubectl_ok(&["delete", "namespace", "queue-test", "--wait=false"], None);
+}

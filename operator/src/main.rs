@@ -4,14 +4,6 @@
 
 use std::process::ExitCode;
 
-// The operator's pure decisions, ready for the reconcilers that will call them.
-#[allow(dead_code)]
-mod podspec;
-#[allow(dead_code)]
-mod queue;
-#[allow(dead_code)]
-mod scale;
-
 fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--version" || a == "-V") {
         println!("tessera-operator {}", env!("CARGO_PKG_VERSION"));

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 
 pub type TaskId = u64;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Task {
     pub id: TaskId,
     pub pool: String,
@@ -25,7 +26,8 @@ pub struct Task {
     pub coalesce: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Lease {
     pub task: TaskId,
     pub worker: String,
@@ -385,6 +387,10 @@ impl Queue {
             }
         }
         leases
+    }
+
+    pub fn task(&self, id: TaskId) -> Option<&Task> {
+        self.tasks.get(&id).map(|e| &e.task)
     }
 
     pub fn depth(&self, pool: &str) -> Depth {
