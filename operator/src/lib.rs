@@ -5,3 +5,4 @@ pub mod api;
 pub mod podspec;
 pub mod queue;
 pub mod scale;
+pub mod status;
