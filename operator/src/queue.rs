@@ -206,14 +206,17 @@ impl Queue {
         }
     }
 
-    /// Change a job's priority; queued tasks move at once, leased ones keep running.
-    pub fn set_priority(&mut self, namespace: &str, job: &str, priority: i32) {
-        let ids: Vec<TaskId> = self
-            .tasks
+    fn job_tasks(&self, namespace: &str, job: &str) -> Vec<TaskId> {
+        self.tasks
             .iter()
             .filter(|(_, e)| e.task.namespace == namespace && e.task.job == job)
             .map(|(id, _)| *id)
-            .collect();
+            .collect()
+    }
+
+    /// Change a job's priority; queued tasks move at once, leased ones keep running.
+    pub fn set_priority(&mut self, namespace: &str, job: &str, priority: i32) {
+        let ids = self.job_tasks(namespace, job);
         for id in ids {
             let queued = self.tasks[&id].key.is_some();
             self.tasks.get_mut(&id).expect("exists").task.priority = priority;
@@ -343,12 +346,7 @@ impl Queue {
 
     /// Remove every task of a job. Returns the leases that were in flight (their workers must stop).
     pub fn cancel_job(&mut self, namespace: &str, job: &str) -> Vec<Lease> {
-        let ids: Vec<TaskId> = self
-            .tasks
-            .iter()
-            .filter(|(_, e)| e.task.namespace == namespace && e.task.job == job)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = self.job_tasks(namespace, job);
         let mut leases = Vec::new();
         for id in ids {
             // A leader with followers from other jobs hands its place to the first follower.

@@ -82,6 +82,16 @@ impl Error {
         }
     }
 
+    /// The process exit status for this error: 2 for a bad job file or argument, 130 when interrupted, 1
+    /// otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Spec { .. } | Self::Field { .. } => 2,
+            Self::Cancelled => 130,
+            _ => 1,
+        }
+    }
+
     /// A short, stable label for metrics and status reasons.
     pub fn reason(&self) -> &'static str {
         match self {

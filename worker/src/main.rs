@@ -87,11 +87,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tessera: error: {e}");
-            ExitCode::from(match e {
-                Error::Spec { .. } | Error::Field { .. } => 2,
-                Error::Cancelled => 130,
-                _ => 1,
-            })
+            ExitCode::from(e.exit_code())
         }
     }
 }

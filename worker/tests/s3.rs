@@ -409,6 +409,24 @@ fn job_matches_file_run(
     }
 }
 
+/// Start `tessera run JOB` through the proxy and return once it has read `min_bytes` of its input.
+fn start_reading_job(store: &S3Server, proxy: &FaultProxy, job: &Path, min_bytes: u64) -> Running {
+    let r = Running::spawn(tessera(
+        store,
+        &proxy.url(),
+        &["run", job.to_str().unwrap()],
+        &[],
+    ));
+    wait_until("the job to be reading", Duration::from_secs(60), || {
+        proxy
+            .counters()
+            .get_body_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > min_bytes
+    });
+    r
+}
+
 fn audio_md5(path: &Path) -> String {
     let out = Command::new("ffmpeg")
         .args(["-v", "error", "-nostdin", "-i"])
@@ -651,19 +669,7 @@ fn an_object_overwritten_during_a_job_fails_it_clearly() {
     std::fs::write(&job, lossless_job(&key, &prefix, "mp4")).unwrap();
     // Slow reads, so the job is mid-read when the object changes.
     proxy.set_bandwidth(1 << 20);
-    let r = Running::spawn(tessera(
-        &store,
-        &proxy.url(),
-        &["run", job.to_str().unwrap()],
-        &[],
-    ));
-    wait_until("the job to be reading", Duration::from_secs(60), || {
-        proxy
-            .counters()
-            .get_body_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 256 << 10
-    });
+    let r = start_reading_job(&store, &proxy, &job, 256 << 10);
     // Same size, other bytes: only the ETag tells them apart.
     let size = std::fs::metadata(&src).unwrap().len();
     let other = random_file(&dir.join("other.bin"), size, 17);
@@ -744,19 +750,7 @@ fn an_interrupted_job_on_s3_stops_promptly_and_publishes_nothing() {
     .unwrap();
     // Reads crawl, so the job is waiting on the store when it is interrupted.
     proxy.set_bandwidth(64 << 10);
-    let r = Running::spawn(tessera(
-        &store,
-        &proxy.url(),
-        &["run", job.to_str().unwrap()],
-        &[],
-    ));
-    wait_until("the job to be reading", Duration::from_secs(60), || {
-        proxy
-            .counters()
-            .get_body_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 64 << 10
-    });
+    let r = start_reading_job(&store, &proxy, &job, 64 << 10);
     let t = Instant::now();
     Command::new("kill")
         .args(["-INT", &r.child.id().to_string()])

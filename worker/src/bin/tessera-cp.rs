@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tessera::Error;
 
 #[derive(Parser)]
 #[command(
@@ -38,11 +37,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tessera: error: {e}");
-            ExitCode::from(match e {
-                Error::Spec { .. } | Error::Field { .. } => 2,
-                Error::Cancelled => 130,
-                _ => 1,
-            })
+            ExitCode::from(e.exit_code())
         }
     }
 }

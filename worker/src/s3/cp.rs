@@ -315,6 +315,21 @@ pub async fn copy_object(
     conclude(&mut up, res).await
 }
 
+/// Keep a finished upload, or the first error.
+fn record(
+    r: std::result::Result<Result<Written>, tokio::task::JoinError>,
+    dir: &Path,
+    done: &mut Vec<Written>,
+    result: &mut Result<()>,
+) {
+    match r {
+        Ok(Ok(w)) => done.push(w),
+        Ok(Err(e)) if result.is_ok() => *result = Err(e),
+        Err(e) if result.is_ok() => *result = Err(write_err(dir, std::io::Error::other(e))),
+        _ => {}
+    }
+}
+
 /// Publish a finished output folder under an S3 prefix: media files first, then media playlists, then the
 /// master playlist, so a player that finds a playlist finds everything it names. If any upload fails, the
 /// objects already written are deleted again: the prefix holds the whole output or none of it.
@@ -365,13 +380,8 @@ pub async fn upload_tree(
             let (s3, p, dst) = (s3.clone(), p.clone(), prefix.join(&rel));
             // Two files at a time: each may hold `parts_in_flight` parts in memory.
             while set.len() >= 2 {
-                match set.join_next().await {
-                    Some(Ok(Ok(w))) => done.push(w),
-                    Some(Ok(Err(e))) => result = result.and(Err(e)),
-                    Some(Err(e)) => {
-                        result = result.and(Err(write_err(&p, std::io::Error::other(e))))
-                    }
-                    None => {}
+                if let Some(r) = set.join_next().await {
+                    record(r, dir, &mut done, &mut result);
                 }
             }
             if result.is_err() {
@@ -380,11 +390,7 @@ pub async fn upload_tree(
             set.spawn(async move { upload_file(&s3, &p, &dst, &CopyProgress::default()).await });
         }
         while let Some(r) = set.join_next().await {
-            match r {
-                Ok(Ok(w)) => done.push(w),
-                Ok(Err(e)) => result = result.and(Err(e)),
-                Err(e) => result = result.and(Err(write_err(dir, std::io::Error::other(e)))),
-            }
+            record(r, dir, &mut done, &mut result);
         }
         if result.is_err() {
             break;

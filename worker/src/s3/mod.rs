@@ -705,7 +705,7 @@ async fn sleep_or_cancel(d: Duration) -> Result<()> {
     }
 }
 
-/// Run a future on the S3 runtime from a plain (non-async) thread, giving up when interrupted.
+/// Run a future on the S3 runtime from a plain (non-async) thread.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     runtime().block_on(f)
 }

@@ -9,12 +9,11 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use super::{interrupted, runtime, ObjectMeta, S3Uri, S3};
+use super::{cancel_token, runtime, ObjectMeta, S3Uri, S3};
 use crate::error::{Error, Result};
 
 const FIRST_BLOCK: u64 = 64 << 10;
@@ -102,27 +101,26 @@ impl S3Reader {
         }
     }
 
+    /// Wait for a fetch, or for an interrupt (which aborts it).
     fn wait(&mut self, mut task: JoinHandle<Result<Bytes>>) -> Result<Bytes> {
-        loop {
-            if interrupted() {
+        let joined = runtime().block_on(async {
+            tokio::select! {
+                r = &mut task => Some(r),
+                () = cancel_token().cancelled() => None,
+            }
+        });
+        match joined {
+            None => {
                 task.abort();
-                return Err(Error::Cancelled);
+                Err(Error::Cancelled)
             }
-            let r = runtime().block_on(async {
-                tokio::time::timeout(Duration::from_millis(250), &mut task).await
-            });
-            match r {
-                Err(_) => continue,
-                Ok(Ok(res)) => return res,
-                Ok(Err(e)) => {
-                    return Err(Error::Storage {
-                        uri: self.uri.to_string(),
-                        what: "read task failed".into(),
-                        kind: crate::error::StorageKind::Other,
-                        detail: e.to_string(),
-                    })
-                }
-            }
+            Some(Ok(res)) => res,
+            Some(Err(e)) => Err(Error::Storage {
+                uri: self.uri.to_string(),
+                what: "read task failed".into(),
+                kind: crate::error::StorageKind::Other,
+                detail: e.to_string(),
+            }),
         }
     }
 

@@ -316,25 +316,25 @@ impl Upload {
         })
     }
 
-    /// The object the store now holds must have our size, and our MD5 (or composite) where its ETag is
-    /// one; otherwise it is deleted and the write fails.
+    /// The object the store now holds must be what we wrote: its ETag must be our MD5 (or multipart
+    /// composite) where the store's ETags are MD5s, otherwise its size must be ours (one HEAD). On a
+    /// mismatch it is deleted and the write fails.
     async fn verify(&self, etag: &str, expected: &str) -> Result<()> {
         let got = unquote(etag);
         let md5_like = got.len() >= 32 && got[..32].chars().all(|c| c.is_ascii_hexdigit());
-        let mut problem = None;
-        if md5_like && !got.eq_ignore_ascii_case(expected) {
-            problem = Some(format!(
-                "ETag {got} does not match the {expected} computed while writing"
-            ));
+        let problem = if md5_like {
+            (!got.eq_ignore_ascii_case(expected))
+                .then(|| format!("ETag {got} does not match the {expected} computed while writing"))
         } else {
+            tracing::debug!(uri = %self.uri, %etag, "store's ETag is not an MD5; verifying the size only");
             let head = self.s3.head(&self.uri).await?;
-            if head.size != self.written {
-                problem = Some(format!(
+            (head.size != self.written).then(|| {
+                format!(
                     "the store holds {} bytes, {} were written",
                     head.size, self.written
-                ));
-            }
-        }
+                )
+            })
+        };
         if let Some(detail) = problem {
             let _ = self.s3.delete(&self.uri).await;
             return Err(Error::Storage {
@@ -343,9 +343,6 @@ impl Upload {
                 kind: StorageKind::Corrupt,
                 detail,
             });
-        }
-        if !md5_like {
-            tracing::debug!(uri = %self.uri, %etag, "store's ETag is not an MD5; verified the size only");
         }
         Ok(())
     }
