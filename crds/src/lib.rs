@@ -12,6 +12,7 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod validate;
+pub mod work;
 pub use validate::{validate_spec, ValidationError};
 
 /// The API group of every Tessera kind.
@@ -36,8 +37,12 @@ pub struct TranscodeJobSpec {
     pub input: InputSpec,
     /// Where the renditions are written to.
     pub output: OutputSpec,
-    /// The outputs to produce; each one is a separately encoded file (mp4) or media playlist (hls).
-    #[schemars(length(min = 1, max = 32))]
+    /// The outputs to produce; each one is a separately encoded file (mp4) or media playlist (hls). Names are
+    /// unique (the API server rejects duplicates: the list is a map keyed by name).
+    #[schemars(
+        length(min = 1, max = 32),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub renditions: Vec<Rendition>,
     /// How the input is cut into chunks that are encoded in parallel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +56,19 @@ pub struct TranscodeJobSpec {
     /// Objective quality metrics to compute for every rendition against the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualitySpec>,
+    /// The WorkerPool that runs this job: `name` (in the job's namespace) or `namespace/name`. Absent: the
+    /// operator's default pool. Ignored by `tessera run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 317), regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub pool: Option<String>,
+    /// While true, no new work of this job is handed out and its running tasks are given back (as with
+    /// Kubernetes Jobs); finished chunks are kept and the job resumes where it stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// Delete the job this many seconds after it completed or failed (as with Kubernetes Jobs). Outputs stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31_536_000))]
+    pub ttl_seconds_after_finished: Option<i64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -300,6 +318,19 @@ pub struct TranscodeJobStatus {
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renditions: Vec<RenditionStatus>,
+    /// `master.m3u8` for hls outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_playlist: Option<String>,
+    /// Video encoder(s) used, e.g. `libx264` or `h264_nvenc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<String>,
+    /// Seconds of worker time spent on this job's tasks, on the pool's devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -311,6 +342,12 @@ pub struct Progress {
     pub percent: u32,
     /// What `kubectl get tj` shows, e.g. `7/12 (58%)`.
     pub display: String,
+    /// Source frames encoded per second, over the job so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fps: Option<f64>,
+    /// Estimated seconds until the last chunk is encoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
 }
 
 impl Progress {
@@ -325,6 +362,8 @@ impl Progress {
             chunks_total,
             percent,
             display: format!("{chunks_done}/{chunks_total} ({percent}%)"),
+            fps: None,
+            eta_seconds: None,
         }
     }
 }
@@ -373,10 +412,22 @@ pub struct WorkerPoolSpec {
     pub min_workers: u32,
     #[serde(default = "default_max_workers")]
     pub max_workers: u32,
-    /// Chunk tasks one worker runs at a time.
+    /// Chunk tasks one worker runs at a time: the encoder sessions its device gives (consumer NVIDIA GPUs
+    /// allow 8 NVENC sessions, data-centre ones more). The pool's capacity is workers × this.
     #[serde(default = "default_tasks_per_worker")]
     #[schemars(range(min = 1, max = 64))]
     pub tasks_per_worker: u32,
+    /// An idle worker is removed only after this many seconds without a task.
+    #[serde(default = "default_cooldown")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub cooldown_seconds: u32,
+    /// The ServiceAccount workers run as (in the pool's namespace); its token is what the queue API accepts
+    /// from this pool's workers.
+    #[serde(default = "default_worker_sa")]
+    pub service_account_name: String,
+    /// The S3 endpoint and credentials workers use. Jobs cannot pick an endpoint: the administrator sets it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Access>,
     /// Worker image (the `tessera` binary with FFmpeg runtime libraries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -393,6 +444,26 @@ fn default_max_workers() -> u32 {
 }
 fn default_tasks_per_worker() -> u32 {
     1
+}
+fn default_cooldown() -> u32 {
+    60
+}
+fn default_worker_sa() -> String {
+    "tessera-worker".into()
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Access {
+    /// e.g. `https://s3.eu-west-1.amazonaws.com` or a MinIO/Ceph URL; absent: AWS's default for the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// A Secret in the pool's namespace with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and optionally
+    /// `AWS_SESSION_TOKEN`). Absent: the pod's own identity (IRSA, instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -1,8 +1,16 @@
-//! The operator's parts. The decisions are pure (`scale`, `podspec`, `queue`); `api` serves the queue to
-//! workers over HTTP, authenticating them with Kubernetes TokenReview.
+//! The operator's parts. The decisions are pure (`scale`, `podspec`, `queue`, `jobrun`, `status`); `api`
+//! serves the queue to workers over HTTP, authenticating them with Kubernetes TokenReview; `controller`
+//! runs the reconcilers on the elected leader (`leader`).
 
 pub mod api;
+pub mod controller;
+pub mod error;
+pub mod jobrun;
+pub mod leader;
+pub mod metrics;
 pub mod podspec;
 pub mod queue;
 pub mod scale;
 pub mod status;
+
+pub use error::Error;

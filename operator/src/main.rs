@@ -1,19 +1,188 @@
-//! `tessera-operator`: the Kubernetes controller. This build carries the API types only; the controllers
-//! (TranscodeJob, WorkerPool, the work queue) come with the operator issue. Until then it says so and exits
-//! non-zero, so nobody mistakes it for a working operator.
+//! `tessera-operator`: the Kubernetes controller. Every replica serves `/livez`, `/readyz` and `/metrics`;
+//! the replica holding the leader Lease also serves the work queue and runs the controllers. A replica that
+//! loses the Lease exits (and is restarted clean), so two leaders never act at once.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
-fn main() -> ExitCode {
-    if std::env::args().any(|a| a == "--version" || a == "-V") {
-        println!("tessera-operator {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use tessera_operator::api::{self, ApiState, TokenReviewer};
+use tessera_operator::controller::{self, Ctx};
+use tessera_operator::leader::{self, Elector};
+use tessera_operator::queue::{Queue, QueueConfig};
+use tessera_operator::Error;
+use tokio::sync::{mpsc, watch, OnceCell};
+
+#[derive(Parser, Debug)]
+#[command(name = "tessera-operator", version, about = "Tessera's Kubernetes operator")]
+struct Args {
+    /// Address for the queue API, metrics and probes (the pod IP in a cluster).
+    #[arg(long, env = "TESSERA_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: String,
+    /// The operator's namespace (its Lease and queue Service live here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    namespace: String,
+    /// This replica's name in leader election.
+    #[arg(long, env = "POD_NAME", default_value = "tessera-operator")]
+    identity: String,
+    /// Pool for jobs that name none: `name` (in the operator's namespace) or `namespace/name`.
+    #[arg(long, env = "TESSERA_DEFAULT_POOL", default_value = "default")]
+    default_pool: String,
+    /// The queue Service workers look the leader up by: `name:port` in the operator's namespace.
+    #[arg(long, env = "TESSERA_QUEUE_SERVICE", default_value = "tessera-queue:http")]
+    queue_service: String,
+    #[arg(long, env = "TESSERA_LEASE_NAME", default_value = "tessera-operator-leader")]
+    lease_name: String,
+    /// Seconds a leader's Lease lasts without renewal before a standby takes over.
+    #[arg(long, env = "TESSERA_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// Seconds a task lease lasts without a heartbeat before the task is queued again.
+    #[arg(long, env = "TESSERA_TASK_LEASE_SECONDS", default_value_t = 30)]
+    task_lease_seconds: u64,
+    /// Shortest interval between two progress-only status writes of one job (milliseconds).
+    #[arg(long, env = "TESSERA_STATUS_INTERVAL_MS", default_value_t = 1000)]
+    status_interval_ms: u64,
+}
+
+struct App {
+    api: Arc<ApiState>,
+    ctx: OnceCell<Arc<Ctx>>,
+}
+
+async fn livez() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    // Ready once serving; the standby is ready too (it answers probes and waits for the Lease). Workers
+    // skip it: it answers queue calls with 503.
+    let role = if app.api.leader.load(Ordering::Relaxed) { "leader" } else { "standby" };
+    (StatusCode::OK, role)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        tessera_operator::metrics::render(&app.api, app.ctx.get().map(|c| c.as_ref())),
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_runtime=warn,tower=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %e, "operator stopped");
+            eprintln!("tessera-operator: error: {e}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!(
-        "tessera-operator {}: the controllers are not part of this build yet (API group {}); use `tessera run` \
-         for local mode",
-        env!("CARGO_PKG_VERSION"),
-        tessera_crds::GROUP
+}
+
+async fn run(args: Args) -> Result<ExitCode, Error> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::kube("connect to the Kubernetes API".into(), e))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queue = Queue::new(QueueConfig {
+        lease_ms: args.task_lease_seconds.max(1) * 1000,
+        ..QueueConfig::default()
+    });
+    let api = Arc::new(ApiState::new(queue, Box::new(TokenReviewer::new(client.clone())), Some(tx)));
+    api.leader.store(false, Ordering::Relaxed);
+    let app = Arc::new(App {
+        api: api.clone(),
+        ctx: OnceCell::new(),
+    });
+    let router = api::router(api.clone()).merge(
+        Router::new()
+            .route("/livez", get(livez))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(app.clone()),
     );
-    ExitCode::from(2)
+    let addr: SocketAddr = args
+        .listen
+        .parse()
+        .map_err(|e| Error::Config(format!("--listen {:?}: {e}", args.listen)))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Io { what: format!("listen on {addr}"), source })?;
+    tracing::info!(%addr, identity = %args.identity, "serving probes and metrics; campaigning for leadership");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &args.namespace);
+    let settings = leader::Settings {
+        lease_name: args.lease_name.clone(),
+        identity: args.identity.clone(),
+        lease_duration: Duration::from_secs(args.lease_seconds.max(2)),
+        renew_every: Duration::from_secs((args.lease_seconds / 5).max(1)),
+        retry_every: Duration::from_secs(1),
+    };
+    let (lead_tx, mut lead_rx) = watch::channel(false);
+    tokio::spawn(Elector::new(leases.clone(), settings.clone()).run(lead_tx));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Io { what: "SIGTERM handler".into(), source })?;
+    let with_ns = |s: &str| if s.contains('/') { s.to_string() } else { format!("{}/{s}", args.namespace) };
+    let mut rx = Some(rx);
+    loop {
+        tokio::select! {
+            changed = lead_rx.changed() => {
+                if changed.is_err() {
+                    return Ok(ExitCode::FAILURE);
+                }
+                if *lead_rx.borrow() {
+                    api.leader.store(true, Ordering::Relaxed);
+                    let ctx = Arc::new(Ctx::new(client.clone(), api.clone(), controller::Config {
+                        namespace: args.namespace.clone(),
+                        default_pool: with_ns(&args.default_pool),
+                        queue_service: with_ns(&args.queue_service),
+                        status_interval: Duration::from_millis(args.status_interval_ms),
+                        identity: args.identity.clone(),
+                    }));
+                    let _ = app.ctx.set(ctx.clone());
+                    if let Some(rx) = rx.take() {
+                        tokio::spawn(controller::run(ctx, rx));
+                    }
+                } else {
+                    api.leader.store(false, Ordering::Relaxed);
+                    tracing::error!("no longer the leader; exiting so a clean replica takes over");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: giving up the leader lease");
+                api.leader.store(false, Ordering::Relaxed);
+                Elector::new(leases.clone(), settings.clone()).release().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = tokio::signal::ctrl_c() => {
+                api.leader.store(false, Ordering::Relaxed);
+                Elector::new(leases.clone(), settings.clone()).release().await;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
 }

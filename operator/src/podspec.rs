@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
     VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -32,8 +32,8 @@ pub struct WorkerPodInput<'a> {
     pub suffix: &'a str,
     /// ServiceAccount the workers run as (their token authenticates them to the queue).
     pub service_account: &'a str,
-    /// Where the queue API is (the operator's Service).
-    pub queue_url: &'a str,
+    /// The operator's queue Service, `namespace/name:port`: workers find the leader among its endpoints.
+    pub queue_service: &'a str,
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -67,13 +67,50 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
         "tessera-operator".into(),
     );
     let mut envs = vec![
-        env("TESSERA_QUEUE_URL", i.queue_url),
-        env("TESSERA_POOL", i.pool),
+        env("TESSERA_QUEUE_SERVICE", i.queue_service),
+        env("TESSERA_POOL", &format!("{}/{}", i.namespace, i.pool)),
+        env(
+            "TESSERA_TASKS_PER_WORKER",
+            &i.spec.tasks_per_worker.max(1).to_string(),
+        ),
+        env(
+            "TESSERA_PLAN_PARALLELISM",
+            &(i.spec.max_workers.max(1) * i.spec.tasks_per_worker.max(1)).to_string(),
+        ),
+        env("RUST_LOG", "info,aws_config=error"),
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_IP", "status.podIP"),
         env("TMPDIR", "/scratch"),
     ];
+    if let Some(s3) = &i.spec.s3 {
+        if let Some(e) = &s3.endpoint {
+            envs.push(env("AWS_ENDPOINT_URL", e));
+        }
+        if let Some(r) = &s3.region {
+            envs.push(env("AWS_REGION", r));
+        }
+        if let Some(secret) = &s3.credentials_secret {
+            for (key, optional) in [
+                ("AWS_ACCESS_KEY_ID", false),
+                ("AWS_SECRET_ACCESS_KEY", false),
+                ("AWS_SESSION_TOKEN", true),
+            ] {
+                envs.push(EnvVar {
+                    name: key.into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret.clone(),
+                            key: key.into(),
+                            optional: optional.then_some(true),
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                });
+            }
+        }
+    }
     let mut limits = BTreeMap::new();
     if let Some(r) = &i.spec.resource {
         limits.insert(r.name.clone(), Quantity(r.count.to_string()));
@@ -175,6 +212,9 @@ mod tests {
                 ..Toleration::default()
             }],
             runtime_class_name: Some("nvidia".into()),
+            cooldown_seconds: 60,
+            service_account_name: "tessera-worker".into(),
+            s3: None,
         }
     }
 
@@ -186,7 +226,7 @@ mod tests {
             spec: s,
             suffix: "x7k2p",
             service_account: "tessera-worker",
-            queue_url: "http://10.0.0.5:8080",
+            queue_service: "tessera-system/tessera-queue:http",
         })
     }
 

@@ -24,6 +24,9 @@ pub struct Task {
     pub priority: i32,
     /// Tasks with the same key do the same work.
     pub coalesce: Option<String>,
+    /// The worker's instructions (`tessera_crds::work::Work` as JSON); opaque to the queue.
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub work: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -387,6 +390,39 @@ impl Queue {
         leases
     }
 
+    pub fn lease_ms(&self) -> u64 {
+        self.cfg.lease_ms
+    }
+
+    /// How many times the task has been leased.
+    pub fn attempts(&self, id: TaskId) -> u32 {
+        self.tasks.get(&id).map_or(0, |e| e.attempts)
+    }
+
+    /// Leases held per worker in a pool (busy workers are never scaled down).
+    pub fn leases_by_worker(&self, pool: &str) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for e in self.tasks.values().filter(|e| e.task.pool == pool) {
+            if let Some(l) = &e.lease {
+                *out.entry(l.worker.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// The leases of one job (for suspension and deletion).
+    pub fn job_task_ids(&self, namespace: &str, job: &str) -> Vec<TaskId> {
+        self.job_tasks(namespace, job)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
     pub fn task(&self, id: TaskId) -> Option<&Task> {
         self.tasks.get(&id).map(|e| &e.task)
     }
@@ -421,6 +457,7 @@ mod tests {
             job: job.into(),
             priority,
             coalesce: None,
+            work: serde_json::Value::Null,
         }
     }
 

@@ -208,15 +208,24 @@ fn explain_open_failure(name: &str, e: ff::Error, lines: &[String]) -> String {
     msg
 }
 
-/// Pick the encoder for a rendition: the first candidate that opens with the real settings.
+/// Pick the encoder for a rendition: the first candidate that opens with the real settings. `only` restricts
+/// the choice to one encoder (a distributed job's plan fixed it: every chunk of a rendition must match).
 pub fn select(
     r: &Rendition,
     hw: Hardware,
     t: &VideoTarget,
     source_bit_depth: u8,
+    only: Option<&str>,
 ) -> Result<EncoderChoice> {
     let mut failures = Vec::new();
-    for name in plan::encoder_candidates(r.video.codec, hw) {
+    let candidates = plan::encoder_candidates(r.video.codec, hw);
+    if let Some(o) = only.filter(|o| !candidates.contains(o)) {
+        return Err(Error::Encoder {
+            encoder: format!("spec.renditions[{}] ({})", r.name, r.video.codec),
+            detail: format!("the job's plan names encoder {o:?}, which is not a candidate here"),
+        });
+    }
+    for name in candidates.into_iter().filter(|n| only.is_none_or(|o| o == *n)) {
         let pix = encoder_pix_fmt(name, source_bit_depth, r.video.codec);
         // SVT-AV1 cannot be opened and closed without frames (see OpenEncoder); it is opened per chunk.
         let trial = if name == "libsvtav1" {

@@ -48,6 +48,10 @@ pub enum Error {
         detail: String,
     },
 
+    /// The operator's work queue (worker pod mode).
+    #[error("work queue: {0}")]
+    Queue(String),
+
     #[error("cancelled")]
     Cancelled,
 }
@@ -112,6 +116,7 @@ impl Error {
                 StorageKind::Config => "StorageMisconfigured",
                 StorageKind::Other => "StorageError",
             },
+            Self::Queue(_) => "QueueUnavailable",
             Self::Cancelled => "Cancelled",
         }
     }

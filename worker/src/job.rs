@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ffmpeg_next::{self as ff, ffi, Rational};
 use serde::Serialize;
-use tessera_crds::{Container, QualityMetric, RenditionStatus, TranscodeJob};
+use tessera_crds::{Container, QualityMetric, RenditionStatus, TranscodeJob, TranscodeJobSpec};
 
 use crate::audio::{encode_audio, AudioJob};
 use crate::chunk::{encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
@@ -32,7 +32,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn stage(&self, s: &str) {
+    pub fn stage(&self, s: &str) {
         *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
     }
 }
@@ -195,10 +195,8 @@ struct RenditionPlan {
     audio: Option<AudioPlan>,
 }
 
-/// Run a job here. Outputs become visible only when every rendition is complete.
-pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
-    let started = Instant::now();
-    let spec = &job.spec;
+/// Check a spec as `tessera run` and workers do: every problem, the first one's field named.
+pub fn validate(spec: &TranscodeJobSpec) -> Result<()> {
     tessera_crds::validate_spec(spec).map_err(|errs| Error::Field {
         field: errs[0].field.clone(),
         message: errs
@@ -207,18 +205,48 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             .collect::<Vec<_>>()
             .join("; ")
             .replacen(&format!("{}: ", errs[0].field), "", 1),
-    })?;
-    let input = source_path("spec.input.uri", &spec.input.uri)?;
-    let dest = destination(&spec.output.uri)?;
-    let workers = opts.workers.max(1);
-    let progress = &opts.progress;
-    progress.stage("probing");
+    })
+}
 
+/// A job probed and planned: everything needed to encode any of its chunks, its audio, or to stitch it.
+/// Local mode makes one and runs all of it; in a cluster each worker task makes one (the plan's target
+/// chunk length and encoders fixed, so every worker cuts the same chunks and encodes them alike).
+pub struct Prepared {
+    pub info: ProbeInfo,
+    pub input: PathBuf,
+    pub chunks: Vec<Chunk>,
+    pub target_seconds: f64,
+    pub decode: hwdec::DecodeChoice,
+    clock: Clock,
+    fps: Rational,
+    plans: Vec<RenditionPlan>,
+    /// Distinct audio encodes (renditions asking for the same settings share one).
+    audio: Vec<AudioPlan>,
+    decoder_threads: usize,
+}
+
+/// What a plan fixes for every later task of a distributed job.
+#[derive(Debug, Clone, Default)]
+pub struct Fixed<'a> {
+    pub target_seconds: Option<f64>,
+    pub encoders: Option<&'a [String]>,
+}
+
+/// Probe the input, cut it into chunks, choose the decoder and each rendition's encoder. `workers` is how
+/// many chunks run at once here (it sizes automatic chunks and thread counts).
+pub fn prepare(
+    spec: &TranscodeJobSpec,
+    workers: usize,
+    fixed: &Fixed<'_>,
+    progress: &Progress,
+) -> Result<Prepared> {
+    validate(spec)?;
+    let input = source_path("spec.input.uri", &spec.input.uri)?;
+    progress.stage("probing");
     let info = probe::probe(&input)?;
-    let target_seconds = spec
-        .chunking
-        .as_ref()
-        .and_then(|c| c.target_seconds)
+    let target_seconds = fixed
+        .target_seconds
+        .or(spec.chunking.as_ref().and_then(|c| c.target_seconds))
         .unwrap_or_else(|| plan::auto_target_seconds(info.duration, workers));
     let starts = plan::plan_boundaries(&info.keyframes, info.duration, target_seconds);
     let bounds = resolve_boundaries(&info, &starts)?;
@@ -258,7 +286,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     // runs alone at the tail of a job then still uses every core, at the price of mild oversubscription
     // while all slots are busy (measured faster on the engine benchmark). Decoders get one slot's share.
     let cores = default_workers();
-    let active = workers.min(chunks.len()).max(1);
+    let active = workers.max(1).min(chunks.len()).max(1);
     let decoder_threads = (cores / active).max(1);
     let encoder_threads = std::env::var("TESSERA_ENCODER_THREADS")
         .ok()
@@ -272,7 +300,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     // Per rendition: size, encoder (chosen once by opening it), audio settings.
     progress.stage("choosing encoders");
     let mut plans = Vec::with_capacity(spec.renditions.len());
-    for r in &spec.renditions {
+    for (ri, r) in spec.renditions.iter().enumerate() {
         let (w, h) =
             plan::output_size(v.width, v.height, v.rotation, r.video.width, r.video.height);
         let target = VideoTarget {
@@ -285,7 +313,11 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             color: v.color,
             threads: encoder_threads,
         };
-        let encoder = encode::select(r, spec.hardware, &target, v.bit_depth)?;
+        let only = fixed
+            .encoders
+            .and_then(|e| e.get(ri))
+            .map(String::as_str);
+        let encoder = encode::select(r, spec.hardware, &target, v.bit_depth, only)?;
         let audio = info
             .audio
             .as_ref()
@@ -299,6 +331,256 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             audio,
         });
     }
+    let mut audio: Vec<AudioPlan> = Vec::new();
+    for a in plans.iter().filter_map(|p| p.audio) {
+        if !audio.contains(&a) {
+            audio.push(a);
+        }
+    }
+    Ok(Prepared {
+        info,
+        input,
+        chunks,
+        target_seconds,
+        decode,
+        clock,
+        fps,
+        plans,
+        audio,
+        decoder_threads,
+    })
+}
+
+/// The outputs of a stitch: each rendition's status and, for hls, the master playlist.
+pub struct Finished {
+    pub renditions: Vec<RenditionStatus>,
+    pub master_playlist: Option<String>,
+}
+
+impl Prepared {
+    /// The encoded chunk `c` of rendition `r`, as a file name inside a job's scratch (or ledger) folder.
+    pub fn chunk_file(r: usize, c: usize) -> String {
+        format!("r{r}-c{c:05}.tpk")
+    }
+
+    /// The audio encodes' file names, one per distinct setting.
+    pub fn audio_files(&self) -> Vec<String> {
+        (0..self.audio.len()).map(|i| format!("audio-{i}.tpk")).collect()
+    }
+
+    fn audio_file(&self, a: &AudioPlan) -> String {
+        format!(
+            "audio-{}.tpk",
+            self.audio.iter().position(|u| u == a).unwrap_or(0)
+        )
+    }
+
+    /// Video encoder names, per rendition.
+    pub fn encoders(&self) -> Vec<String> {
+        self.plans.iter().map(|p| p.encoder.name.clone()).collect()
+    }
+
+    pub fn has_audio(&self) -> bool {
+        self.info.audio.is_some() && !self.audio.is_empty()
+    }
+
+    pub fn fps(&self) -> f64 {
+        f64::from(self.fps)
+    }
+
+    /// Encode chunk `c` for every rendition into `dir`; returns the frames encoded (per rendition).
+    pub fn encode_chunk(
+        &self,
+        spec: &TranscodeJobSpec,
+        c: &Chunk,
+        dir: &Path,
+        cancel: &AtomicBool,
+        on_frame: &(dyn Fn() + Sync),
+    ) -> Result<u64> {
+        let outputs: Vec<ChunkOutput> = spec
+            .renditions
+            .iter()
+            .zip(&self.plans)
+            .enumerate()
+            .map(|(ri, (r, p))| ChunkOutput {
+                rendition: r,
+                target: &p.target,
+                encoder: &p.encoder,
+                path: dir.join(Self::chunk_file(ri, c.index)),
+            })
+            .collect();
+        let input = ChunkInput {
+            path: &self.input,
+            stream: self.info.video.index,
+            chunk: *c,
+            clock: self.clock,
+            decoder_threads: self.decoder_threads,
+            hw_device: self.decode.device,
+        };
+        encode_chunk(&input, &outputs, cancel, &on_frame)
+    }
+
+    /// Encode the audio track once per distinct setting into `dir`.
+    pub fn encode_audio(&self, dir: &Path, cancel: &AtomicBool) -> Result<u64> {
+        let Some(a) = &self.info.audio else {
+            return Ok(0);
+        };
+        let job = AudioJob {
+            path: &self.input,
+            stream: a.index,
+            start_time: self.info.start_time,
+            outputs: self
+                .audio
+                .iter()
+                .map(|p| (*p, dir.join(self.audio_file(p))))
+                .collect(),
+        };
+        encode_audio(&job, cancel)
+    }
+
+    /// Stitch every rendition from the chunk and audio files in `dir`, measure quality, and publish to the
+    /// spec's output (a folder, or an S3 prefix through scratch). Nothing is visible until all is complete.
+    pub fn finish(
+        &self,
+        spec: &TranscodeJobSpec,
+        dir: &Path,
+        cancel: &AtomicBool,
+        progress: &Progress,
+    ) -> Result<Finished> {
+        let dest = destination(&spec.output.uri)?;
+        let out_dir = match &dest {
+            Destination::Dir(d) => d.clone(),
+            Destination::S3(_) => dir.join("out"),
+        };
+        std::fs::create_dir_all(&out_dir).map_err(|source| Error::Write {
+            path: out_dir.clone(),
+            source,
+        })?;
+        let v = &self.info.video;
+        // Stitch every rendition under temporary names.
+        progress.stage("stitching");
+        let mut staged = Vec::new();
+        let mut statuses = Vec::new();
+        let mut variants = Vec::new();
+        for (ri, (r, p)) in spec.renditions.iter().zip(&self.plans).enumerate() {
+            let files: Vec<PathBuf> = self
+                .chunks
+                .iter()
+                .map(|c| dir.join(Self::chunk_file(ri, c.index)))
+                .collect();
+            let apath = p.audio.map(|a| dir.join(self.audio_file(&a)));
+            let sin = StitchInput {
+                chunks: &files,
+                audio: apath.as_deref(),
+                display_matrix: v.display_matrix,
+            };
+            let (st, stg) = match spec.output.container {
+                Container::Mp4 => stitch::stitch_mp4(&sin, &out_dir, &r.name)?,
+                Container::Hls => stitch::stitch_hls(&sin, &out_dir, &r.name)?,
+            };
+            statuses.push(RenditionStatus {
+                name: r.name.clone(),
+                uri: format!("file://{}", st.path.display()),
+                frames: st.frames,
+                duration_seconds: (st.duration * 1000.0).round() / 1000.0,
+                bytes: st.bytes,
+                width: st.width,
+                height: st.height,
+                encoder: p.encoder.name.clone(),
+                encoder_reason: p.encoder.reason.clone(),
+                psnr: None,
+                ssim: None,
+            });
+            variants.push((r.name.clone(), st, f64::from(self.fps)));
+            staged.push(stg);
+        }
+
+        // Quality, measured on the staged outputs before they are published.
+        let metrics: Vec<QualityMetric> = spec
+            .quality
+            .as_ref()
+            .map(|q| q.metrics.clone())
+            .unwrap_or_default();
+        if !metrics.is_empty() {
+            progress.stage("measuring quality");
+            let outs: Vec<(PathBuf, u32, u32)> = staged
+                .iter()
+                .zip(&statuses)
+                .map(|(s, st)| (s.staged_path(), st.width, st.height))
+                .collect();
+            let scores = quality::measure(&self.input, v.index, &outs, cancel)?;
+            for (st, q) in statuses.iter_mut().zip(scores) {
+                if metrics.contains(&QualityMetric::Psnr) {
+                    st.psnr = Some((q.psnr * 1000.0).round() / 1000.0);
+                }
+                if metrics.contains(&QualityMetric::Ssim) {
+                    st.ssim = Some((q.ssim * 100000.0).round() / 100000.0);
+                }
+            }
+        }
+
+        progress.stage("publishing");
+        for s in staged {
+            s.commit()?;
+        }
+        let master = if spec.output.container == Container::Hls {
+            Some(stitch::write_master(&out_dir, &variants)?)
+        } else {
+            None
+        };
+        // Name each output by where it ends up.
+        let published = |p: &Path| -> String {
+            match &dest {
+                Destination::Dir(_) => format!("file://{}", p.display()),
+                Destination::S3(prefix) => prefix
+                    .join(&p.strip_prefix(&out_dir).unwrap_or(p).to_string_lossy())
+                    .to_string(),
+            }
+        };
+        if let Destination::S3(prefix) = &dest {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let master_rel = master.as_ref().map(|m| {
+                m.strip_prefix(&out_dir)
+                    .unwrap_or(m)
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            let s3 = s3::global();
+            let written = s3::block_on(s3::cp::upload_tree(
+                &s3,
+                &out_dir,
+                prefix,
+                master_rel.as_deref(),
+            ))?;
+            tracing::info!(objects = written.len(), bytes = written.iter().map(|w| w.bytes).sum::<u64>(),
+                prefix = %prefix, "outputs published");
+        }
+        for st in &mut statuses {
+            if let Some(p) = st.uri.strip_prefix("file://") {
+                st.uri = published(Path::new(p));
+            }
+        }
+        Ok(Finished {
+            renditions: statuses,
+            master_playlist: master.map(|m| published(&m)),
+        })
+    }
+}
+
+/// Run a job here. Outputs become visible only when every rendition is complete.
+pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let spec = &job.spec;
+    validate(spec)?;
+    // The destination is checked before any work.
+    destination(&spec.output.uri)?;
+    let workers = opts.workers.max(1);
+    let progress = &opts.progress;
+    let prep = prepare(spec, workers, &Fixed::default(), progress)?;
+    let v = &prep.info.video;
+    let chunks = &prep.chunks;
 
     let scratch = tempfile::Builder::new()
         .prefix("tessera-")
@@ -307,28 +589,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             path: std::env::temp_dir(),
             source,
         })?;
-    let out_dir = match &dest {
-        Destination::Dir(d) => d.clone(),
-        Destination::S3(_) => scratch.path().join("out"),
-    };
-    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Write {
-        path: out_dir.clone(),
-        source,
-    })?;
-    let chunk_path = |r: usize, c: usize| scratch.path().join(format!("r{r}-c{c:05}.tpk"));
-    // Renditions asking for the same audio settings share one encode.
-    let mut uniq: Vec<AudioPlan> = Vec::new();
-    for a in plans.iter().filter_map(|p| p.audio) {
-        if !uniq.contains(&a) {
-            uniq.push(a);
-        }
-    }
-    let audio_path = |a: &AudioPlan| {
-        scratch.path().join(format!(
-            "audio-{}.tpk",
-            uniq.iter().position(|u| u == a).unwrap_or(0)
-        ))
-    };
+    let dir = scratch.path();
 
     // Encode: chunk tasks on `workers` threads; the audio track on a thread of its own beside them (it is
     // light, and in a worker slot it would delay the video or unbalance the tail).
@@ -351,43 +612,11 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             *slot = Some(e);
         }
     };
-    let encode_one = |c: &Chunk| {
-        let outputs: Vec<ChunkOutput> = spec
-            .renditions
-            .iter()
-            .zip(&plans)
-            .enumerate()
-            .map(|(ri, (r, p))| ChunkOutput {
-                rendition: r,
-                target: &p.target,
-                encoder: &p.encoder,
-                path: chunk_path(ri, c.index),
-            })
-            .collect();
-        let input = ChunkInput {
-            path: &input,
-            stream: v.index,
-            chunk: *c,
-            clock,
-            decoder_threads,
-            hw_device: decode.device,
-        };
-        encode_chunk(&input, &outputs, cancel, &on_frame).map(|n| {
-            frames_emitted.fetch_add(n, Ordering::Relaxed);
-            progress.chunks_done.fetch_add(1, Ordering::Relaxed);
-        })
-    };
     std::thread::scope(|s| {
-        if let (Some(a), false) = (&info.audio, uniq.is_empty()) {
-            let job = AudioJob {
-                path: &input,
-                stream: a.index,
-                start_time: info.start_time,
-                outputs: uniq.iter().map(|p| (*p, audio_path(p))).collect(),
-            };
-            let fail = &fail;
+        if prep.has_audio() {
+            let (fail, prep) = (&fail, &prep);
             s.spawn(move || {
-                if let Err(e) = encode_audio(&job, cancel) {
+                if let Err(e) = prep.encode_audio(dir, cancel) {
                     fail(e);
                 }
             });
@@ -398,9 +627,15 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
                     if cancel.load(Ordering::Relaxed) {
                         break;
                     }
-                    if let Err(e) = encode_one(c) {
-                        fail(e);
-                        break;
+                    match prep.encode_chunk(spec, c, dir, cancel, &on_frame) {
+                        Ok(n) => {
+                            frames_emitted.fetch_add(n, Ordering::Relaxed);
+                            progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            fail(e);
+                            break;
+                        }
                     }
                 }
             });
@@ -417,108 +652,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             "frame count differs from the container index (damaged input?)"
         );
     }
-
-    // Stitch every rendition under temporary names.
-    progress.stage("stitching");
-    let mut staged = Vec::new();
-    let mut statuses = Vec::new();
-    let mut variants = Vec::new();
-    for (ri, (r, p)) in spec.renditions.iter().zip(&plans).enumerate() {
-        let files: Vec<PathBuf> = chunks.iter().map(|c| chunk_path(ri, c.index)).collect();
-        let apath = p.audio.map(|a| audio_path(&a));
-        let sin = StitchInput {
-            chunks: &files,
-            audio: apath.as_deref(),
-            display_matrix: v.display_matrix,
-        };
-        let (st, stg) = match spec.output.container {
-            Container::Mp4 => stitch::stitch_mp4(&sin, &out_dir, &r.name)?,
-            Container::Hls => stitch::stitch_hls(&sin, &out_dir, &r.name)?,
-        };
-        statuses.push(RenditionStatus {
-            name: r.name.clone(),
-            uri: format!("file://{}", st.path.display()),
-            frames: st.frames,
-            duration_seconds: (st.duration * 1000.0).round() / 1000.0,
-            bytes: st.bytes,
-            width: st.width,
-            height: st.height,
-            encoder: p.encoder.name.clone(),
-            encoder_reason: p.encoder.reason.clone(),
-            psnr: None,
-            ssim: None,
-        });
-        variants.push((r.name.clone(), st, f64::from(fps)));
-        staged.push(stg);
-    }
-
-    // Quality, measured on the staged outputs before they are published.
-    let metrics: Vec<QualityMetric> = spec
-        .quality
-        .as_ref()
-        .map(|q| q.metrics.clone())
-        .unwrap_or_default();
-    if !metrics.is_empty() {
-        progress.stage("measuring quality");
-        let outs: Vec<(PathBuf, u32, u32)> = staged
-            .iter()
-            .zip(&statuses)
-            .map(|(s, st)| (s.staged_path(), st.width, st.height))
-            .collect();
-        let scores = quality::measure(&input, v.index, &outs, cancel)?;
-        for (st, q) in statuses.iter_mut().zip(scores) {
-            if metrics.contains(&QualityMetric::Psnr) {
-                st.psnr = Some((q.psnr * 1000.0).round() / 1000.0);
-            }
-            if metrics.contains(&QualityMetric::Ssim) {
-                st.ssim = Some((q.ssim * 100000.0).round() / 100000.0);
-            }
-        }
-    }
-
-    progress.stage("publishing");
-    for s in staged {
-        s.commit()?;
-    }
-    let master = if spec.output.container == Container::Hls {
-        Some(stitch::write_master(&out_dir, &variants)?)
-    } else {
-        None
-    };
-    // Name each output by where it ends up.
-    let published = |p: &Path| -> String {
-        match &dest {
-            Destination::Dir(_) => format!("file://{}", p.display()),
-            Destination::S3(prefix) => prefix
-                .join(&p.strip_prefix(&out_dir).unwrap_or(p).to_string_lossy())
-                .to_string(),
-        }
-    };
-    if let Destination::S3(prefix) = &dest {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        let master_rel = master.as_ref().map(|m| {
-            m.strip_prefix(&out_dir)
-                .unwrap_or(m)
-                .to_string_lossy()
-                .into_owned()
-        });
-        let s3 = s3::global();
-        let written = s3::block_on(s3::cp::upload_tree(
-            &s3,
-            &out_dir,
-            prefix,
-            master_rel.as_deref(),
-        ))?;
-        tracing::info!(objects = written.len(), bytes = written.iter().map(|w| w.bytes).sum::<u64>(),
-            prefix = %prefix, "outputs published");
-    }
-    for st in &mut statuses {
-        if let Some(p) = st.uri.strip_prefix("file://") {
-            st.uri = published(Path::new(p));
-        }
-    }
+    let fin = prep.finish(spec, dir, cancel, progress)?;
     Ok(Summary {
         job: job.metadata.name.clone().unwrap_or_default(),
         input: spec.input.uri.clone(),
@@ -526,21 +660,21 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         container: spec.output.container,
         workers,
         chunks: chunks.len(),
-        target_seconds,
+        target_seconds: prep.target_seconds,
         elapsed_seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
         source: SourceSummary {
             frames,
-            duration_seconds: info.duration,
-            fps: f64::from(fps),
+            duration_seconds: prep.info.duration,
+            fps: prep.fps(),
             vfr: v.vfr,
             width: v.width,
             height: v.height,
             rotation: v.rotation,
-            keyframes: info.keyframes.len(),
+            keyframes: prep.info.keyframes.len(),
         },
-        decoder: decode,
-        master_playlist: master.map(|m| published(&m)),
-        renditions: statuses,
+        decoder: prep.decode.clone(),
+        master_playlist: fin.master_playlist,
+        renditions: fin.renditions,
     })
 }
 

@@ -9,10 +9,12 @@ pub mod hwdec;
 pub mod job;
 pub mod packets;
 pub mod plan;
+pub mod pod;
 pub mod probe;
 pub mod quality;
 pub mod s3;
 pub mod scale;
 pub mod stitch;
+pub mod task;
 
 pub use error::{Error, Result};

@@ -46,6 +46,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Worker pod mode: lease tasks from the operator's queue and run them until SIGTERM (configured by the
+    /// environment the operator's pod spec sets: TESSERA_POOL, TESSERA_QUEUE_SERVICE, POD_NAME, ...).
+    Worker,
     /// Copy file → s3://, s3:// → file, or s3:// → s3://, streaming (bounded memory, any size).
     Cp {
         /// Source: a path, file:// or s3://bucket/key.
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Run { job, workers, json } => run(job, workers, json),
         Command::Probe { uri, json } => probe_cmd(&uri, json),
         Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose),
+        Command::Worker => tessera::pod::Config::from_env().and_then(tessera::pod::run),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -545,6 +545,113 @@ impl S3 {
         }
     }
 
+    /// Forget pinned versions under a prefix (a worker's ledger objects, once a task is done with them).
+    pub fn unpin_prefix(&self, prefix: &S3Uri) {
+        let p = prefix.to_string();
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| !k.starts_with(&p));
+    }
+
+    /// Read a small object whole (a ledger record); `None` when it does not exist.
+    pub async fn get_small(&self, uri: &S3Uri) -> Result<Option<Bytes>> {
+        let mut r = self.retrier("GetObject", uri);
+        loop {
+            r.admit().await?;
+            let res = self
+                .client
+                .get_object()
+                .bucket(&uri.bucket)
+                .key(&uri.key)
+                .send()
+                .await;
+            match res {
+                Ok(o) => match o.body.collect().await {
+                    Ok(b) => {
+                        r.succeeded();
+                        return Ok(Some(b.into_bytes()));
+                    }
+                    Err(e) => {
+                        r.failed(
+                            Failure::transient(format!("connection broke mid-body: {e}")),
+                            false,
+                        )
+                        .await?
+                    }
+                },
+                Err(e) => {
+                    let f = retry::classify(&e);
+                    if f.kind == StorageKind::NotFound {
+                        r.succeeded();
+                        return Ok(None);
+                    }
+                    r.failed(f, false).await?
+                }
+            }
+        }
+    }
+
+    /// Write a small object in one PUT (a ledger record).
+    pub async fn put_small(self: &Arc<Self>, uri: &S3Uri, data: Bytes) -> Result<()> {
+        let mut up = writer::Upload::new(self.clone(), uri.clone(), Some(data.len() as u64));
+        let res = up.write(data).await;
+        match res {
+            Ok(()) => up.finish().await.map(drop),
+            Err(e) => {
+                up.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Every object under a prefix (ListObjectsV2, all pages).
+    pub async fn list(&self, prefix: &S3Uri) -> Result<Vec<S3Uri>> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut r = self.retrier("ListObjectsV2", prefix);
+            let page = loop {
+                r.admit().await?;
+                let res = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&prefix.bucket)
+                    .prefix(&prefix.key)
+                    .set_continuation_token(token.clone())
+                    .send()
+                    .await;
+                match res {
+                    Ok(p) => {
+                        r.succeeded();
+                        break p;
+                    }
+                    Err(e) => r.failed(retry::classify(&e), false).await?,
+                }
+            };
+            out.extend(page.contents().iter().filter_map(|o| {
+                o.key().map(|k| S3Uri {
+                    bucket: prefix.bucket.clone(),
+                    key: k.to_string(),
+                })
+            }));
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Delete every object under a prefix; returns how many.
+    pub async fn delete_prefix(&self, prefix: &S3Uri) -> Result<usize> {
+        let all = self.list(prefix).await?;
+        for o in &all {
+            self.delete(o).await?;
+        }
+        self.unpin_prefix(prefix);
+        Ok(all.len())
+    }
+
     /// Delete an object (cleanup of outputs that must not stay half-published).
     pub async fn delete(&self, uri: &S3Uri) -> Result<()> {
         let mut r = self.cleanup_retrier("DeleteObject", uri);

@@ -1,0 +1,361 @@
+//! One job's progress through its tasks, as the leader tracks it. Pure: the controller feeds it task
+//! results and asks what to queue next and what the status says.
+//!
+//! ```text
+//! Planning ──plan result──▶ Encoding (chunk tasks + audio) ──all recorded──▶ Stitching ──▶ Succeeded
+//!     └──────────────── any permanent task failure ───────────────────────────────────▶ Failed
+//! ```
+//! A restarted or new leader starts every unfinished job at Planning; the plan task reads the ledger and
+//! reports the chunks already recorded, so only the rest is queued.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use tessera_crds::work::{ChunkResult, PlanResult, StitchResult, Work, WorkKind};
+use tessera_crds::{Phase, Progress, RenditionStatus, TranscodeJobSpec, TranscodeJobStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Planning,
+    Encoding,
+    Stitching,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobRun {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+    pub spec: TranscodeJobSpec,
+    /// `ns/name` of the WorkerPool.
+    pub pool: String,
+    pub ledger: String,
+    pub stage: Stage,
+    pub plan: Option<tessera_crds::work::PlanRecord>,
+    pub done: BTreeSet<u32>,
+    pub audio_done: bool,
+    /// Chunks found already encoded in the ledger (not encoded again).
+    pub reused: u32,
+    pub encoded_frames: u64,
+    pub worker_seconds: f64,
+    pub result: Option<StitchResult>,
+    pub failure: Option<(String, String)>,
+    pub suspended: bool,
+    pub start_time: Option<Time>,
+    pub completion_time: Option<Time>,
+}
+
+impl JobRun {
+    pub fn new(namespace: &str, name: &str, uid: &str, generation: i64, spec: TranscodeJobSpec, pool: String) -> Self {
+        let ledger = tessera_crds::work::ledger_prefix(&spec.output.uri, uid);
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+            generation,
+            suspended: spec.suspend,
+            spec,
+            pool,
+            ledger,
+            stage: Stage::Planning,
+            plan: None,
+            done: BTreeSet::new(),
+            audio_done: false,
+            reused: 0,
+            encoded_frames: 0,
+            worker_seconds: 0.0,
+            result: None,
+            failure: None,
+            start_time: None,
+            completion_time: None,
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        matches!(self.stage, Stage::Succeeded | Stage::Failed)
+    }
+
+    fn work(&self, kind: WorkKind, chunk: Option<u32>) -> Work {
+        Work {
+            kind,
+            namespace: self.namespace.clone(),
+            job: self.name.clone(),
+            uid: self.uid.clone(),
+            spec: self.spec.clone(),
+            ledger: self.ledger.clone(),
+            plan: self.plan.clone(),
+            chunk,
+        }
+    }
+
+    /// The tasks to queue when the job (re)starts: the plan.
+    pub fn start(&mut self) -> Vec<Work> {
+        self.stage = Stage::Planning;
+        vec![self.work(WorkKind::Plan, None)]
+    }
+
+    fn remaining(&self) -> Vec<Work> {
+        let Some(p) = &self.plan else { return Vec::new() };
+        let mut out: Vec<Work> = (0..p.chunks)
+            .filter(|c| !self.done.contains(c))
+            .map(|c| self.work(WorkKind::Chunk, Some(c)))
+            .collect();
+        if p.audio && !self.audio_done {
+            out.push(self.work(WorkKind::Audio, None));
+        }
+        out
+    }
+
+    fn all_encoded(&self) -> bool {
+        self.plan
+            .as_ref()
+            .is_some_and(|p| self.done.len() as u32 >= p.chunks && (!p.audio || self.audio_done))
+    }
+
+    /// The plan task answered: queue what the ledger does not have yet (or the stitch).
+    pub fn on_plan(&mut self, r: PlanResult) -> Vec<Work> {
+        self.reused = r.done.len() as u32;
+        self.done = r.done.into_iter().filter(|c| *c < r.plan.chunks).collect();
+        self.audio_done = r.audio_done;
+        self.plan = Some(r.plan);
+        self.stage = Stage::Encoding;
+        if self.all_encoded() {
+            self.stage = Stage::Stitching;
+            return vec![self.work(WorkKind::Stitch, None)];
+        }
+        self.remaining()
+    }
+
+    /// A chunk or the audio is recorded; the last one queues the stitch.
+    pub fn on_encoded(&mut self, kind: WorkKind, chunk: Option<u32>, r: &ChunkResult, seconds: f64) -> Vec<Work> {
+        if self.stage != Stage::Encoding {
+            return Vec::new();
+        }
+        match (kind, chunk) {
+            (WorkKind::Chunk, Some(c)) => {
+                if self.done.insert(c) {
+                    if r.reused {
+                        self.reused += 1;
+                    } else {
+                        self.encoded_frames += r.frames;
+                    }
+                }
+            }
+            (WorkKind::Audio, _) => self.audio_done = true,
+            _ => {}
+        }
+        self.worker_seconds += seconds;
+        if self.all_encoded() {
+            self.stage = Stage::Stitching;
+            return vec![self.work(WorkKind::Stitch, None)];
+        }
+        Vec::new()
+    }
+
+    pub fn on_stitched(&mut self, r: StitchResult, seconds: f64, now: Time) {
+        self.worker_seconds += seconds;
+        self.result = Some(r);
+        self.stage = Stage::Succeeded;
+        self.completion_time = Some(now);
+    }
+
+    pub fn on_failed(&mut self, reason: &str, message: &str, now: Time) {
+        if self.finished() {
+            return;
+        }
+        self.failure = Some((reason.into(), message.into()));
+        self.stage = Stage::Failed;
+        self.completion_time = Some(now);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.stage {
+            Stage::Succeeded => Phase::Succeeded,
+            Stage::Failed => Phase::Failed,
+            Stage::Planning if self.start_time.is_none() => Phase::Pending,
+            _ => Phase::Running,
+        }
+    }
+
+    /// The status to write. `elapsed` is the time since the job started running (for fps and ETA);
+    /// `in_flight_frames` counts frames of chunks still encoding (from heartbeats).
+    pub fn status(&self, elapsed: Duration, in_flight_frames: u64, now: &Time) -> TranscodeJobStatus {
+        let total = self.plan.as_ref().map_or(0, |p| p.chunks);
+        let done = self.done.len() as u32;
+        let mut progress = Progress::new(done, total);
+        let frames = self.encoded_frames + in_flight_frames;
+        if elapsed.as_secs_f64() > 0.0 && frames > 0 {
+            progress.fps = Some((frames as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0);
+        }
+        let fresh = done.saturating_sub(self.reused);
+        let left = total.saturating_sub(done);
+        progress.eta_seconds = match self.stage {
+            Stage::Encoding => crate::status::eta_seconds(u64::from(fresh), u64::from(fresh + left), elapsed),
+            Stage::Stitching | Stage::Succeeded => Some(0),
+            _ => None,
+        };
+        let cond = |type_: &str, status: bool, reason: &str, message: String| Condition {
+            type_: type_.into(),
+            status: if status { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: Some(self.generation),
+            last_transition_time: now.clone(),
+        };
+        let mut conditions = Vec::new();
+        match self.stage {
+            Stage::Succeeded => {
+                conditions.push(cond("Complete", true, "Completed", format!("{} renditions published", self.spec.renditions.len())));
+                conditions.push(cond("Progressing", false, "Completed", String::new()));
+            }
+            Stage::Failed => {
+                let (reason, message) = self.failure.clone().unwrap_or_default();
+                conditions.push(cond("Failed", true, &reason, message));
+                conditions.push(cond("Progressing", false, &reason, String::new()));
+            }
+            _ if self.suspended => conditions.push(cond(
+                "Progressing",
+                false,
+                "Suspended",
+                "spec.suspend is true: no work is handed out".into(),
+            )),
+            s => {
+                let (reason, msg) = match s {
+                    Stage::Planning => ("Planning", "probing the input and planning chunks".to_string()),
+                    Stage::Encoding => ("Encoding", format!("{done}/{total} chunks encoded")),
+                    _ => ("Stitching", "joining chunks and publishing outputs".to_string()),
+                };
+                conditions.push(cond("Progressing", true, reason, msg));
+            }
+        }
+        let renditions: Vec<RenditionStatus> = self.result.as_ref().map(|r| r.renditions.clone()).unwrap_or_default();
+        let encoder = self.plan.as_ref().map(|p| {
+            let mut e = p.encoders.clone();
+            e.dedup();
+            e.join(",")
+        });
+        TranscodeJobStatus {
+            phase: Some(self.phase()),
+            conditions,
+            observed_generation: Some(self.generation),
+            progress: (total > 0).then_some(progress),
+            renditions,
+            master_playlist: self.result.as_ref().and_then(|r| r.master_playlist.clone()),
+            encoder,
+            gpu_seconds: (self.worker_seconds > 0.0).then(|| (self.worker_seconds * 10.0).round() / 10.0),
+            start_time: self.start_time.clone(),
+            completion_time: self.completion_time.clone(),
+        }
+    }
+}
+
+/// Carry a condition's last transition time over when its status did not change (as Kubernetes expects).
+pub fn keep_transition_times(new: &mut [Condition], old: &[Condition]) {
+    for c in new {
+        if let Some(o) = old.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+            c.last_transition_time = o.last_transition_time.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_crds::work::PlanRecord;
+
+    fn spec() -> TranscodeJobSpec {
+        tessera_crds::parse_job_yaml(
+            "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {name: j}\nspec:\n  input: {uri: \
+             s3://b/in.mp4}\n  output: {uri: s3://b/out/}\n  renditions: [{name: a, video: {codec: h264}}]\n",
+        )
+        .unwrap()
+        .spec
+    }
+
+    fn plan(chunks: u32, audio: bool) -> PlanRecord {
+        PlanRecord {
+            input_etag: Some("\"e\"".into()),
+            target_seconds: 2.0,
+            chunks,
+            frames: 100,
+            duration_seconds: 4.0,
+            fps: 25.0,
+            encoders: vec!["libx264".into()],
+            audio,
+        }
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap())
+    }
+
+    #[test]
+    fn plan_then_chunks_then_stitch() {
+        let mut j = JobRun::new("ns", "j", "u1", 1, spec(), "ns/p".into());
+        assert_eq!(j.ledger, "s3://b/out/.tessera/u1/");
+        let w = j.start();
+        assert_eq!((w.len(), w[0].kind), (1, WorkKind::Plan));
+        let w = j.on_plan(PlanResult { plan: plan(3, true), done: vec![], audio_done: false });
+        let kinds: Vec<_> = w.iter().map(|w| (w.kind, w.chunk)).collect();
+        assert_eq!(
+            kinds,
+            [(WorkKind::Chunk, Some(0)), (WorkKind::Chunk, Some(1)), (WorkKind::Chunk, Some(2)), (WorkKind::Audio, None)]
+        );
+        assert!(w.iter().all(|w| w.plan.is_some()), "later tasks carry the plan");
+        let r = ChunkResult { frames: 30, reused: false, seconds: 1.0 };
+        assert!(j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty());
+        assert!(j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty(), "a duplicate report changes nothing");
+        assert!(j.on_encoded(WorkKind::Audio, None, &r, 1.0).is_empty());
+        assert!(j.on_encoded(WorkKind::Chunk, Some(2), &r, 1.0).is_empty());
+        let st = j.status(Duration::from_secs(3), 0, &now());
+        assert_eq!(st.progress.as_ref().unwrap().display, "2/3 (66%)");
+        assert_eq!(st.encoded_or_default(), 60);
+        let w = j.on_encoded(WorkKind::Chunk, Some(1), &r, 1.0);
+        assert_eq!((w.len(), w[0].kind), (1, WorkKind::Stitch));
+        j.on_stitched(StitchResult::default(), 2.0, now());
+        let st = j.status(Duration::from_secs(5), 0, &now());
+        assert_eq!(st.phase, Some(Phase::Succeeded));
+        assert!(st.conditions.iter().any(|c| c.type_ == "Complete" && c.status == "True"));
+        assert_eq!(st.gpu_seconds, Some(7.0));
+    }
+
+    #[test]
+    fn a_replan_queues_only_what_the_ledger_lacks() {
+        let mut j = JobRun::new("ns", "j", "u1", 1, spec(), "ns/p".into());
+        j.start();
+        let w = j.on_plan(PlanResult { plan: plan(4, true), done: vec![0, 2], audio_done: true });
+        let chunks: Vec<_> = w.iter().map(|w| w.chunk).collect();
+        assert_eq!(chunks, [Some(1), Some(3)]);
+        assert_eq!(j.reused, 2);
+        // Everything recorded: straight to the stitch.
+        let mut k = JobRun::new("ns", "k", "u2", 1, spec(), "ns/p".into());
+        let w = k.on_plan(PlanResult { plan: plan(2, false), done: vec![0, 1], audio_done: false });
+        assert_eq!(w[0].kind, WorkKind::Stitch);
+    }
+
+    #[test]
+    fn failure_is_terminal_and_named() {
+        let mut j = JobRun::new("ns", "j", "u1", 3, spec(), "ns/p".into());
+        j.start();
+        j.on_failed("InputNotFound", "s3://b/in.mp4: not found", now());
+        j.on_failed("Other", "later", now());
+        let st = j.status(Duration::ZERO, 0, &now());
+        let f = st.conditions.iter().find(|c| c.type_ == "Failed").unwrap();
+        assert_eq!((f.reason.as_str(), f.observed_generation), ("InputNotFound", Some(3)));
+        assert_eq!(st.phase, Some(Phase::Failed));
+    }
+
+    trait Encoded {
+        fn encoded_or_default(&self) -> u64;
+    }
+    impl Encoded for TranscodeJobStatus {
+        fn encoded_or_default(&self) -> u64 {
+            // fps × elapsed = frames encoded (3 s, 20 fps → 60 frames)
+            self.progress.as_ref().and_then(|p| p.fps).map_or(0, |f| (f * 3.0).round() as u64)
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `/metrics` in the Prometheus text format, rendered from live state at each scrape: queue depth per pool
+//! and priority (what KEDA or an HPA on external metrics can scale on), leases, task outcomes, status
+//! writes, jobs by stage, leadership.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::api::{lock, ApiState};
+use crate::controller::Ctx;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolPriority {
+    pool: String,
+    priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: String,
+}
+
+pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
+    let mut reg = Registry::with_prefix("tessera");
+    let queued = Family::<PoolPriority, Gauge>::default();
+    let leased = Family::<PoolLabel, Gauge>::default();
+    {
+        let pools: Vec<String> = lock(&api.access).pools.keys().cloned().collect();
+        let q = lock(&api.queue);
+        for pool in pools {
+            let d = q.depth(&pool);
+            leased.get_or_create(&PoolLabel { pool: pool.clone() }).set(d.leased as i64);
+            if d.queued_by_priority.is_empty() {
+                queued
+                    .get_or_create(&PoolPriority { pool: pool.clone(), priority: "0".into() })
+                    .set(0);
+            }
+            for (p, n) in d.queued_by_priority {
+                queued
+                    .get_or_create(&PoolPriority { pool: pool.clone(), priority: p.to_string() })
+                    .set(n as i64);
+            }
+        }
+    }
+    reg.register("queue_queued_tasks", "Tasks waiting for a worker", queued);
+    reg.register("queue_leased_tasks", "Tasks leased to workers", leased);
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    let c = &api.counters;
+    reg.register("leases", "Tasks leased", counter(c.leases.load(Ordering::Relaxed)));
+    reg.register("tasks_completed", "Tasks completed", counter(c.completed.load(Ordering::Relaxed)));
+    reg.register("tasks_failed", "Tasks failed for good", counter(c.failed.load(Ordering::Relaxed)));
+    reg.register("leases_expired", "Leases that ran out (worker lost)", counter(c.expired.load(Ordering::Relaxed)));
+    reg.register("queue_requests_rejected", "Queue requests refused (401/403)", counter(c.rejected.load(Ordering::Relaxed)));
+    let leader = Gauge::<i64>::default();
+    leader.set(i64::from(api.leader.load(Ordering::Relaxed)));
+    reg.register("leader", "1 while this replica leads", leader);
+    if let Some(ctx) = ctx {
+        reg.register("status_writes", "TranscodeJob status writes", counter(ctx.status_writes.load(Ordering::Relaxed)));
+        reg.register("reconciles", "TranscodeJob reconciles", counter(ctx.reconciles.load(Ordering::Relaxed)));
+        let jobs = Family::<StageLabel, Gauge>::default();
+        for (stage, n) in ctx.jobs_by_phase() {
+            jobs.get_or_create(&StageLabel { stage: stage.into() }).set(n as i64);
+        }
+        reg.register("jobs", "Jobs the leader tracks, by stage", jobs);
+    }
+    let mut out = String::new();
+    let _ = encode(&mut out, &reg);
+    out
+}

@@ -1,0 +1,447 @@
+//! `tessera worker`: the worker pod's loop. Lease a task from the operator's queue, run it with the engine,
+//! stream results to S3, heartbeat with progress, complete or report the failure; on SIGTERM stop leasing,
+//! let running tasks finish within the drain time, then cancel them and give their leases back.
+//!
+//! ```text
+//!  queue (operator leader) ──lease──▶ slot ──spawn_blocking──▶ task::execute (engine, S3 ledger)
+//!          ▲                           │ every second: heartbeat {frames}
+//!          └──complete {result} / fail {reason} / release
+//! ```
+//!
+//! The queue is found through the Endpoints of the operator's Service (`TESSERA_QUEUE_SERVICE=ns/name:port`):
+//! no cluster DNS needed, and the standby answers 503 so the worker moves on to the leader.
+//! `TESSERA_QUEUE_URL` names a fixed endpoint instead. Requests carry the pod's ServiceAccount token.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tessera_crds::work::{TaskFailure, Work};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::task;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `namespace/name` of the WorkerPool.
+    pub pool: String,
+    /// This pod's name: the lease holder's identity.
+    pub worker: String,
+    pub slots: usize,
+    pub queue_url: Option<String>,
+    /// `namespace/service:port`
+    pub queue_service: Option<String>,
+    pub drain: Duration,
+    pub heartbeat: Duration,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let need = |k: &str| {
+            var(k).ok_or_else(|| Error::Field {
+                field: k.into(),
+                message: "must be set for `tessera worker` (the operator's pod spec sets it)".into(),
+            })
+        };
+        let queue_url = var("TESSERA_QUEUE_URL");
+        let queue_service = var("TESSERA_QUEUE_SERVICE");
+        if queue_url.is_none() && queue_service.is_none() {
+            return Err(Error::Field {
+                field: "TESSERA_QUEUE_SERVICE".into(),
+                message: "set it (namespace/service:port) or TESSERA_QUEUE_URL".into(),
+            });
+        }
+        let num = |k: &str, d: u64| var(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+        Ok(Self {
+            pool: need("TESSERA_POOL")?,
+            worker: var("POD_NAME")
+                .or_else(|| var("HOSTNAME"))
+                .unwrap_or_else(|| "worker".into()),
+            slots: num("TESSERA_TASKS_PER_WORKER", 1).max(1) as usize,
+            queue_url,
+            queue_service,
+            drain: Duration::from_secs(num("TESSERA_DRAIN_SECONDS", 90)),
+            heartbeat: Duration::from_millis(num("TESSERA_HEARTBEAT_MS", 1000)),
+        })
+    }
+}
+
+/// Where the bearer token comes from: the mounted ServiceAccount token (re-read, it rotates) or the
+/// kubeconfig's user.
+enum Token {
+    File(std::path::PathBuf),
+    Static(String),
+}
+
+impl Token {
+    fn discover() -> Result<Self> {
+        let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token");
+        if let Some(f) = std::env::var_os("TESSERA_QUEUE_TOKEN_FILE") {
+            return Ok(Self::File(f.into()));
+        }
+        if sa.exists() {
+            return Ok(Self::File(sa.into()));
+        }
+        let kc = kube::config::Kubeconfig::read().map_err(|e| Error::Field {
+            field: "KUBECONFIG".into(),
+            message: format!("no ServiceAccount token mounted and no usable kubeconfig: {e}"),
+        })?;
+        let current = kc.current_context.clone().unwrap_or_default();
+        let user = kc
+            .contexts
+            .iter()
+            .find(|c| c.name == current)
+            .and_then(|c| c.context.as_ref())
+            .and_then(|c| c.user.clone());
+        let token = kc
+            .auth_infos
+            .iter()
+            .find(|a| Some(&a.name) == user.as_ref())
+            .and_then(|a| a.auth_info.as_ref())
+            .and_then(|a| a.token.as_ref())
+            .map(|t| secrecy::ExposeSecret::expose_secret(t).to_string());
+        token.map(Self::Static).ok_or_else(|| Error::Field {
+            field: "KUBECONFIG".into(),
+            message: "the current user has no token".into(),
+        })
+    }
+
+    fn get(&self) -> Result<String> {
+        match self {
+            Self::Static(t) => Ok(t.clone()),
+            Self::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|source| Error::Read {
+                    path: p.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
+/// How a queue call ended.
+#[derive(Debug)]
+enum Reply {
+    Ok(Value),
+    NoContent,
+    /// The task was cancelled (its job deleted or suspended): stop.
+    Gone,
+    /// Someone else holds the lease now (ours expired): stop.
+    Conflict,
+    /// The queue does not know the task (a new leader): keep going; the ledger is what counts.
+    Unknown,
+    Other(StatusCode, String),
+}
+
+struct Queue {
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    kube: Option<kube::Client>,
+    cfg: Config,
+    token: Token,
+    base: Mutex<Option<String>>,
+}
+
+fn queue_err(what: impl Into<String>) -> Error {
+    Error::Queue(what.into())
+}
+
+impl Queue {
+    async fn new(cfg: Config) -> Result<Self> {
+        let kube = match cfg.queue_url {
+            Some(_) => None,
+            None => Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(|e| queue_err(format!("cannot reach the Kubernetes API: {e}")))?,
+            ),
+        };
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        conn.set_nodelay(true);
+        Ok(Self {
+            http: HttpClient::builder(TokioExecutor::new()).build(conn),
+            kube,
+            token: Token::discover()?,
+            base: Mutex::new(cfg.queue_url.clone()),
+            cfg,
+        })
+    }
+
+    /// The queue Service's endpoint addresses, as base URLs.
+    async fn candidates(&self) -> Result<Vec<String>> {
+        if let Some(u) = &self.cfg.queue_url {
+            return Ok(vec![u.trim_end_matches('/').to_string()]);
+        }
+        let svc = self.cfg.queue_service.as_deref().unwrap_or_default();
+        let (ns, rest) = svc.split_once('/').unwrap_or(("default", svc));
+        let (name, port) = rest.split_once(':').unwrap_or((rest, "http"));
+        let api: kube::Api<k8s_openapi::api::core::v1::Endpoints> =
+            kube::Api::namespaced(self.kube.clone().expect("set without a URL"), ns);
+        let ep = api
+            .get(name)
+            .await
+            .map_err(|e| queue_err(format!("endpoints of {ns}/{name}: {e}")))?;
+        let mut out = Vec::new();
+        for s in ep.subsets.unwrap_or_default() {
+            let p = s
+                .ports
+                .unwrap_or_default()
+                .iter()
+                .find(|p| p.name.as_deref() == Some(port) || p.port.to_string() == port)
+                .map(|p| p.port);
+            let Some(p) = p else { continue };
+            for a in s.addresses.unwrap_or_default() {
+                out.push(format!("http://{}:{p}", a.ip));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn post_to(&self, base: &str, path: &str, body: &Value, timeout: Duration) -> Result<(StatusCode, Value)> {
+        let req = hyper::Request::post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", self.token.get()?))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| queue_err(e.to_string()))?;
+        let resp = tokio::time::timeout(timeout, self.http.request(req))
+            .await
+            .map_err(|_| queue_err(format!("{base}: no answer in {timeout:?}")))?
+            .map_err(|e| queue_err(format!("{base}: {e}")))?;
+        let status = resp.status();
+        let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| queue_err(format!("{base}: body timed out")))?
+            .map_err(|e| queue_err(format!("{base}: {e}")))?
+            .to_bytes();
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    /// POST to the leader, finding it first where needed.
+    async fn post(&self, path: &str, body: Value, timeout: Duration) -> Result<Reply> {
+        let known = self.base.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut tried = Vec::new();
+        if let Some(b) = known {
+            tried.push(b);
+        }
+        let mut last = String::from("no queue endpoints");
+        for round in 0..2 {
+            if round == 1 {
+                match self.candidates().await {
+                    Ok(c) => tried = c.into_iter().filter(|c| !tried.contains(c)).collect(),
+                    Err(e) => return Err(e),
+                }
+            }
+            for base in &tried {
+                match self.post_to(base, path, &body, timeout).await {
+                    Ok((StatusCode::SERVICE_UNAVAILABLE, v)) => {
+                        last = format!("{base}: {}", v["error"].as_str().unwrap_or("unavailable"));
+                    }
+                    Ok((status, v)) => {
+                        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.clone());
+                        return Ok(match status {
+                            StatusCode::OK => Reply::Ok(v),
+                            StatusCode::NO_CONTENT => Reply::NoContent,
+                            StatusCode::GONE => Reply::Gone,
+                            StatusCode::CONFLICT => Reply::Conflict,
+                            StatusCode::NOT_FOUND => Reply::Unknown,
+                            s => Reply::Other(s, v["error"].as_str().unwrap_or_default().to_string()),
+                        });
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            *self.base.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        Err(queue_err(format!("no queue leader answered: {last}")))
+    }
+}
+
+/// Run the worker until SIGTERM/SIGINT and drained.
+pub fn run(cfg: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tessera-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| queue_err(format!("runtime: {e}")))?;
+    rt.block_on(async move {
+        let stop = CancellationToken::new();
+        {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                tracing::info!("shutting down: no new tasks; running ones finish or are released");
+                stop.cancel();
+            });
+        }
+        let q = Arc::new(Queue::new(cfg.clone()).await?);
+        tracing::info!(pool = %cfg.pool, worker = %cfg.worker, slots = cfg.slots, "worker started");
+        let mut slots = Vec::new();
+        for n in 0..cfg.slots {
+            slots.push(tokio::spawn(slot(q.clone(), stop.clone(), n)));
+        }
+        for s in slots {
+            let _ = s.await;
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    })
+}
+
+async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
+    let (ns, name) = q.cfg.pool.split_once('/').unwrap_or(("default", &q.cfg.pool));
+    let path = format!("/v1/pools/{ns}/{name}/lease");
+    let mut backoff = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        let body = json!({"worker": q.cfg.worker, "waitMs": 20_000});
+        let reply = tokio::select! {
+            r = q.post(&path, body, Duration::from_secs(30)) => r,
+            () = stop.cancelled() => break,
+        };
+        match reply {
+            Ok(Reply::Ok(v)) => {
+                backoff = Duration::from_millis(200);
+                let id = v["task"]["id"].as_u64().unwrap_or_default();
+                match serde_json::from_value::<Work>(v["task"]["work"].clone()) {
+                    Ok(work) => run_task(&q, &stop, id, work).await,
+                    Err(e) => {
+                        let f = TaskFailure {
+                            reason: "WorkerIncompatible".into(),
+                            message: format!("task {id}: cannot read its instructions: {e}"),
+                            retryable: false,
+                        };
+                        let _ = q
+                            .post(&format!("/v1/tasks/{id}/fail"), json!({"worker": q.cfg.worker, "failure": f}), Duration::from_secs(10))
+                            .await;
+                    }
+                }
+            }
+            Ok(Reply::NoContent) => {}
+            Ok(other) => {
+                tracing::warn!(slot = n, reply = ?other, "lease refused");
+                sleep_or(&stop, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!(slot = n, error = %e, "queue unreachable; retrying");
+                sleep_or(&stop, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn sleep_or(stop: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Run one task: the engine on a blocking thread, heartbeats beside it, then the verdict.
+async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work) {
+    let started = Instant::now();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let frames = Arc::new(AtomicU64::new(0));
+    tracing::info!(task = id, kind = ?work.kind, job = %format!("{}/{}", work.namespace, work.job),
+        chunk = ?work.chunk, "task leased");
+    let mut handle = {
+        let (cancel, frames, work) = (cancel.clone(), frames.clone(), work.clone());
+        tokio::task::spawn_blocking(move || task::execute(&work, &cancel, &frames))
+    };
+    let me = q.cfg.worker.clone();
+    let mut tick = tokio::time::interval(q.cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    // Why the task stopped early, if it did: the queue is not told about a task it no longer gives us.
+    let mut abandoned: Option<&'static str> = None;
+    let outcome = loop {
+        let drain = async {
+            match drain_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = &mut handle => break res.unwrap_or_else(|e| Err(Error::Queue(format!("task panicked: {e}")))),
+            _ = tick.tick() => {
+                let body = json!({"worker": me, "progress": {"frames": frames.load(Ordering::Relaxed)}});
+                match q.post(&format!("/v1/tasks/{id}/heartbeat"), body, Duration::from_secs(5)).await {
+                    Ok(Reply::Gone) => {
+                        tracing::info!(task = id, "task cancelled by the operator; stopping it");
+                        abandoned = Some("cancelled");
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    Ok(Reply::Conflict) => {
+                        tracing::warn!(task = id, "lease lost to another worker; stopping the task");
+                        abandoned = Some("lease lost");
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(task = id, error = %e, "heartbeat failed; the task goes on"),
+                }
+            }
+            () = stop.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + q.cfg.drain);
+                tracing::info!(task = id, drain_seconds = q.cfg.drain.as_secs(), "draining: letting the task finish");
+            }
+            () = drain => {
+                tracing::warn!(task = id, "drain time over: cancelling the task and releasing its lease");
+                abandoned = Some("released");
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let (path, body) = match (outcome, abandoned) {
+        (_, Some("released")) | (Err(Error::Cancelled), None) => {
+            (format!("/v1/tasks/{id}/release"), json!({"worker": me}))
+        }
+        (_, Some(_)) => {
+            // Cancelled or taken over: acknowledge so the operator knows this worker has stopped.
+            (format!("/v1/tasks/{id}/release"), json!({"worker": me}))
+        }
+        (Ok(result), None) => {
+            tracing::info!(task = id, kind = ?work.kind, chunk = ?work.chunk, seconds = secs, "task done");
+            (format!("/v1/tasks/{id}/complete"), json!({"worker": me, "result": result, "seconds": secs}))
+        }
+        (Err(e), None) => {
+            let f = task::failure(&e);
+            tracing::warn!(task = id, kind = ?work.kind, reason = %f.reason, error = %f.message, "task failed");
+            (format!("/v1/tasks/{id}/fail"), json!({"worker": me, "failure": f, "seconds": secs}))
+        }
+    };
+    // The verdict must reach the queue: retry through a failover for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match q.post(&path, body.clone(), Duration::from_secs(10)).await {
+            Ok(Reply::Other(s, e)) if s.is_server_error() && Instant::now() < deadline => {
+                tracing::warn!(task = id, status = %s, error = %e, "queue error; retrying the verdict")
+            }
+            Ok(_) => return,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(task = id, error = %e, "queue unreachable; retrying the verdict")
+            }
+            Err(e) => {
+                tracing::warn!(task = id, error = %e, "gave up reporting the task; its lease will expire");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,293 @@
+//! One queue task, run on this worker: plan, encode a chunk or the audio, stitch, or clean up. Each writes
+//! what it made to the job's ledger in S3 before it reports, so a report lost in a failover loses nothing:
+//! the next plan finds the completion records.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use serde_json::Value;
+use tessera_crds::work::{ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind};
+
+use crate::error::{Error, Result, StorageKind};
+use crate::job::{self, Fixed, Prepared, Progress};
+use crate::s3::{self, cp::CopyProgress, S3Uri, S3};
+
+fn field(f: &str, m: impl Into<String>) -> Error {
+    Error::Field {
+        field: f.into(),
+        message: m.into(),
+    }
+}
+
+/// The failure to report for an error: its reason, its message (URIs and fields, never credentials), and
+/// whether another attempt could succeed.
+pub fn failure(e: &Error) -> TaskFailure {
+    let retryable = matches!(
+        e,
+        Error::Storage {
+            kind: StorageKind::Unavailable,
+            ..
+        } | Error::Queue(_)
+            | Error::Write { .. }
+    );
+    TaskFailure {
+        reason: e.reason().to_string(),
+        message: e.to_string(),
+        retryable,
+    }
+}
+
+/// Run `work`; `frames` counts encoded frames for heartbeats. Returns the task's result for the queue.
+pub fn execute(work: &Work, cancel: &AtomicBool, frames: &AtomicU64) -> Result<Value> {
+    let s3 = s3::global();
+    let ledger = S3Uri::parse(&work.ledger).ok_or_else(|| field("ledger", format!("{:?} is not an s3:// URI", work.ledger)))?;
+    let started = Instant::now();
+    let out = match work.kind {
+        WorkKind::Plan => serde_json::to_value(plan(work, &s3, &ledger)?),
+        WorkKind::Chunk => serde_json::to_value(chunk(work, &s3, &ledger, cancel, frames, started)?),
+        WorkKind::Audio => serde_json::to_value(audio(work, &s3, &ledger, cancel, started)?),
+        WorkKind::Stitch => serde_json::to_value(stitch(work, &s3, &ledger, cancel, started)?),
+        WorkKind::Cleanup => {
+            let n = s3::block_on(s3.delete_prefix(&ledger))?;
+            forget(work);
+            tracing::info!(ledger = %ledger, objects = n, "ledger deleted");
+            Ok(serde_json::json!({"deleted": n}))
+        }
+    };
+    s3.unpin_prefix(&ledger);
+    out.map_err(|e| Error::Queue(format!("result: {e}")))
+}
+
+fn input_uri(work: &Work) -> Option<S3Uri> {
+    S3Uri::parse(&work.spec.input.uri)
+}
+
+/// The input's ETag now, checked against the plan's.
+fn check_input(work: &Work, s3: &S3, expected: Option<&str>) -> Result<Option<String>> {
+    let Some(uri) = input_uri(work) else {
+        return Ok(None);
+    };
+    let meta = s3::block_on(s3.pin(&uri))?;
+    if let Some(e) = expected.filter(|e| *e != meta.etag) {
+        return Err(Error::Storage {
+            uri: uri.to_string(),
+            what: "object changed while it was being read".into(),
+            kind: StorageKind::Changed,
+            detail: format!("ETag was {e} when the job was planned, is now {}; re-run the job", meta.etag),
+        });
+    }
+    Ok(Some(meta.etag))
+}
+
+/// The last job this worker prepared: chunks of one job usually come in runs, and preparing (a probe) is
+/// then paid once per worker rather than once per chunk.
+static PREPARED: Mutex<Option<(String, Arc<Prepared>)>> = Mutex::new(None);
+
+fn forget(work: &Work) {
+    let mut g = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
+    if g.as_ref().is_some_and(|(uid, _)| *uid == work.uid) {
+        *g = None;
+    }
+}
+
+fn prepared(work: &Work, s3: &S3) -> Result<Arc<Prepared>> {
+    let rec = work.plan.as_ref().ok_or_else(|| field("plan", "the task carries no plan"))?;
+    if let Some((uid, p)) = PREPARED.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if *uid == work.uid {
+            return Ok(p.clone());
+        }
+    }
+    check_input(work, s3, rec.input_etag.as_deref())?;
+    let slots = std::env::var("TESSERA_TASKS_PER_WORKER").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let fixed = Fixed {
+        target_seconds: Some(rec.target_seconds),
+        encoders: Some(&rec.encoders),
+    };
+    let p = Arc::new(job::prepare(&work.spec, slots, &fixed, &Progress::default())?);
+    if p.chunks.len() != rec.chunks as usize {
+        return Err(Error::Chunk {
+            chunk: p.chunks.len(),
+            detail: format!("this worker cut the input into {} chunks, the job's plan {}", p.chunks.len(), rec.chunks),
+        });
+    }
+    *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some((work.uid.clone(), p.clone()));
+    Ok(p)
+}
+
+fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
+    if let Some(u) = input_uri(work) {
+        // A new job reads the input as it is now, not as an earlier job on this worker saw it.
+        s3.unpin_prefix(&u);
+    }
+    let manifest = ledger.join("manifest.json");
+    let record = match s3::block_on(s3.get_small(&manifest))? {
+        Some(b) => {
+            let rec: PlanRecord = serde_json::from_slice(&b)
+                .map_err(|e| Error::media(manifest.to_string(), "unreadable job manifest", e))?;
+            check_input(work, s3, rec.input_etag.as_deref())?;
+            tracing::info!(ledger = %ledger, chunks = rec.chunks, "plan found in the ledger");
+            rec
+        }
+        None => {
+            let etag = check_input(work, s3, None)?;
+            let parallelism = std::env::var("TESSERA_PLAN_PARALLELISM").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+            let p = job::prepare(&work.spec, parallelism, &Fixed::default(), &Progress::default())?;
+            let rec = PlanRecord {
+                input_etag: etag,
+                target_seconds: p.target_seconds,
+                chunks: p.chunks.len() as u32,
+                frames: p.info.video.frames,
+                duration_seconds: p.info.duration,
+                fps: p.fps(),
+                encoders: p.encoders(),
+                audio: p.has_audio(),
+            };
+            let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
+            s3::block_on(s3.put_small(&manifest, Bytes::from(body)))?;
+            *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some((work.uid.clone(), Arc::new(p)));
+            rec
+        }
+    };
+    let (done, audio_done) = done_records(s3, ledger)?;
+    Ok(PlanResult {
+        plan: record,
+        done,
+        audio_done,
+    })
+}
+
+/// Chunks (and audio) with a completion record.
+fn done_records(s3: &S3, ledger: &S3Uri) -> Result<(Vec<u32>, bool)> {
+    let prefix = ledger.join("done/");
+    let mut done = Vec::new();
+    let mut audio = false;
+    for o in s3::block_on(s3.list(&prefix))? {
+        let name = o.key.rsplit('/').next().unwrap_or_default();
+        if name == "audio.json" {
+            audio = true;
+        } else if let Some(n) = name.strip_prefix('c').and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
+            done.push(n);
+        }
+    }
+    done.sort_unstable();
+    Ok((done, audio))
+}
+
+fn scratch() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("tessera-task-").tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })
+}
+
+fn upload_all(s3: &Arc<S3>, dir: &Path, names: &[String], to: &S3Uri) -> Result<()> {
+    s3::block_on(async {
+        stream::iter(names.iter().map(|n| {
+            let (src, dst) = (dir.join(n), to.join(n));
+            async move { s3::cp::upload_file(s3, &src, &dst, &CopyProgress::default()).await.map(drop) }
+        }))
+        .buffer_unordered(4)
+        .try_collect::<Vec<()>>()
+        .await
+    })
+    .map(drop)
+}
+
+fn record(s3: &Arc<S3>, uri: &S3Uri, r: &ChunkResult) -> Result<()> {
+    let body = serde_json::to_vec(r).map_err(|e| Error::Queue(e.to_string()))?;
+    s3::block_on(s3.put_small(uri, Bytes::from(body)))
+}
+
+fn existing(s3: &S3, uri: &S3Uri) -> Result<Option<ChunkResult>> {
+    Ok(s3::block_on(s3.get_small(uri))?.and_then(|b| serde_json::from_slice::<ChunkResult>(&b).ok()))
+}
+
+fn chunk(
+    work: &Work,
+    s3: &Arc<S3>,
+    ledger: &S3Uri,
+    cancel: &AtomicBool,
+    frames: &AtomicU64,
+    started: Instant,
+) -> Result<ChunkResult> {
+    let n = work.chunk.ok_or_else(|| field("chunk", "a chunk task names no chunk"))? as usize;
+    let rec_uri = ledger.join(&format!("done/c{n}.json"));
+    if let Some(r) = existing(s3, &rec_uri)? {
+        tracing::info!(chunk = n, "chunk already in the ledger; not encoding it again");
+        return Ok(ChunkResult { reused: true, ..r });
+    }
+    let prep = prepared(work, s3)?;
+    let c = prep.chunks.get(n).ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
+    let dir = scratch()?;
+    let count = prep.encode_chunk(&work.spec, c, dir.path(), cancel, &|| {
+        frames.fetch_add(1, Ordering::Relaxed);
+    })?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let names: Vec<String> = (0..work.spec.renditions.len()).map(|r| Prepared::chunk_file(r, n)).collect();
+    upload_all(s3, dir.path(), &names, &ledger.join("chunks/"))?;
+    let r = ChunkResult {
+        frames: count,
+        reused: false,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    record(s3, &rec_uri, &r)?;
+    tracing::info!(chunk = n, frames = count, seconds = r.seconds, "chunk encoded");
+    Ok(r)
+}
+
+fn audio(work: &Work, s3: &Arc<S3>, ledger: &S3Uri, cancel: &AtomicBool, started: Instant) -> Result<ChunkResult> {
+    let rec_uri = ledger.join("done/audio.json");
+    if let Some(r) = existing(s3, &rec_uri)? {
+        return Ok(ChunkResult { reused: true, ..r });
+    }
+    let prep = prepared(work, s3)?;
+    let dir = scratch()?;
+    let n = prep.encode_audio(dir.path(), cancel)?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    upload_all(s3, dir.path(), &prep.audio_files(), &ledger.join("chunks/"))?;
+    let r = ChunkResult {
+        frames: n,
+        reused: false,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    record(s3, &rec_uri, &r)?;
+    tracing::info!(frames = n, seconds = r.seconds, "audio encoded");
+    Ok(r)
+}
+
+fn stitch(work: &Work, s3: &Arc<S3>, ledger: &S3Uri, cancel: &AtomicBool, started: Instant) -> Result<StitchResult> {
+    let prep = prepared(work, s3)?;
+    let dir = scratch()?;
+    let mut names: Vec<String> = Vec::new();
+    for ri in 0..work.spec.renditions.len() {
+        names.extend(prep.chunks.iter().map(|c| Prepared::chunk_file(ri, c.index)));
+    }
+    names.extend(prep.audio_files());
+    let from = ledger.join("chunks/");
+    s3::block_on(async {
+        stream::iter(names.iter().map(|n| {
+            let (src, dst) = (from.join(n), dir.path().join(n));
+            async move { s3::cp::download_file(s3, &src, &dst, &CopyProgress::default()).await.map(drop) }
+        }))
+        .buffer_unordered(6)
+        .try_collect::<Vec<()>>()
+        .await
+    })?;
+    let fin = prep.finish(&work.spec, dir.path(), cancel, &Progress::default())?;
+    let n = s3::block_on(s3.delete_prefix(ledger))?;
+    forget(work);
+    tracing::info!(ledger = %ledger, objects = n, "outputs published; ledger deleted");
+    Ok(StitchResult {
+        renditions: fin.renditions,
+        master_playlist: fin.master_playlist,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
