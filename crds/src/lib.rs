@@ -304,10 +304,16 @@ pub enum Phase {
     Failed,
 }
 
+/// `Pending`, `Running`, `Succeeded` or `Failed` (a plain string enum: Kubernetes 1.20 rejects `null` in enums).
+fn phase_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]})
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TranscodeJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "phase_schema")]
     pub phase: Option<Phase>,
     /// Standard conditions: `Complete`, `Failed`, `Progressing`, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

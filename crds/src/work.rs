@@ -56,6 +56,9 @@ pub struct PlanRecord {
     pub fps: f64,
     /// Video encoder per rendition, in spec order. Every chunk of a rendition uses the same one.
     pub encoders: Vec<String>,
+    /// Why each encoder was chosen (hardware encoders that failed to open, in the planning worker's words).
+    #[serde(default)]
+    pub encoder_reasons: Vec<String>,
     /// An audio task is needed.
     pub audio: bool,
 }

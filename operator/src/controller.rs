@@ -42,8 +42,10 @@ pub struct Config {
     pub namespace: String,
     /// `ns/name` of the pool jobs use when they name none.
     pub default_pool: String,
-    /// `ns/service:port` workers look the leader up by.
+    /// `ns/service:port`: the queue Service (workers' fallback through cluster DNS).
     pub queue_service: String,
+    /// `ns/name` of the leader Lease, whose annotation tells workers where the queue is.
+    pub lease: String,
     pub status_interval: Duration,
     pub identity: String,
 }
@@ -642,6 +644,7 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
             suffix: &suffix,
             service_account: &pool.spec.service_account_name,
             queue_service: &ctx.cfg.queue_service,
+            queue_lease: &ctx.cfg.lease,
         });
         pods_api
             .create(&PostParams::default(), &pod)

@@ -285,6 +285,7 @@ mod tests {
             duration_seconds: 4.0,
             fps: 25.0,
             encoders: vec!["libx264".into()],
+            encoder_reasons: vec![],
             audio,
         }
     }

@@ -17,7 +17,12 @@ pub struct Settings {
     pub lease_duration: Duration,
     pub renew_every: Duration,
     pub retry_every: Duration,
+    /// Written on the Lease (annotation [`QUEUE_URL_ANNOTATION`]) while leading: where workers reach the
+    /// queue, without cluster DNS.
+    pub advertise: Option<String>,
 }
+
+pub const QUEUE_URL_ANNOTATION: &str = "tessera.dev/queue-url";
 
 pub struct Elector {
     api: Api<Lease>,
@@ -50,6 +55,18 @@ impl Elector {
         }
     }
 
+    fn annotations(
+        &self,
+        old: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        let mut a = old.cloned().unwrap_or_default();
+        match &self.s.advertise {
+            Some(u) => a.insert(QUEUE_URL_ANNOTATION.into(), u.clone()),
+            None => a.remove(QUEUE_URL_ANNOTATION),
+        };
+        Some(a)
+    }
+
     /// One round: `Ok(true)` when this process holds the Lease afterwards.
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let current = match self.api.get_opt(&self.s.lease_name).await? {
@@ -58,6 +75,7 @@ impl Elector {
                 let lease = Lease {
                     metadata: ObjectMeta {
                         name: Some(self.s.lease_name.clone()),
+                        annotations: self.annotations(None),
                         ..ObjectMeta::default()
                     },
                     spec: Some(self.mine(0)),
@@ -96,6 +114,7 @@ impl Elector {
             tracing::info!(previous = %holder, "taking over the leader lease");
             next.spec = Some(self.mine(spec.lease_transitions.unwrap_or(0) + 1));
         }
+        next.metadata.annotations = self.annotations(current.metadata.annotations.as_ref());
         match self
             .api
             .replace(&self.s.lease_name, &PostParams::default(), &next)
@@ -114,6 +133,9 @@ impl Elector {
             if spec.holder_identity.as_deref() == Some(&self.s.identity) {
                 spec.holder_identity = None;
                 spec.renew_time = None;
+                if let Some(a) = l.metadata.annotations.as_mut() {
+                    a.remove(QUEUE_URL_ANNOTATION);
+                }
                 let _ = self
                     .api
                     .replace(&self.s.lease_name, &PostParams::default(), &l)

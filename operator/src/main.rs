@@ -25,9 +25,10 @@ use tokio::sync::{mpsc, watch, OnceCell};
 #[derive(Parser, Debug)]
 #[command(name = "tessera-operator", version, about = "Tessera's Kubernetes operator")]
 struct Args {
-    /// Address for the queue API, metrics and probes (the pod IP in a cluster).
-    #[arg(long, env = "TESSERA_LISTEN", default_value = "0.0.0.0:8080")]
-    listen: String,
+    /// Address for the queue API, metrics and probes. Default: the pod's IP (POD_IP) and TESSERA_PORT, else
+    /// 0.0.0.0:8080.
+    #[arg(long, env = "TESSERA_LISTEN")]
+    listen: Option<String>,
     /// The operator's namespace (its Lease and queue Service live here).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
     namespace: String,
@@ -37,8 +38,9 @@ struct Args {
     /// Pool for jobs that name none: `name` (in the operator's namespace) or `namespace/name`.
     #[arg(long, env = "TESSERA_DEFAULT_POOL", default_value = "default")]
     default_pool: String,
-    /// The queue Service workers look the leader up by: `name:port` in the operator's namespace.
-    #[arg(long, env = "TESSERA_QUEUE_SERVICE", default_value = "tessera-queue:http")]
+    /// The queue Service: `name:port` in the operator's namespace. Workers reach the leader at the address
+    /// it writes on its Lease, and through this Service (cluster DNS) when that fails.
+    #[arg(long, env = "TESSERA_QUEUE_SERVICE", default_value = "tessera-queue:8080")]
     queue_service: String,
     #[arg(long, env = "TESSERA_LEASE_NAME", default_value = "tessera-operator-leader")]
     lease_name: String,
@@ -118,10 +120,14 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
             .route("/metrics", get(metrics))
             .with_state(app.clone()),
     );
-    let addr: SocketAddr = args
-        .listen
+    let listen = args.listen.clone().unwrap_or_else(|| {
+        let ip = std::env::var("POD_IP").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
+        let port = std::env::var("TESSERA_PORT").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "8080".into());
+        format!("{ip}:{port}")
+    });
+    let addr: SocketAddr = listen
         .parse()
-        .map_err(|e| Error::Config(format!("--listen {:?}: {e}", args.listen)))?;
+        .map_err(|e| Error::Config(format!("--listen {listen:?}: {e}")))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Io { what: format!("listen on {addr}"), source })?;
@@ -139,6 +145,10 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
         lease_duration: Duration::from_secs(args.lease_seconds.max(2)),
         renew_every: Duration::from_secs((args.lease_seconds / 5).max(1)),
         retry_every: Duration::from_secs(1),
+        advertise: Some(format!(
+            "http://{}",
+            if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr }
+        )),
     };
     let (lead_tx, mut lead_rx) = watch::channel(false);
     tokio::spawn(Elector::new(leases.clone(), settings.clone()).run(lead_tx));
@@ -157,6 +167,7 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
                     api.leader.store(true, Ordering::Relaxed);
                     let ctx = Arc::new(Ctx::new(client.clone(), api.clone(), controller::Config {
                         namespace: args.namespace.clone(),
+                        lease: with_ns(&args.lease_name),
                         default_pool: with_ns(&args.default_pool),
                         queue_service: with_ns(&args.queue_service),
                         status_interval: Duration::from_millis(args.status_interval_ms),

@@ -32,8 +32,10 @@ pub struct WorkerPodInput<'a> {
     pub suffix: &'a str,
     /// ServiceAccount the workers run as (their token authenticates them to the queue).
     pub service_account: &'a str,
-    /// The operator's queue Service, `namespace/name:port`: workers find the leader among its endpoints.
+    /// The operator's queue Service, `namespace/name:port` (reached through cluster DNS as a fallback).
     pub queue_service: &'a str,
+    /// The leader Lease, `namespace/name`: workers read the queue's address from it.
+    pub queue_lease: &'a str,
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -68,6 +70,7 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
     );
     let mut envs = vec![
         env("TESSERA_QUEUE_SERVICE", i.queue_service),
+        env("TESSERA_QUEUE_LEASE", i.queue_lease),
         env("TESSERA_POOL", &format!("{}/{}", i.namespace, i.pool)),
         env(
             "TESSERA_TASKS_PER_WORKER",
@@ -226,7 +229,8 @@ mod tests {
             spec: s,
             suffix: "x7k2p",
             service_account: "tessera-worker",
-            queue_service: "tessera-system/tessera-queue:http",
+            queue_service: "tessera-system/tessera-queue:8080",
+            queue_lease: "tessera-system/tessera-operator-leader",
         })
     }
 

@@ -380,6 +380,11 @@ impl Prepared {
         self.plans.iter().map(|p| p.encoder.name.clone()).collect()
     }
 
+    /// Why each rendition's encoder was chosen.
+    pub fn encoder_reasons(&self) -> Vec<String> {
+        self.plans.iter().map(|p| p.encoder.reason.clone()).collect()
+    }
+
     pub fn has_audio(&self) -> bool {
         self.info.audio.is_some() && !self.audio.is_empty()
     }

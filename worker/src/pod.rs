@@ -8,9 +8,10 @@
 //!          └──complete {result} / fail {reason} / release
 //! ```
 //!
-//! The queue is found through the Endpoints of the operator's Service (`TESSERA_QUEUE_SERVICE=ns/name:port`):
-//! no cluster DNS needed, and the standby answers 503 so the worker moves on to the leader.
-//! `TESSERA_QUEUE_URL` names a fixed endpoint instead. Requests carry the pod's ServiceAccount token.
+//! The queue is found at the address the leader writes on its Lease (`TESSERA_QUEUE_LEASE=ns/name`; no
+//! cluster DNS needed), then through the operator's Service (`TESSERA_QUEUE_SERVICE=ns/name:port`); a standby
+//! answers 503 and the worker moves on. `TESSERA_QUEUE_URL` names a fixed endpoint instead. Requests carry
+//! the pod's ServiceAccount token.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,8 @@ pub struct Config {
     pub queue_url: Option<String>,
     /// `namespace/service:port`
     pub queue_service: Option<String>,
+    /// `namespace/name` of the leader Lease.
+    pub queue_lease: Option<String>,
     pub drain: Duration,
     pub heartbeat: Duration,
 }
@@ -54,7 +57,8 @@ impl Config {
         };
         let queue_url = var("TESSERA_QUEUE_URL");
         let queue_service = var("TESSERA_QUEUE_SERVICE");
-        if queue_url.is_none() && queue_service.is_none() {
+        let queue_lease = var("TESSERA_QUEUE_LEASE");
+        if queue_url.is_none() && queue_service.is_none() && queue_lease.is_none() {
             return Err(Error::Field {
                 field: "TESSERA_QUEUE_SERVICE".into(),
                 message: "set it (namespace/service:port) or TESSERA_QUEUE_URL".into(),
@@ -69,6 +73,7 @@ impl Config {
             slots: num("TESSERA_TASKS_PER_WORKER", 1).max(1) as usize,
             queue_url,
             queue_service,
+            queue_lease,
             drain: Duration::from_secs(num("TESSERA_DRAIN_SECONDS", 90)),
             heartbeat: Duration::from_millis(num("TESSERA_HEARTBEAT_MS", 1000)),
         })
@@ -156,9 +161,9 @@ fn queue_err(what: impl Into<String>) -> Error {
 
 impl Queue {
     async fn new(cfg: Config) -> Result<Self> {
-        let kube = match cfg.queue_url {
-            Some(_) => None,
-            None => Some(
+        let kube = match (&cfg.queue_url, &cfg.queue_lease) {
+            (Some(_), _) | (None, None) => None,
+            (None, Some(_)) => Some(
                 kube::Client::try_default()
                     .await
                     .map_err(|e| queue_err(format!("cannot reach the Kubernetes API: {e}")))?,
@@ -176,32 +181,31 @@ impl Queue {
         })
     }
 
-    /// The queue Service's endpoint addresses, as base URLs.
+    /// Where the queue may be: the address the leader wrote on its Lease, then the Service's DNS name.
     async fn candidates(&self) -> Result<Vec<String>> {
         if let Some(u) = &self.cfg.queue_url {
             return Ok(vec![u.trim_end_matches('/').to_string()]);
         }
-        let svc = self.cfg.queue_service.as_deref().unwrap_or_default();
-        let (ns, rest) = svc.split_once('/').unwrap_or(("default", svc));
-        let (name, port) = rest.split_once(':').unwrap_or((rest, "http"));
-        let api: kube::Api<k8s_openapi::api::core::v1::Endpoints> =
-            kube::Api::namespaced(self.kube.clone().expect("set without a URL"), ns);
-        let ep = api
-            .get(name)
-            .await
-            .map_err(|e| queue_err(format!("endpoints of {ns}/{name}: {e}")))?;
         let mut out = Vec::new();
-        for s in ep.subsets.unwrap_or_default() {
-            let p = s
-                .ports
-                .unwrap_or_default()
-                .iter()
-                .find(|p| p.name.as_deref() == Some(port) || p.port.to_string() == port)
-                .map(|p| p.port);
-            let Some(p) = p else { continue };
-            for a in s.addresses.unwrap_or_default() {
-                out.push(format!("http://{}:{p}", a.ip));
+        let mut why = String::new();
+        if let (Some(lease), Some(kube)) = (&self.cfg.queue_lease, &self.kube) {
+            let (ns, name) = lease.split_once('/').unwrap_or(("default", lease));
+            let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(kube.clone(), ns);
+            match api.get(name).await {
+                Ok(l) => match l.metadata.annotations.as_ref().and_then(|a| a.get("tessera.dev/queue-url")) {
+                    Some(u) => out.push(u.trim_end_matches('/').to_string()),
+                    None => why = format!("lease {lease} names no leader yet"),
+                },
+                Err(e) => why = format!("lease {lease}: {e}"),
             }
+        }
+        if let Some(svc) = &self.cfg.queue_service {
+            let (ns, rest) = svc.split_once('/').unwrap_or(("default", svc));
+            let (name, port) = rest.split_once(':').unwrap_or((rest, "8080"));
+            out.push(format!("http://{name}.{ns}.svc:{port}"));
+        }
+        if out.is_empty() {
+            return Err(queue_err(why));
         }
         Ok(out)
     }

@@ -144,6 +144,7 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
                 duration_seconds: p.info.duration,
                 fps: p.fps(),
                 encoders: p.encoders(),
+                encoder_reasons: p.encoder_reasons(),
                 audio: p.has_audio(),
             };
             let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
@@ -281,7 +282,13 @@ fn stitch(work: &Work, s3: &Arc<S3>, ledger: &S3Uri, cancel: &AtomicBool, starte
         .try_collect::<Vec<()>>()
         .await
     })?;
-    let fin = prep.finish(&work.spec, dir.path(), cancel, &Progress::default())?;
+    let mut fin = prep.finish(&work.spec, dir.path(), cancel, &Progress::default())?;
+    if let Some(rec) = &work.plan {
+        // The plan's reasons name the hardware encoders that failed; this worker only opened the chosen one.
+        for (st, why) in fin.renditions.iter_mut().zip(&rec.encoder_reasons) {
+            st.encoder_reason = why.clone();
+        }
+    }
     let n = s3::block_on(s3.delete_prefix(ledger))?;
     forget(work);
     tracing::info!(ledger = %ledger, objects = n, "outputs published; ledger deleted");

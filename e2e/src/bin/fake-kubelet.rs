@@ -341,7 +341,16 @@ impl Kubelet {
                     return Ok(());
                 }
             };
-            let env = self.env(&p, &c, &ns, &ip).await?;
+            let mut env = self.env(&p, &c, &ns, &ip).await?;
+            // emptyDir volumes: a folder per pod and volume; the process cannot see the mount path itself
+            // (no mount namespace), so environment values naming it are pointed at the folder.
+            for (mount, dir) in self.empty_dirs(&p, &c, &ns)? {
+                for (_, v) in env.iter_mut() {
+                    if *v == mount || v.starts_with(&format!("{mount}/")) {
+                        *v = format!("{}{}", dir.display(), &v[mount.len()..]);
+                    }
+                }
+            }
             cmd.env_clear();
             cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
             cmd.env("HOME", std::env::var("HOME").unwrap_or_default());
@@ -393,7 +402,9 @@ impl Kubelet {
                 .and_then(|s| s.code())
                 .unwrap_or(137);
             if self.pods.lock().await.get(&k).is_none_or(|r| r.pid != pid) {
-                return Ok(()); // being deleted
+                // Being deleted: emptyDir volumes go with the pod.
+                let _ = std::fs::remove_dir_all(self.state.join("volumes").join(format!("{ns}_{name}")));
+                return Ok(());
             }
             tracing::info!(pod = %k, code, "exited");
             let again = restart == "Always" || (restart == "OnFailure" && code != 0);
@@ -532,6 +543,21 @@ impl Kubelet {
                 String::new()
             };
             out.push((e.name, v));
+        }
+        Ok(out)
+    }
+
+    /// The pod's emptyDir volumes mounted in `c`: (mount path, host folder), created on first use.
+    fn empty_dirs(&self, p: &Pod, c: &Container, ns: &str) -> std::io::Result<Vec<(String, PathBuf)>> {
+        let vols = p.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        for m in c.volume_mounts.clone().unwrap_or_default() {
+            if vols.iter().any(|v| v.name == m.name && v.empty_dir.is_some()) {
+                let dir = self.state.join("volumes").join(format!("{ns}_{name}")).join(&m.name);
+                std::fs::create_dir_all(&dir)?;
+                out.push((m.mount_path.trim_end_matches('/').to_string(), dir));
+            }
         }
         Ok(out)
     }
