@@ -3,99 +3,17 @@
 //! stand on: GPU scheduling, pods run as processes with their ServiceAccount's credentials, RBAC enforced,
 //! deletion honoured.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde_json::Value;
+use tessera_e2e::cluster::{json, kubectl_ok, root};
 use tessera_e2e::faultproxy::wait_until;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// One cluster for this test binary, started by the first test and stopped when the process ends.
-struct Cluster;
-
-static LOCK: Mutex<Option<Cluster>> = Mutex::new(None);
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(root().join("scripts/cluster.sh"))
-            .arg("down")
-            .status();
-    }
-}
-
-fn cluster() -> MutexGuard<'static, Option<Cluster>> {
-    let mut g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    if g.is_none() {
-        let out = Command::new(root().join("scripts/cluster.sh"))
-            .arg("up")
-            .env("TESSERA_GPU_NODES", "2")
-            .env("TESSERA_GPUS_PER_NODE", "2")
-            .env("TESSERA_CPU_NODES", "1")
-            .output()
-            .expect("cluster.sh runs");
-        assert!(
-            out.status.success(),
-            "cluster up failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        *g = Some(Cluster);
-        // Stop the cluster when the test process exits.
-        extern "C" fn stop() {
-            let _ = Command::new(root().join("scripts/cluster.sh"))
-                .arg("down")
-                .status();
-        }
-        // SAFETY: registering a plain function to run at exit.
-        unsafe { libc_atexit(stop) };
-    }
-    g
-}
-
-extern "C" {
-    #[link_name = "atexit"]
-    fn libc_atexit(f: extern "C" fn()) -> i32;
-}
-
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    use std::io::Write;
-    let mut c = Command::new(tessera_e2e::kubectl_bin());
-    c.env("KUBECONFIG", root().join("target/e2e/kubeconfig"))
-        .args(args);
-    if stdin.is_some() {
-        c.stdin(std::process::Stdio::piped());
-    }
-    c.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().expect("kubectl runs");
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
-    let out = kubectl(args, stdin);
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl_ok(&a, None)).unwrap()
+fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
+    tessera_e2e::cluster::cluster(&[
+        ("TESSERA_GPU_NODES", "2"),
+        ("TESSERA_GPUS_PER_NODE", "2"),
+        ("TESSERA_CPU_NODES", "1"),
+    ])
 }
 
 fn sleeper(name: &str, ns: &str, gpus: Option<u32>) -> String {
@@ -284,29 +202,27 @@ fn queue_api_checks_real_service_account_tokens() {
         q.enqueue(
             Task {
                 id: 7,
-                pool: "gpu".into(),
+                pool: "queue-test/gpu".into(),
                 namespace: "queue-test".into(),
                 job: "j".into(),
                 priority: 0,
                 coalesce: None,
+                work: serde_json::Value::Null,
             },
             0,
         );
         let mut access = PoolAccess::default();
         access
             .pools
-            .insert("gpu".into(), ("queue-test".into(), "gpu-worker".into()));
-        let st = Arc::new(ApiState {
-            queue: std::sync::Mutex::new(q),
-            access: std::sync::Mutex::new(access),
-            auth: Box::new(TokenReviewer { client }),
-            started: std::time::Instant::now(),
-        });
+            .insert("queue-test/gpu".into(), ("queue-test".into(), "gpu-worker".into()));
+        let st = ApiState::new(q, Box::new(TokenReviewer::new(client)), None);
+        *st.access.lock().unwrap() = access;
+        let st = Arc::new(st);
         let call = |token: Option<String>| {
             let st = st.clone();
             async move {
                 let mut req =
-                    Request::post("/v1/pools/gpu/lease").header("content-type", "application/json");
+                    Request::post("/v1/pools/queue-test/gpu/lease").header("content-type", "application/json");
                 if let Some(t) = token {
                     req = req.header("authorization", format!("Bearer {t}"));
                 }

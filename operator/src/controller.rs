@@ -59,6 +59,8 @@ struct Entry {
     last_write: Option<Instant>,
     cleanup: Option<TaskId>,
     cleanup_done: bool,
+    /// Some task was handed to a worker (so the ledger may hold objects).
+    touched: bool,
     events: Vec<(EventType, &'static str, String)>,
 }
 
@@ -280,6 +282,7 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
             last_write: None,
             cleanup: None,
             cleanup_done: false,
+            touched: false,
             events: Vec::new(),
         };
         if !job.spec.suspend {
@@ -357,6 +360,14 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
         lock(&ctx.jobs).remove(&(ns, name));
         return Ok(Action::await_change());
     }
+    // Whether a worker may have written to the ledger: the plan came back, or some task was handed out.
+    let touched = lock(&ctx.api.queue).ever_leased(&ns, &name)
+        || lock(&ctx.jobs)
+            .get(&(ns.clone(), name.clone()))
+            .is_none_or(|e| e.run.plan.is_some() || e.touched);
+    if let Some(e) = lock(&ctx.jobs).get_mut(&(ns.clone(), name.clone())) {
+        e.touched |= touched;
+    }
     let stopped = ctx.api.cancel_job(&ns, &name);
     if stopped > 0 {
         tracing::info!(job = %format!("{ns}/{name}"), tasks = stopped, "job deleted: running tasks cancelled");
@@ -367,7 +378,7 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
     let succeeded = job.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded);
-    let needs_cleanup = !succeeded && cluster_validate(&job.spec).is_ok();
+    let needs_cleanup = !succeeded && touched && cluster_validate(&job.spec).is_ok();
     if needs_cleanup {
         let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
         let mut jobs = lock(&ctx.jobs);
@@ -380,10 +391,12 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
             last_write: None,
             cleanup: None,
             cleanup_done: false,
+            touched: false,
             events: Vec::new(),
         });
         e.tasks.clear();
         e.dirty = false;
+        e.touched = true;
         if !e.cleanup_done {
             if e.cleanup.is_none() {
                 let w = Work {

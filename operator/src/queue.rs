@@ -390,6 +390,13 @@ impl Queue {
         leases
     }
 
+    /// Whether any task of the job has been leased (so a worker may have written to its ledger).
+    pub fn ever_leased(&self, namespace: &str, job: &str) -> bool {
+        self.tasks
+            .values()
+            .any(|e| e.task.namespace == namespace && e.task.job == job && e.attempts > 0)
+    }
+
     pub fn lease_ms(&self) -> u64 {
         self.cfg.lease_ms
     }

@@ -238,7 +238,8 @@ fn chunk(
         seconds: started.elapsed().as_secs_f64(),
     };
     record(s3, &rec_uri, &r)?;
-    tracing::info!(chunk = n, frames = count, seconds = r.seconds, "chunk encoded");
+    tracing::info!(chunk = n, frames = count, seconds = r.seconds, job = %format!("{}/{}", work.namespace, work.job),
+        "chunk encoded");
     Ok(r)
 }
 

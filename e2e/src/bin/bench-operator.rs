@@ -1,0 +1,321 @@
+//! `make bench-operator`: the operator's speed, against the local cluster (`scripts/cluster.sh up`, chart
+//! installed). A WorkerPool with `maxWorkers: 0` gets no pods; this program is its worker instead, with a
+//! real ServiceAccount token, so the figures are the operator's own: API server → controller → queue → HTTP.
+//!
+//! 1. `kubectl apply` → first task leased, p50/p95 over 50 jobs (a worker long-polling, as real ones do);
+//! 2. 200 jobs created at once → all planned and queued: seconds, and API-server requests per job;
+//! 3. the queue API alone (in this process, over loopback HTTP) with 500 concurrent workers: leases per
+//!    second and p99 latency;
+//! 4. status writes per job per second while 100 (and 1,000) chunks complete.
+//!
+//! Writes `bench/results/operator.json`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as Http;
+use hyper_util::rt::TokioExecutor;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::{json, Value};
+use tessera_e2e::cluster::{kubectl_ok, root};
+
+type Client = Http<HttpConnector, Full<Bytes>>;
+
+fn http() -> Client {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Http::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(c)
+}
+
+async fn post(c: &Client, url: &str, token: &str, body: Value) -> (u16, Value) {
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = c.request(req).await.expect("queue reachable");
+    let s = resp.status().as_u16();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn job(name: &str) -> Value {
+    json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "TranscodeJob",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {
+            "input": {"uri": "s3://tessera/inputs/none.mp4"},
+            "output": {"uri": format!("s3://tessera/bench/{name}/")},
+            "renditions": [{"name": "a", "video": {"codec": "h264"}}],
+            "pool": "tessera-system/bench"
+        }
+    })
+}
+
+async fn queue_url(client: &kube::Client) -> String {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "tessera-system");
+    let l = leases.get("tessera-operator-leader").await.expect("leader lease");
+    l.metadata.annotations.unwrap()["tessera.dev/queue-url"].clone()
+}
+
+async fn metric(c: &Client, base: &str, name: &str, filter: &str) -> f64 {
+    let req = hyper::Request::get(format!("{base}/metrics")).body(Full::new(Bytes::new())).unwrap();
+    let resp = c.request(req).await.unwrap();
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn apiserver_requests(client: &kube::Client) -> f64 {
+    let req = hyper::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.expect("apiserver metrics");
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let kc = kube::config::Kubeconfig::read_from(root().join("target/e2e/kubeconfig")).expect("cluster is up");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+    let client = kube::Client::try_from(cfg).unwrap();
+    let _ = tessera_e2e::cluster::kubectl(&["create", "namespace", "bench"], None);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: bench, namespace: tessera-system}\nspec:\n  \
+             minWorkers: 0\n  maxWorkers: 0\n  serviceAccountName: tessera-worker\n",
+        ),
+    );
+    let token = kubectl_ok(&["create", "token", "tessera-worker", "-n", "tessera-system"], None).trim().to_string();
+    let base = queue_url(&client).await;
+    let c = http();
+    let lease_url = format!("{base}/v1/pools/tessera-system/bench/lease");
+    // The pool is known to the queue API after the operator's next pool pass.
+    let t = Instant::now();
+    loop {
+        let (s, _) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 0})).await;
+        if s == 204 || s == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "queue API refuses the bench pool: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let jobs = Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), "bench", &kube::api::ApiResource {
+        group: "tessera.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "tessera.dev/v1alpha1".into(),
+        kind: "TranscodeJob".into(),
+        plural: "transcodejobs".into(),
+    });
+    let create = |name: String| {
+        let jobs = jobs.clone();
+        async move {
+            let obj: kube::api::DynamicObject = serde_json::from_value(job(&name)).unwrap();
+            jobs.create(&PostParams::default(), &obj).await.expect("job created");
+        }
+    };
+    let delete_all = || async {
+        let _ = jobs.delete_collection(&DeleteParams::default(), &Default::default()).await;
+        let t = Instant::now();
+        while !jobs.list(&Default::default()).await.unwrap().items.is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(120), "bench jobs not deleted");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    // 1. apply → first lease.
+    let mut lat = Vec::new();
+    for i in 0..50 {
+        let c2 = c.clone();
+        let (u, t2) = (lease_url.clone(), token.clone());
+        let waiter = tokio::spawn(async move { post(&c2, &u, &t2, json!({"worker": "bench", "waitMs": 20000})).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t0 = Instant::now();
+        create(format!("lat-{i:02}")).await;
+        let (s, body) = waiter.await.unwrap();
+        let dt = t0.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body["task"]["work"]["job"], format!("lat-{i:02}"));
+        lat.push(dt);
+    }
+    let (p50, p95) = (pct(&mut lat, 0.5), pct(&mut lat, 0.95));
+    eprintln!("apply → first lease: p50 {p50:.0} ms, p95 {p95:.0} ms");
+    delete_all().await;
+
+    // 2. 200 at once → all planned and queued.
+    let before = apiserver_requests(&client).await;
+    let queued_before = metric(&c, &base, "tessera_queue_queued_tasks", "tessera-system/bench").await;
+    let t0 = Instant::now();
+    stream::iter((0..200).map(|i| create(format!("burst-{i:03}")))).buffer_unordered(32).collect::<Vec<_>>().await;
+    let created = t0.elapsed().as_secs_f64();
+    loop {
+        let q = metric(&c, &base, "tessera_queue_queued_tasks", "tessera-system/bench").await;
+        if q - queued_before >= 200.0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "only {q} queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let burst = t0.elapsed().as_secs_f64();
+    let requests = apiserver_requests(&client).await - before;
+    eprintln!("200 jobs: created in {created:.2} s, all queued in {burst:.2} s, {requests} API requests ({:.1}/job)", requests / 200.0);
+    delete_all().await;
+
+    // 4. status writes while chunks complete.
+    let mut status = Vec::new();
+    for chunks in [100u32, 1000] {
+        let name = format!("status-{chunks}");
+        let writes0 = metric(&c, &base, "tessera_status_writes_total", "").await;
+        create(name.clone()).await;
+        let (s, body) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 20000})).await;
+        assert_eq!(s, 200);
+        let id = body["task"]["id"].as_u64().unwrap();
+        let plan = json!({"plan": {"targetSeconds": 1.0, "chunks": chunks, "frames": chunks * 25, "durationSeconds": chunks,
+            "fps": 25.0, "encoders": ["libx264"], "encoderReasons": [], "audio": false}, "done": [], "auditDone": false, "audioDone": false});
+        post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token, json!({"worker": "bench", "result": plan})).await;
+        let t0 = Instant::now();
+        let mut n = 0;
+        while n < chunks {
+            let (s, body) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 5000})).await;
+            assert_eq!(s, 200, "chunk lease");
+            let id = body["task"]["id"].as_u64().unwrap();
+            let kind = body["task"]["work"]["kind"].as_str().unwrap().to_string();
+            assert_eq!(kind, "chunk");
+            post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token,
+                json!({"worker": "bench", "result": {"frames": 25, "reused": false, "seconds": 0.01}})).await;
+            n += 1;
+        }
+        let encode_secs = t0.elapsed().as_secs_f64();
+        let (s, body) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 5000})).await;
+        assert_eq!((s, body["task"]["work"]["kind"].as_str()), (200, Some("stitch")));
+        let id = body["task"]["id"].as_u64().unwrap();
+        post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token,
+            json!({"worker": "bench", "result": {"renditions": [], "seconds": 0.0}})).await;
+        let t = Instant::now();
+        loop {
+            let j = jobs.get(&name).await.unwrap();
+            if j.data["status"]["phase"] == "Succeeded" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let total = t0.elapsed().as_secs_f64();
+        let writes = metric(&c, &base, "tessera_status_writes_total", "").await - writes0;
+        eprintln!("{chunks} chunks completed in {encode_secs:.2} s: {writes} status writes ({:.2}/s)", writes / total);
+        status.push(json!({"chunks": chunks, "chunkSeconds": encode_secs, "jobSeconds": total, "statusWrites": writes,
+            "writesPerSecond": writes / total}));
+    }
+    delete_all().await;
+    let _ = jobs;
+
+    // 3. the queue API alone.
+    let queue = queue_api_bench().await;
+
+    let out = json!({
+        "machine": "2-core shared VM, local cluster (Kubernetes 1.20.2 built from Debian's source, fake kubelet)",
+        "applyToFirstLeaseMs": {"p50": p50, "p95": p95, "n": 50, "goalP50": 300},
+        "burst200": {"createSeconds": created, "allQueuedSeconds": burst, "apiRequests": requests,
+            "apiRequestsPerJob": requests / 200.0,
+            "note": "requests counted by kube-apiserver (apiserver_request_total), including this program's 200 creates"},
+        "queueApi": queue,
+        "statusWrites": status,
+    });
+    let dir = root().join("bench/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("operator.json"), serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}
+
+/// Accepts one fixed token as the pool's account (the TokenReview answer is cached per token in
+/// production, so this measures the queue API itself).
+struct Fixed;
+impl tessera_operator::api::Authenticator for Fixed {
+    fn authenticate<'a>(&'a self, token: &'a str) -> tessera_operator::api::AuthFuture<'a> {
+        Box::pin(async move {
+            (token == "bench-token")
+                .then(|| tessera_operator::api::Identity { username: "system:serviceaccount:ns:w".into() })
+                .ok_or_else(|| "bad token".to_string())
+        })
+    }
+}
+
+async fn queue_api_bench() -> Value {
+    use tessera_operator::api::{router, ApiState};
+    use tessera_operator::queue::{Queue, QueueConfig, Task};
+    let mut q = Queue::new(QueueConfig::default());
+    let n_tasks = 400_000u64;
+    for id in 1..=n_tasks {
+        q.enqueue(
+            Task {
+                id,
+                pool: "ns/p".into(),
+                namespace: format!("ns{}", id % 7),
+                job: format!("j{}", id % 1000),
+                priority: (id % 3) as i32,
+                coalesce: None,
+                work: json!({"kind": "chunk", "chunk": id}),
+            },
+            0,
+        );
+    }
+    let st = ApiState::new(q, Box::new(Fixed), None);
+    st.access.lock().unwrap().pools.insert("ns/p".into(), ("ns".into(), "w".into()));
+    let app = router(Arc::new(st));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let c = http();
+    let workers = 500;
+    let dur = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let name = format!("w{w}");
+                let lease = format!("http://{addr}/v1/pools/ns/p/lease");
+                while t0.elapsed() < dur {
+                    let t = Instant::now();
+                    let (s, body) = post(&c, &lease, "bench-token", json!({"worker": name})).await;
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if s != 200 {
+                        break;
+                    }
+                    let id = body["task"]["id"].as_u64().unwrap();
+                    post(&c, &format!("http://{addr}/v1/tasks/{id}/complete"), "bench-token", json!({"worker": name})).await;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.await.unwrap());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let leases = lat.len() as f64;
+    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    eprintln!("queue API, {workers} workers: {:.0} leases/s (each followed by a complete), p50 {p50:.2} ms, p99 {p99:.2} ms", leases / secs);
+    json!({"workers": workers, "seconds": secs, "leases": leases, "leasesPerSecond": leases / secs,
+        "requestsPerSecond": 2.0 * leases / secs, "latencyMs": {"p50": p50, "p99": p99},
+        "goal": {"leasesPerSecond": 10000, "p99Ms": 10},
+        "note": "in-process axum server over loopback HTTP/1.1 with keep-alive; every lease is followed by a complete; the client shares the 2 cores"})
+}
