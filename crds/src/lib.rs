@@ -59,7 +59,10 @@ pub struct TranscodeJobSpec {
     /// The WorkerPool that runs this job: `name` (in the job's namespace) or `namespace/name`. Absent: the
     /// operator's default pool. Ignored by `tessera run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 317), regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 317),
+        regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub pool: Option<String>,
     /// While true, no new work of this job is handed out and its running tasks are given back (as with
     /// Kubernetes Jobs); finished chunks are kept and the job resumes where it stopped.

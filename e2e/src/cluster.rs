@@ -108,7 +108,10 @@ pub fn pod_logs(filter: &str) -> Vec<(String, String)> {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".log") && name.contains(filter) {
-            out.push((name, strip_ansi(&std::fs::read_to_string(e.path()).unwrap_or_default())));
+            out.push((
+                name,
+                strip_ansi(&std::fs::read_to_string(e.path()).unwrap_or_default()),
+            ));
         }
     }
     out

@@ -30,7 +30,8 @@ fn normalise(v: &Value) -> Value {
 }
 
 fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String> {
-    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| format!("does not fit the type: {e}"))?;
+    let typed: T =
+        serde_json::from_value(doc.clone()).map_err(|e| format!("does not fit the type: {e}"))?;
     let back = normalise(&serde_json::to_value(&typed).unwrap());
     let want = normalise(doc);
     if back != want {
@@ -43,11 +44,22 @@ fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String
 
 fn render(args: &[&str]) -> Vec<Value> {
     let out = Command::new(helm())
-        .args(["template", "tessera", root().join("charts/tessera").to_str().unwrap(), "-n", "tessera-system", "--include-crds"])
+        .args([
+            "template",
+            "tessera",
+            root().join("charts/tessera").to_str().unwrap(),
+            "-n",
+            "tessera-system",
+            "--include-crds",
+        ])
         .args(args)
         .output()
         .expect("helm runs (make k8s-tools installs it)");
-    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     text.split("\n---")
         .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
@@ -58,10 +70,19 @@ fn render(args: &[&str]) -> Vec<Value> {
 #[test]
 fn helm_lint_passes() {
     let out = Command::new(helm())
-        .args(["lint", "--strict", root().join("charts/tessera").to_str().unwrap()])
+        .args([
+            "lint",
+            "--strict",
+            root().join("charts/tessera").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -73,11 +94,16 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
     let docs = render(&[
-        "--set", "serviceMonitor.enabled=true",
-        "--set", "networkPolicy.enabled=true",
-        "--set", "s3.endpoint=http://minio:9000",
-        "--set", "s3.credentialsSecret=s3",
-        "--set", "defaultPool.runtimeClassName=nvidia",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "s3.endpoint=http://minio:9000",
+        "--set",
+        "s3.credentialsSecret=s3",
+        "--set",
+        "defaultPool.runtimeClassName=nvidia",
     ]);
     let mut kinds = Vec::new();
     for d in &docs {
@@ -94,7 +120,11 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(d),
             "WorkerPool" => round_trip::<tessera_crds::WorkerPool>(d),
             // The Prometheus operator's type; checked for shape only.
-            "ServiceMonitor" => d["spec"]["endpoints"].as_array().filter(|e| !e.is_empty()).map(drop).ok_or_else(|| "no endpoints".to_string()),
+            "ServiceMonitor" => d["spec"]["endpoints"]
+                .as_array()
+                .filter(|e| !e.is_empty())
+                .map(drop)
+                .ok_or_else(|| "no endpoints".to_string()),
             other => Err(format!("unexpected kind {other}")),
         };
         if let Err(e) = res {
@@ -102,7 +132,17 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
         }
         kinds.push(kind);
     }
-    for k in ["Deployment", "Service", "ServiceAccount", "ClusterRole", "Role", "WorkerPool", "NetworkPolicy", "ServiceMonitor", "CustomResourceDefinition"] {
+    for k in [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "Role",
+        "WorkerPool",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "CustomResourceDefinition",
+    ] {
         assert!(kinds.iter().any(|x| x == k), "{k} rendered");
     }
     // The operator runs locked down.
@@ -111,7 +151,10 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
-    assert_eq!(dep["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     assert_eq!(dep["spec"]["replicas"], 2);
 }
 

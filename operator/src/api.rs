@@ -70,7 +70,8 @@ impl TokenReviewer {
 
 fn token_key(token: &str) -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
     let mut h = SEED.get_or_init(Default::default).build_hasher();
     h.write(token.as_bytes());
     h.finish()
@@ -193,7 +194,11 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ApiState {
-    pub fn new(queue: Queue, auth: Box<dyn Authenticator>, events: Option<mpsc::UnboundedSender<TaskEvent>>) -> Self {
+    pub fn new(
+        queue: Queue,
+        auth: Box<dyn Authenticator>,
+        events: Option<mpsc::UnboundedSender<TaskEvent>>,
+    ) -> Self {
         Self {
             queue: Mutex::new(queue),
             access: Mutex::default(),
@@ -230,7 +235,9 @@ impl ApiState {
             for id in &gone {
                 p.remove(id);
             }
-            self.counters.expired.fetch_add(gone.len() as u64, Ordering::Relaxed);
+            self.counters
+                .expired
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
             tracing::warn!(tasks = ?gone, "leases expired; tasks queued again");
             self.queued.notify_waiters();
         }
@@ -588,21 +595,33 @@ mod tests {
             StatusCode::UNAUTHORIZED
         );
         assert_eq!(
-            call(&st, "/v1/pools/media/gpu/lease", Some("bogus"), "w").await.0,
+            call(&st, "/v1/pools/media/gpu/lease", Some("bogus"), "w")
+                .await
+                .0,
             StatusCode::UNAUTHORIZED
         );
         // The CPU pool's account cannot lease GPU work, nor touch a GPU task.
         assert_eq!(
-            call(&st, "/v1/pools/media/gpu/lease", Some("sa:media:cpu-worker"), "w")
-                .await
-                .0,
+            call(
+                &st,
+                "/v1/pools/media/gpu/lease",
+                Some("sa:media:cpu-worker"),
+                "w"
+            )
+            .await
+            .0,
             StatusCode::FORBIDDEN
         );
         // Same name in another namespace is another account.
         assert_eq!(
-            call(&st, "/v1/pools/media/gpu/lease", Some("sa:other:gpu-worker"), "w")
-                .await
-                .0,
+            call(
+                &st,
+                "/v1/pools/media/gpu/lease",
+                Some("sa:other:gpu-worker"),
+                "w"
+            )
+            .await
+            .0,
             StatusCode::FORBIDDEN
         );
         let (s, _) = call(

@@ -160,9 +160,16 @@ fn key(job: &TranscodeJob) -> (String, String) {
 /// (workers have no shared file system).
 pub fn cluster_validate(spec: &tessera_crds::TranscodeJobSpec) -> Result<(), String> {
     if let Err(errs) = tessera_crds::validate_spec(spec) {
-        return Err(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "));
+        return Err(errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; "));
     }
-    for (f, u) in [("spec.input.uri", &spec.input.uri), ("spec.output.uri", &spec.output.uri)] {
+    for (f, u) in [
+        ("spec.input.uri", &spec.input.uri),
+        ("spec.output.uri", &spec.output.uri),
+    ] {
         if !u.starts_with("s3://") {
             return Err(format!("{f}: {u:?}: jobs in a cluster read and write s3:// URIs (file:// is for `tessera run`)"));
         }
@@ -212,15 +219,31 @@ async fn publish_ref(
     }
 }
 
-async fn write_failed_now(ctx: &Ctx, job: &TranscodeJob, reason: &str, message: &str) -> Result<(), Error> {
+async fn write_failed_now(
+    ctx: &Ctx,
+    job: &TranscodeJob,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
     let (ns, name) = key(job);
     let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut run = JobRun::new(&ns, &name, &job.uid().unwrap_or_default(), job.metadata.generation.unwrap_or(0), job.spec.clone(), String::new());
+    let mut run = JobRun::new(
+        &ns,
+        &name,
+        &job.uid().unwrap_or_default(),
+        job.metadata.generation.unwrap_or(0),
+        job.spec.clone(),
+        String::new(),
+    );
     run.on_failed(reason, message, now());
     let st = run.status(Duration::ZERO, 0, &now());
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": st})))
-        .await
-        .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": st})),
+    )
+    .await
+    .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
     ctx.status_writes.fetch_add(1, Ordering::Relaxed);
     publish(ctx, job, EventType::Warning, reason, message.to_string()).await;
     Ok(())
@@ -236,15 +259,23 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
     if !job.finalizers().iter().any(|f| f == FINALIZER) {
         let mut f = job.finalizers().to_vec();
         f.push(FINALIZER.into());
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": f}})))
-            .await
-            .map_err(|e| Error::kube(format!("finalizer of {ns}/{name}"), e))?;
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": f}})),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("finalizer of {ns}/{name}"), e))?;
         return Ok(Action::await_change());
     }
     let status = job.status.clone().unwrap_or_default();
     let terminal = matches!(status.phase, Some(Phase::Succeeded | Phase::Failed));
     let known = lock(&ctx.jobs).contains_key(&(ns.clone(), name.clone()));
-    if terminal && !known || lock(&ctx.jobs).get(&(ns.clone(), name.clone())).is_some_and(|e| e.run.finished() && !e.dirty) {
+    if terminal && !known
+        || lock(&ctx.jobs)
+            .get(&(ns.clone(), name.clone()))
+            .is_some_and(|e| e.run.finished() && !e.dirty)
+    {
         return ttl(&job, &ctx, &api, &status).await;
     }
     let uid = job.uid().unwrap_or_default();
@@ -257,7 +288,12 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
         let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
         let (pns, pname) = pool.split_once('/').unwrap_or(("", &pool));
         let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), pns);
-        if pools.get_opt(pname).await.map_err(|e| Error::kube(format!("pool {pool}"), e))?.is_none() {
+        if pools
+            .get_opt(pname)
+            .await
+            .map_err(|e| Error::kube(format!("pool {pool}"), e))?
+            .is_none()
+        {
             let msg = format!("WorkerPool {pool} does not exist; the job waits for it");
             if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
                 let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
@@ -291,7 +327,11 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
             }
             let w = e.run.start();
             ctx.enqueue(&mut e, w);
-            e.events.push((EventType::Normal, "Queued", format!("planning on pool {pool}")));
+            e.events.push((
+                EventType::Normal,
+                "Queued",
+                format!("planning on pool {pool}"),
+            ));
         }
         tracing::info!(job = %format!("{ns}/{name}"), %pool, suspended = job.spec.suspend, "job accepted");
         lock(&ctx.jobs).insert((ns, name), e);
@@ -317,14 +357,22 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
             if job.spec.suspend {
                 let n = ctx.api.cancel_job(&ns, &name);
                 e.tasks.clear();
-                e.events.push((EventType::Normal, "Suspended", format!("{n} running tasks given back")));
+                e.events.push((
+                    EventType::Normal,
+                    "Suspended",
+                    format!("{n} running tasks given back"),
+                ));
             } else {
                 if e.run.start_time.is_none() {
                     e.run.start_time = Some(now());
                 }
                 let w = e.run.start();
                 ctx.enqueue(e, w);
-                e.events.push((EventType::Normal, "Resumed", "re-planning from the ledger".into()));
+                e.events.push((
+                    EventType::Normal,
+                    "Resumed",
+                    "re-planning from the ledger".into(),
+                ));
             }
         }
         e.dirty = true;
@@ -332,14 +380,21 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-async fn ttl(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>, status: &TranscodeJobStatus) -> Result<Action, Error> {
+async fn ttl(
+    job: &TranscodeJob,
+    ctx: &Ctx,
+    api: &Api<TranscodeJob>,
+    status: &TranscodeJobStatus,
+) -> Result<Action, Error> {
     let Some(ttl) = job.spec.ttl_seconds_after_finished else {
         return Ok(Action::await_change());
     };
     let Some(done) = &status.completion_time else {
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
-    let age = k8s_openapi::jiff::Timestamp::now().duration_since(done.0).as_secs_f64();
+    let age = k8s_openapi::jiff::Timestamp::now()
+        .duration_since(done.0)
+        .as_secs_f64();
     let left = ttl as f64 - age;
     if left > 0.0 {
         return Ok(Action::requeue(Duration::from_secs_f64(left.min(3600.0))));
@@ -382,18 +437,27 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
     if needs_cleanup {
         let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
         let mut jobs = lock(&ctx.jobs);
-        let e = jobs.entry((ns.clone(), name.clone())).or_insert_with(|| Entry {
-            run: JobRun::new(&ns, &name, &job.uid().unwrap_or_default(), 0, job.spec.clone(), pool),
-            tasks: HashSet::new(),
-            started: Instant::now(),
-            dirty: false,
-            written: None,
-            last_write: None,
-            cleanup: None,
-            cleanup_done: false,
-            touched: false,
-            events: Vec::new(),
-        });
+        let e = jobs
+            .entry((ns.clone(), name.clone()))
+            .or_insert_with(|| Entry {
+                run: JobRun::new(
+                    &ns,
+                    &name,
+                    &job.uid().unwrap_or_default(),
+                    0,
+                    job.spec.clone(),
+                    pool,
+                ),
+                tasks: HashSet::new(),
+                started: Instant::now(),
+                dirty: false,
+                written: None,
+                last_write: None,
+                cleanup: None,
+                cleanup_done: false,
+                touched: false,
+                events: Vec::new(),
+            });
         e.tasks.clear();
         e.dirty = false;
         e.touched = true;
@@ -408,9 +472,18 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
     }
-    let left: Vec<String> = job.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    let patch = json!({"metadata": {"finalizers": left, "resourceVersion": job.resource_version()}});
-    match api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+    let left: Vec<String> = job
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    let patch =
+        json!({"metadata": {"finalizers": left, "resourceVersion": job.resource_version()}});
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
         Ok(_) => {}
         Err(e) if is_404(&e) => {}
         Err(e) => return Err(Error::kube(format!("finalizer of {ns}/{name}"), e)),
@@ -429,7 +502,11 @@ fn error_policy(_job: Arc<TranscodeJob>, err: &Error, _ctx: Arc<Ctx>) -> Action 
 fn on_event(ctx: &Ctx, ev: TaskEvent) {
     let mut jobs = lock(&ctx.jobs);
     let (tasks, outcome) = match ev {
-        TaskEvent::Completed { tasks, result, worker_seconds } => (tasks, Ok((result, worker_seconds))),
+        TaskEvent::Completed {
+            tasks,
+            result,
+            worker_seconds,
+        } => (tasks, Ok((result, worker_seconds))),
         TaskEvent::Failed { tasks, failure, .. } => (tasks, Err(failure)),
     };
     for t in tasks {
@@ -461,22 +538,38 @@ fn on_event(ctx: &Ctx, ev: TaskEvent) {
                         e.events.push((EventType::Normal, "Planned", note));
                     }
                     Err(err) => {
-                        e.run.on_failed("WorkerIncompatible", &format!("plan result unreadable: {err}"), now());
+                        e.run.on_failed(
+                            "WorkerIncompatible",
+                            &format!("plan result unreadable: {err}"),
+                            now(),
+                        );
                     }
                 },
                 WorkKind::Chunk | WorkKind::Audio => {
                     let r: ChunkResult = serde_json::from_value(result.clone()).unwrap_or_default();
                     let next = e.run.on_encoded(work.kind, work.chunk, &r, *secs);
                     if !next.is_empty() {
-                        e.events.push((EventType::Normal, "Encoded", format!("all chunks encoded ({} reused from the ledger)", e.run.reused)));
+                        e.events.push((
+                            EventType::Normal,
+                            "Encoded",
+                            format!(
+                                "all chunks encoded ({} reused from the ledger)",
+                                e.run.reused
+                            ),
+                        ));
                     }
                     ctx.enqueue(e, next);
                 }
                 WorkKind::Stitch => {
-                    let r: StitchResult = serde_json::from_value(result.clone()).unwrap_or_default();
+                    let r: StitchResult =
+                        serde_json::from_value(result.clone()).unwrap_or_default();
                     let n = r.renditions.len();
                     e.run.on_stitched(r, *secs, now());
-                    e.events.push((EventType::Normal, "Completed", format!("{n} renditions published to {}", e.run.spec.output.uri)));
+                    e.events.push((
+                        EventType::Normal,
+                        "Completed",
+                        format!("{n} renditions published to {}", e.run.spec.output.uri),
+                    ));
                 }
                 WorkKind::Cleanup => e.cleanup_done = true,
             },
@@ -489,10 +582,16 @@ fn on_event(ctx: &Ctx, ev: TaskEvent) {
                 }
                 let what = match work.chunk {
                     Some(c) => format!("chunk {c}: {}", f.message),
-                    None => format!("{:?} task: {}", work.kind, f.message).to_lowercase().replacen(&f.message.to_lowercase(), &f.message, 1),
+                    None => format!("{:?} task: {}", work.kind, f.message)
+                        .to_lowercase()
+                        .replacen(&f.message.to_lowercase(), &f.message, 1),
                 };
                 e.run.on_failed(&f.reason, &what, now());
-                e.events.push((EventType::Warning, "Failed", format!("{}: {what}", f.reason)));
+                e.events.push((
+                    EventType::Warning,
+                    "Failed",
+                    format!("{}: {what}", f.reason),
+                ));
                 let (ns, job) = (t.namespace.clone(), t.job.clone());
                 drop(jobs);
                 ctx.api.cancel_job(&ns, &job);
@@ -520,7 +619,15 @@ async fn write_statuses(ctx: &Ctx) {
             let mut st = e.run.status(e.started.elapsed(), in_flight, &t);
             let old = e.written.clone().unwrap_or_default();
             keep_transition_times(&mut st.conditions, &old.conditions);
-            let phase_changed = old.phase != st.phase || old.conditions.iter().map(|c| (&c.type_, &c.status, &c.reason)).ne(st.conditions.iter().map(|c| (&c.type_, &c.status, &c.reason)));
+            let phase_changed = old.phase != st.phase
+                || old
+                    .conditions
+                    .iter()
+                    .map(|c| (&c.type_, &c.status, &c.reason))
+                    .ne(st
+                        .conditions
+                        .iter()
+                        .map(|c| (&c.type_, &c.status, &c.reason)));
             let d = throttle.decide(e.dirty, phase_changed, e.last_write.map(|w| w.elapsed()));
             let events = std::mem::take(&mut e.events);
             if d == Decision::WriteNow {
@@ -536,7 +643,14 @@ async fn write_statuses(ctx: &Ctx) {
     for ((ns, name), st, events) in writes {
         let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
         if let Some(st) = st {
-            match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": st}))).await {
+            match api
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": st})),
+                )
+                .await
+            {
                 Ok(_) => {
                     ctx.status_writes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -549,7 +663,9 @@ async fn write_statuses(ctx: &Ctx) {
             }
         }
         if !events.is_empty() {
-            let uid = lock(&ctx.jobs).get(&(ns.clone(), name.clone())).map(|e| e.run.uid.clone());
+            let uid = lock(&ctx.jobs)
+                .get(&(ns.clone(), name.clone()))
+                .map(|e| e.run.uid.clone());
             let r = k8s_openapi::api::core::v1::ObjectReference {
                 api_version: Some(format!("{}/v1alpha1", tessera_crds::GROUP)),
                 kind: Some("TranscodeJob".into()),
@@ -588,7 +704,10 @@ fn pod_state(p: &Pod) -> WorkerState {
 /// One pass over every WorkerPool: access for the queue API, then scale.
 async fn reconcile_pools(ctx: &Ctx) -> Result<(), Error> {
     let pools: Api<WorkerPool> = Api::all(ctx.client.clone());
-    let list = pools.list(&ListParams::default()).await.map_err(|e| Error::kube("list WorkerPools".into(), e))?;
+    let list = pools
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| Error::kube("list WorkerPools".into(), e))?;
     {
         let mut access = lock(&ctx.api.access);
         access.pools = list
@@ -596,7 +715,10 @@ async fn reconcile_pools(ctx: &Ctx) -> Result<(), Error> {
             .iter()
             .map(|p| {
                 let ns = p.namespace().unwrap_or_default();
-                (format!("{ns}/{}", p.name_any()), (ns, p.spec.service_account_name.clone()))
+                (
+                    format!("{ns}/{}", p.name_any()),
+                    (ns, p.spec.service_account_name.clone()),
+                )
             })
             .collect();
     }
@@ -636,7 +758,12 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
                 } else {
                     t - *idle.entry(pname.clone()).or_insert(t)
                 };
-                Worker { name: pname, state, busy, idle_for }
+                Worker {
+                    name: pname,
+                    state,
+                    busy,
+                    idle_for,
+                }
             })
             .collect()
     };
@@ -646,9 +773,18 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
         tasks_per_worker: pool.spec.tasks_per_worker,
         cooldown: Duration::from_secs(u64::from(pool.spec.cooldown_seconds)),
     };
-    let plan = scale::plan(Load { queued: depth.queued, leased: depth.leased }, shape, &workers);
+    let plan = scale::plan(
+        Load {
+            queued: depth.queued,
+            leased: depth.leased,
+        },
+        shape,
+        &workers,
+    );
     for _ in 0..plan.create {
-        let suffix: String = (0..5).map(|_| fastrand::alphanumeric().to_ascii_lowercase()).collect();
+        let suffix: String = (0..5)
+            .map(|_| fastrand::alphanumeric().to_ascii_lowercase())
+            .collect();
         let pod = podspec::worker_pod(&WorkerPodInput {
             pool: &name,
             namespace: &ns,
@@ -668,7 +804,9 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
     for victim in &plan.delete {
         // No new lease for it from here on; then make sure it did not take one meanwhile.
         lock(&ctx.api.draining).insert(victim.clone());
-        let busy = lock(&ctx.api.queue).leases_by_worker(&key).contains_key(victim);
+        let busy = lock(&ctx.api.queue)
+            .leases_by_worker(&key)
+            .contains_key(victim);
         if busy {
             lock(&ctx.api.draining).remove(victim);
             continue;
@@ -699,9 +837,13 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
     };
     if pool.status.as_ref() != Some(&status) {
         let api: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
-            .await
-            .map_err(|e| Error::kube(format!("status of pool {key}"), e))?;
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("status of pool {key}"), e))?;
     }
     Ok(())
 }

@@ -50,7 +50,14 @@ pub struct JobRun {
 }
 
 impl JobRun {
-    pub fn new(namespace: &str, name: &str, uid: &str, generation: i64, spec: TranscodeJobSpec, pool: String) -> Self {
+    pub fn new(
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        generation: i64,
+        spec: TranscodeJobSpec,
+        pool: String,
+    ) -> Self {
         let ledger = tessera_crds::work::ledger_prefix(&spec.output.uri, uid);
         Self {
             namespace: namespace.into(),
@@ -99,7 +106,9 @@ impl JobRun {
     }
 
     fn remaining(&self) -> Vec<Work> {
-        let Some(p) = &self.plan else { return Vec::new() };
+        let Some(p) = &self.plan else {
+            return Vec::new();
+        };
         let mut out: Vec<Work> = (0..p.chunks)
             .filter(|c| !self.done.contains(c))
             .map(|c| self.work(WorkKind::Chunk, Some(c)))
@@ -131,7 +140,13 @@ impl JobRun {
     }
 
     /// A chunk or the audio is recorded; the last one queues the stitch.
-    pub fn on_encoded(&mut self, kind: WorkKind, chunk: Option<u32>, r: &ChunkResult, seconds: f64) -> Vec<Work> {
+    pub fn on_encoded(
+        &mut self,
+        kind: WorkKind,
+        chunk: Option<u32>,
+        r: &ChunkResult,
+        seconds: f64,
+    ) -> Vec<Work> {
         if self.stage != Stage::Encoding {
             return Vec::new();
         }
@@ -183,7 +198,12 @@ impl JobRun {
 
     /// The status to write. `elapsed` is the time since the job started running (for fps and ETA);
     /// `in_flight_frames` counts frames of chunks still encoding (from heartbeats).
-    pub fn status(&self, elapsed: Duration, in_flight_frames: u64, now: &Time) -> TranscodeJobStatus {
+    pub fn status(
+        &self,
+        elapsed: Duration,
+        in_flight_frames: u64,
+        now: &Time,
+    ) -> TranscodeJobStatus {
         let total = self.plan.as_ref().map_or(0, |p| p.chunks);
         let done = self.done.len() as u32;
         let mut progress = Progress::new(done, total);
@@ -194,7 +214,9 @@ impl JobRun {
         let fresh = done.saturating_sub(self.reused);
         let left = total.saturating_sub(done);
         progress.eta_seconds = match self.stage {
-            Stage::Encoding => crate::status::eta_seconds(u64::from(fresh), u64::from(fresh + left), elapsed),
+            Stage::Encoding => {
+                crate::status::eta_seconds(u64::from(fresh), u64::from(fresh + left), elapsed)
+            }
             Stage::Stitching | Stage::Succeeded => Some(0),
             _ => None,
         };
@@ -209,7 +231,12 @@ impl JobRun {
         let mut conditions = Vec::new();
         match self.stage {
             Stage::Succeeded => {
-                conditions.push(cond("Complete", true, "Completed", format!("{} renditions published", self.spec.renditions.len())));
+                conditions.push(cond(
+                    "Complete",
+                    true,
+                    "Completed",
+                    format!("{} renditions published", self.spec.renditions.len()),
+                ));
                 conditions.push(cond("Progressing", false, "Completed", String::new()));
             }
             Stage::Failed => {
@@ -225,14 +252,24 @@ impl JobRun {
             )),
             s => {
                 let (reason, msg) = match s {
-                    Stage::Planning => ("Planning", "probing the input and planning chunks".to_string()),
+                    Stage::Planning => (
+                        "Planning",
+                        "probing the input and planning chunks".to_string(),
+                    ),
                     Stage::Encoding => ("Encoding", format!("{done}/{total} chunks encoded")),
-                    _ => ("Stitching", "joining chunks and publishing outputs".to_string()),
+                    _ => (
+                        "Stitching",
+                        "joining chunks and publishing outputs".to_string(),
+                    ),
                 };
                 conditions.push(cond("Progressing", true, reason, msg));
             }
         }
-        let renditions: Vec<RenditionStatus> = self.result.as_ref().map(|r| r.renditions.clone()).unwrap_or_default();
+        let renditions: Vec<RenditionStatus> = self
+            .result
+            .as_ref()
+            .map(|r| r.renditions.clone())
+            .unwrap_or_default();
         let encoder = self.plan.as_ref().map(|p| {
             let mut e = p.encoders.clone();
             e.dedup();
@@ -246,7 +283,8 @@ impl JobRun {
             renditions,
             master_playlist: self.result.as_ref().and_then(|r| r.master_playlist.clone()),
             encoder,
-            gpu_seconds: (self.worker_seconds > 0.0).then(|| (self.worker_seconds * 10.0).round() / 10.0),
+            gpu_seconds: (self.worker_seconds > 0.0)
+                .then(|| (self.worker_seconds * 10.0).round() / 10.0),
             start_time: self.start_time.clone(),
             completion_time: self.completion_time.clone(),
         }
@@ -256,7 +294,10 @@ impl JobRun {
 /// Carry a condition's last transition time over when its status did not change (as Kubernetes expects).
 pub fn keep_transition_times(new: &mut [Condition], old: &[Condition]) {
     for c in new {
-        if let Some(o) = old.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+        if let Some(o) = old
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
             c.last_transition_time = o.last_transition_time.clone();
         }
     }
@@ -300,16 +341,35 @@ mod tests {
         assert_eq!(j.ledger, "s3://b/out/.tessera/u1/");
         let w = j.start();
         assert_eq!((w.len(), w[0].kind), (1, WorkKind::Plan));
-        let w = j.on_plan(PlanResult { plan: plan(3, true), done: vec![], audio_done: false });
+        let w = j.on_plan(PlanResult {
+            plan: plan(3, true),
+            done: vec![],
+            audio_done: false,
+        });
         let kinds: Vec<_> = w.iter().map(|w| (w.kind, w.chunk)).collect();
         assert_eq!(
             kinds,
-            [(WorkKind::Chunk, Some(0)), (WorkKind::Chunk, Some(1)), (WorkKind::Chunk, Some(2)), (WorkKind::Audio, None)]
+            [
+                (WorkKind::Chunk, Some(0)),
+                (WorkKind::Chunk, Some(1)),
+                (WorkKind::Chunk, Some(2)),
+                (WorkKind::Audio, None)
+            ]
         );
-        assert!(w.iter().all(|w| w.plan.is_some()), "later tasks carry the plan");
-        let r = ChunkResult { frames: 30, reused: false, seconds: 1.0 };
+        assert!(
+            w.iter().all(|w| w.plan.is_some()),
+            "later tasks carry the plan"
+        );
+        let r = ChunkResult {
+            frames: 30,
+            reused: false,
+            seconds: 1.0,
+        };
         assert!(j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty());
-        assert!(j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty(), "a duplicate report changes nothing");
+        assert!(
+            j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty(),
+            "a duplicate report changes nothing"
+        );
         assert!(j.on_encoded(WorkKind::Audio, None, &r, 1.0).is_empty());
         assert!(j.on_encoded(WorkKind::Chunk, Some(2), &r, 1.0).is_empty());
         let st = j.status(Duration::from_secs(3), 0, &now());
@@ -320,7 +380,10 @@ mod tests {
         j.on_stitched(StitchResult::default(), 2.0, now());
         let st = j.status(Duration::from_secs(5), 0, &now());
         assert_eq!(st.phase, Some(Phase::Succeeded));
-        assert!(st.conditions.iter().any(|c| c.type_ == "Complete" && c.status == "True"));
+        assert!(st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Complete" && c.status == "True"));
         assert_eq!(st.gpu_seconds, Some(7.0));
     }
 
@@ -328,13 +391,21 @@ mod tests {
     fn a_replan_queues_only_what_the_ledger_lacks() {
         let mut j = JobRun::new("ns", "j", "u1", 1, spec(), "ns/p".into());
         j.start();
-        let w = j.on_plan(PlanResult { plan: plan(4, true), done: vec![0, 2], audio_done: true });
+        let w = j.on_plan(PlanResult {
+            plan: plan(4, true),
+            done: vec![0, 2],
+            audio_done: true,
+        });
         let chunks: Vec<_> = w.iter().map(|w| w.chunk).collect();
         assert_eq!(chunks, [Some(1), Some(3)]);
         assert_eq!(j.reused, 2);
         // Everything recorded: straight to the stitch.
         let mut k = JobRun::new("ns", "k", "u2", 1, spec(), "ns/p".into());
-        let w = k.on_plan(PlanResult { plan: plan(2, false), done: vec![0, 1], audio_done: false });
+        let w = k.on_plan(PlanResult {
+            plan: plan(2, false),
+            done: vec![0, 1],
+            audio_done: false,
+        });
         assert_eq!(w[0].kind, WorkKind::Stitch);
     }
 
@@ -346,7 +417,10 @@ mod tests {
         j.on_failed("Other", "later", now());
         let st = j.status(Duration::ZERO, 0, &now());
         let f = st.conditions.iter().find(|c| c.type_ == "Failed").unwrap();
-        assert_eq!((f.reason.as_str(), f.observed_generation), ("InputNotFound", Some(3)));
+        assert_eq!(
+            (f.reason.as_str(), f.observed_generation),
+            ("InputNotFound", Some(3))
+        );
         assert_eq!(st.phase, Some(Phase::Failed));
     }
 
@@ -356,7 +430,10 @@ mod tests {
     impl Encoded for TranscodeJobStatus {
         fn encoded_or_default(&self) -> u64 {
             // fps × elapsed = frames encoded (3 s, 20 fps → 60 frames)
-            self.progress.as_ref().and_then(|p| p.fps).map_or(0, |f| (f * 3.0).round() as u64)
+            self.progress
+                .as_ref()
+                .and_then(|p| p.fps)
+                .map_or(0, |f| (f * 3.0).round() as u64)
         }
     }
 }

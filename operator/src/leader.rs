@@ -103,7 +103,11 @@ impl Elector {
             if fresh {
                 self.observed = Some((record.0, record.1, Instant::now()));
             }
-            let seen = self.observed.as_ref().map(|o| o.2).unwrap_or_else(Instant::now);
+            let seen = self
+                .observed
+                .as_ref()
+                .map(|o| o.2)
+                .unwrap_or_else(Instant::now);
             let duration = spec
                 .lease_duration_seconds
                 .map(|d| Duration::from_secs(d.max(1) as u64))

@@ -23,7 +23,11 @@ use tessera_operator::Error;
 use tokio::sync::{mpsc, watch, OnceCell};
 
 #[derive(Parser, Debug)]
-#[command(name = "tessera-operator", version, about = "Tessera's Kubernetes operator")]
+#[command(
+    name = "tessera-operator",
+    version,
+    about = "Tessera's Kubernetes operator"
+)]
 struct Args {
     /// Address for the queue API, metrics and probes. Default: the pod's IP (POD_IP) and TESSERA_PORT, else
     /// 0.0.0.0:8080.
@@ -40,9 +44,17 @@ struct Args {
     default_pool: String,
     /// The queue Service: `name:port` in the operator's namespace. Workers reach the leader at the address
     /// it writes on its Lease, and through this Service (cluster DNS) when that fails.
-    #[arg(long, env = "TESSERA_QUEUE_SERVICE", default_value = "tessera-queue:8080")]
+    #[arg(
+        long,
+        env = "TESSERA_QUEUE_SERVICE",
+        default_value = "tessera-queue:8080"
+    )]
     queue_service: String,
-    #[arg(long, env = "TESSERA_LEASE_NAME", default_value = "tessera-operator-leader")]
+    #[arg(
+        long,
+        env = "TESSERA_LEASE_NAME",
+        default_value = "tessera-operator-leader"
+    )]
     lease_name: String,
     /// Seconds a leader's Lease lasts without renewal before a standby takes over.
     #[arg(long, env = "TESSERA_LEASE_SECONDS", default_value_t = 15)]
@@ -67,13 +79,20 @@ async fn livez() -> &'static str {
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     // Ready once serving; the standby is ready too (it answers probes and waits for the Lease). Workers
     // skip it: it answers queue calls with 503.
-    let role = if app.api.leader.load(Ordering::Relaxed) { "leader" } else { "standby" };
+    let role = if app.api.leader.load(Ordering::Relaxed) {
+        "leader"
+    } else {
+        "standby"
+    };
     (StatusCode::OK, role)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         tessera_operator::metrics::render(&app.api, app.ctx.get().map(|c| c.as_ref())),
     )
 }
@@ -107,7 +126,11 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
         lease_ms: args.task_lease_seconds.max(1) * 1000,
         ..QueueConfig::default()
     });
-    let api = Arc::new(ApiState::new(queue, Box::new(TokenReviewer::new(client.clone())), Some(tx)));
+    let api = Arc::new(ApiState::new(
+        queue,
+        Box::new(TokenReviewer::new(client.clone())),
+        Some(tx),
+    ));
     api.leader.store(false, Ordering::Relaxed);
     let app = Arc::new(App {
         api: api.clone(),
@@ -121,8 +144,14 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
             .with_state(app.clone()),
     );
     let listen = args.listen.clone().unwrap_or_else(|| {
-        let ip = std::env::var("POD_IP").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
-        let port = std::env::var("TESSERA_PORT").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "8080".into());
+        let ip = std::env::var("POD_IP")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "0.0.0.0".into());
+        let port = std::env::var("TESSERA_PORT")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "8080".into());
         format!("{ip}:{port}")
     });
     let addr: SocketAddr = listen
@@ -130,7 +159,10 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
         .map_err(|e| Error::Config(format!("--listen {listen:?}: {e}")))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Io { what: format!("listen on {addr}"), source })?;
+        .map_err(|source| Error::Io {
+            what: format!("listen on {addr}"),
+            source,
+        })?;
     tracing::info!(%addr, identity = %args.identity, "serving probes and metrics; campaigning for leadership");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
@@ -147,15 +179,28 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
         retry_every: Duration::from_secs(1),
         advertise: Some(format!(
             "http://{}",
-            if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr }
+            if addr.ip().is_unspecified() {
+                SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+            } else {
+                addr
+            }
         )),
     };
     let (lead_tx, mut lead_rx) = watch::channel(false);
     tokio::spawn(Elector::new(leases.clone(), settings.clone()).run(lead_tx));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| Error::Io { what: "SIGTERM handler".into(), source })?;
-    let with_ns = |s: &str| if s.contains('/') { s.to_string() } else { format!("{}/{s}", args.namespace) };
+        .map_err(|source| Error::Io {
+            what: "SIGTERM handler".into(),
+            source,
+        })?;
+    let with_ns = |s: &str| {
+        if s.contains('/') {
+            s.to_string()
+        } else {
+            format!("{}/{s}", args.namespace)
+        }
+    };
     let mut rx = Some(rx);
     loop {
         tokio::select! {

@@ -39,15 +39,23 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
         let q = lock(&api.queue);
         for pool in pools {
             let d = q.depth(&pool);
-            leased.get_or_create(&PoolLabel { pool: pool.clone() }).set(d.leased as i64);
+            leased
+                .get_or_create(&PoolLabel { pool: pool.clone() })
+                .set(d.leased as i64);
             if d.queued_by_priority.is_empty() {
                 queued
-                    .get_or_create(&PoolPriority { pool: pool.clone(), priority: "0".into() })
+                    .get_or_create(&PoolPriority {
+                        pool: pool.clone(),
+                        priority: "0".into(),
+                    })
                     .set(0);
             }
             for (p, n) in d.queued_by_priority {
                 queued
-                    .get_or_create(&PoolPriority { pool: pool.clone(), priority: p.to_string() })
+                    .get_or_create(&PoolPriority {
+                        pool: pool.clone(),
+                        priority: p.to_string(),
+                    })
                     .set(n as i64);
             }
         }
@@ -60,20 +68,51 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
         c
     };
     let c = &api.counters;
-    reg.register("leases", "Tasks leased", counter(c.leases.load(Ordering::Relaxed)));
-    reg.register("tasks_completed", "Tasks completed", counter(c.completed.load(Ordering::Relaxed)));
-    reg.register("tasks_failed", "Tasks failed for good", counter(c.failed.load(Ordering::Relaxed)));
-    reg.register("leases_expired", "Leases that ran out (worker lost)", counter(c.expired.load(Ordering::Relaxed)));
-    reg.register("queue_requests_rejected", "Queue requests refused (401/403)", counter(c.rejected.load(Ordering::Relaxed)));
+    reg.register(
+        "leases",
+        "Tasks leased",
+        counter(c.leases.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "tasks_completed",
+        "Tasks completed",
+        counter(c.completed.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "tasks_failed",
+        "Tasks failed for good",
+        counter(c.failed.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "leases_expired",
+        "Leases that ran out (worker lost)",
+        counter(c.expired.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "queue_requests_rejected",
+        "Queue requests refused (401/403)",
+        counter(c.rejected.load(Ordering::Relaxed)),
+    );
     let leader = Gauge::<i64>::default();
     leader.set(i64::from(api.leader.load(Ordering::Relaxed)));
     reg.register("leader", "1 while this replica leads", leader);
     if let Some(ctx) = ctx {
-        reg.register("status_writes", "TranscodeJob status writes", counter(ctx.status_writes.load(Ordering::Relaxed)));
-        reg.register("reconciles", "TranscodeJob reconciles", counter(ctx.reconciles.load(Ordering::Relaxed)));
+        reg.register(
+            "status_writes",
+            "TranscodeJob status writes",
+            counter(ctx.status_writes.load(Ordering::Relaxed)),
+        );
+        reg.register(
+            "reconciles",
+            "TranscodeJob reconciles",
+            counter(ctx.reconciles.load(Ordering::Relaxed)),
+        );
         let jobs = Family::<StageLabel, Gauge>::default();
         for (stage, n) in ctx.jobs_by_phase() {
-            jobs.get_or_create(&StageLabel { stage: stage.into() }).set(n as i64);
+            jobs.get_or_create(&StageLabel {
+                stage: stage.into(),
+            })
+            .set(n as i64);
         }
         reg.register("jobs", "Jobs the leader tracks, by stage", jobs);
     }

@@ -225,7 +225,10 @@ pub fn select(
             detail: format!("the job's plan names encoder {o:?}, which is not a candidate here"),
         });
     }
-    for name in candidates.into_iter().filter(|n| only.is_none_or(|o| o == *n)) {
+    for name in candidates
+        .into_iter()
+        .filter(|n| only.is_none_or(|o| o == *n))
+    {
         let pix = encoder_pix_fmt(name, source_bit_depth, r.video.codec);
         // SVT-AV1 cannot be opened and closed without frames (see OpenEncoder); it is opened per chunk.
         let trial = if name == "libsvtav1" {

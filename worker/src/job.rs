@@ -313,10 +313,7 @@ pub fn prepare(
             color: v.color,
             threads: encoder_threads,
         };
-        let only = fixed
-            .encoders
-            .and_then(|e| e.get(ri))
-            .map(String::as_str);
+        let only = fixed.encoders.and_then(|e| e.get(ri)).map(String::as_str);
         let encoder = encode::select(r, spec.hardware, &target, v.bit_depth, only)?;
         let audio = info
             .audio
@@ -365,7 +362,9 @@ impl Prepared {
 
     /// The audio encodes' file names, one per distinct setting.
     pub fn audio_files(&self) -> Vec<String> {
-        (0..self.audio.len()).map(|i| format!("audio-{i}.tpk")).collect()
+        (0..self.audio.len())
+            .map(|i| format!("audio-{i}.tpk"))
+            .collect()
     }
 
     fn audio_file(&self, a: &AudioPlan) -> String {
@@ -382,7 +381,10 @@ impl Prepared {
 
     /// Why each rendition's encoder was chosen.
     pub fn encoder_reasons(&self) -> Vec<String> {
-        self.plans.iter().map(|p| p.encoder.reason.clone()).collect()
+        self.plans
+            .iter()
+            .map(|p| p.encoder.reason.clone())
+            .collect()
     }
 
     pub fn has_audio(&self) -> bool {

@@ -52,7 +52,8 @@ impl Config {
         let need = |k: &str| {
             var(k).ok_or_else(|| Error::Field {
                 field: k.into(),
-                message: "must be set for `tessera worker` (the operator's pod spec sets it)".into(),
+                message: "must be set for `tessera worker` (the operator's pod spec sets it)"
+                    .into(),
             })
         };
         let queue_url = var("TESSERA_QUEUE_URL");
@@ -190,9 +191,15 @@ impl Queue {
         let mut why = String::new();
         if let (Some(lease), Some(kube)) = (&self.cfg.queue_lease, &self.kube) {
             let (ns, name) = lease.split_once('/').unwrap_or(("default", lease));
-            let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(kube.clone(), ns);
+            let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+                kube::Api::namespaced(kube.clone(), ns);
             match api.get(name).await {
-                Ok(l) => match l.metadata.annotations.as_ref().and_then(|a| a.get("tessera.dev/queue-url")) {
+                Ok(l) => match l
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("tessera.dev/queue-url"))
+                {
                     Some(u) => out.push(u.trim_end_matches('/').to_string()),
                     None => why = format!("lease {lease} names no leader yet"),
                 },
@@ -210,7 +217,13 @@ impl Queue {
         Ok(out)
     }
 
-    async fn post_to(&self, base: &str, path: &str, body: &Value, timeout: Duration) -> Result<(StatusCode, Value)> {
+    async fn post_to(
+        &self,
+        base: &str,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Value)> {
         let req = hyper::Request::post(format!("{base}{path}"))
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {}", self.token.get()?))
@@ -226,7 +239,10 @@ impl Queue {
             .map_err(|_| queue_err(format!("{base}: body timed out")))?
             .map_err(|e| queue_err(format!("{base}: {e}")))?
             .to_bytes();
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
     /// POST to the leader, finding it first where needed.
@@ -257,7 +273,9 @@ impl Queue {
                             StatusCode::GONE => Reply::Gone,
                             StatusCode::CONFLICT => Reply::Conflict,
                             StatusCode::NOT_FOUND => Reply::Unknown,
-                            s => Reply::Other(s, v["error"].as_str().unwrap_or_default().to_string()),
+                            s => {
+                                Reply::Other(s, v["error"].as_str().unwrap_or_default().to_string())
+                            }
                         });
                     }
                     Err(e) => last = e.to_string(),
@@ -283,7 +301,8 @@ pub fn run(cfg: Config) -> Result<()> {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
@@ -307,7 +326,11 @@ pub fn run(cfg: Config) -> Result<()> {
 }
 
 async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
-    let (ns, name) = q.cfg.pool.split_once('/').unwrap_or(("default", &q.cfg.pool));
+    let (ns, name) = q
+        .cfg
+        .pool
+        .split_once('/')
+        .unwrap_or(("default", &q.cfg.pool));
     let path = format!("/v1/pools/{ns}/{name}/lease");
     let mut backoff = Duration::from_millis(200);
     while !stop.is_cancelled() {
@@ -329,7 +352,11 @@ async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
                             retryable: false,
                         };
                         let _ = q
-                            .post(&format!("/v1/tasks/{id}/fail"), json!({"worker": q.cfg.worker, "failure": f}), Duration::from_secs(10))
+                            .post(
+                                &format!("/v1/tasks/{id}/fail"),
+                                json!({"worker": q.cfg.worker, "failure": f}),
+                                Duration::from_secs(10),
+                            )
                             .await;
                     }
                 }
@@ -422,12 +449,18 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
         }
         (Ok(result), None) => {
             tracing::info!(task = id, kind = ?work.kind, chunk = ?work.chunk, seconds = secs, "task done");
-            (format!("/v1/tasks/{id}/complete"), json!({"worker": me, "result": result, "seconds": secs}))
+            (
+                format!("/v1/tasks/{id}/complete"),
+                json!({"worker": me, "result": result, "seconds": secs}),
+            )
         }
         (Err(e), None) => {
             let f = task::failure(&e);
             tracing::warn!(task = id, kind = ?work.kind, reason = %f.reason, error = %f.message, "task failed");
-            (format!("/v1/tasks/{id}/fail"), json!({"worker": me, "failure": f, "seconds": secs}))
+            (
+                format!("/v1/tasks/{id}/fail"),
+                json!({"worker": me, "failure": f, "seconds": secs}),
+            )
         }
     };
     // The verdict must reach the queue: retry through a failover for a while.

@@ -10,7 +10,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use serde_json::Value;
-use tessera_crds::work::{ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind};
+use tessera_crds::work::{
+    ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind,
+};
 
 use crate::error::{Error, Result, StorageKind};
 use crate::job::{self, Fixed, Prepared, Progress};
@@ -44,11 +46,14 @@ pub fn failure(e: &Error) -> TaskFailure {
 /// Run `work`; `frames` counts encoded frames for heartbeats. Returns the task's result for the queue.
 pub fn execute(work: &Work, cancel: &AtomicBool, frames: &AtomicU64) -> Result<Value> {
     let s3 = s3::global();
-    let ledger = S3Uri::parse(&work.ledger).ok_or_else(|| field("ledger", format!("{:?} is not an s3:// URI", work.ledger)))?;
+    let ledger = S3Uri::parse(&work.ledger)
+        .ok_or_else(|| field("ledger", format!("{:?} is not an s3:// URI", work.ledger)))?;
     let started = Instant::now();
     let out = match work.kind {
         WorkKind::Plan => serde_json::to_value(plan(work, &s3, &ledger)?),
-        WorkKind::Chunk => serde_json::to_value(chunk(work, &s3, &ledger, cancel, frames, started)?),
+        WorkKind::Chunk => {
+            serde_json::to_value(chunk(work, &s3, &ledger, cancel, frames, started)?)
+        }
         WorkKind::Audio => serde_json::to_value(audio(work, &s3, &ledger, cancel, started)?),
         WorkKind::Stitch => serde_json::to_value(stitch(work, &s3, &ledger, cancel, started)?),
         WorkKind::Cleanup => {
@@ -77,7 +82,10 @@ fn check_input(work: &Work, s3: &S3, expected: Option<&str>) -> Result<Option<St
             uri: uri.to_string(),
             what: "object changed while it was being read".into(),
             kind: StorageKind::Changed,
-            detail: format!("ETag was {e} when the job was planned, is now {}; re-run the job", meta.etag),
+            detail: format!(
+                "ETag was {e} when the job was planned, is now {}; re-run the job",
+                meta.etag
+            ),
         });
     }
     Ok(Some(meta.etag))
@@ -95,23 +103,38 @@ fn forget(work: &Work) {
 }
 
 fn prepared(work: &Work, s3: &S3) -> Result<Arc<Prepared>> {
-    let rec = work.plan.as_ref().ok_or_else(|| field("plan", "the task carries no plan"))?;
+    let rec = work
+        .plan
+        .as_ref()
+        .ok_or_else(|| field("plan", "the task carries no plan"))?;
     if let Some((uid, p)) = PREPARED.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         if *uid == work.uid {
             return Ok(p.clone());
         }
     }
     check_input(work, s3, rec.input_etag.as_deref())?;
-    let slots = std::env::var("TESSERA_TASKS_PER_WORKER").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let slots = std::env::var("TESSERA_TASKS_PER_WORKER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let fixed = Fixed {
         target_seconds: Some(rec.target_seconds),
         encoders: Some(&rec.encoders),
     };
-    let p = Arc::new(job::prepare(&work.spec, slots, &fixed, &Progress::default())?);
+    let p = Arc::new(job::prepare(
+        &work.spec,
+        slots,
+        &fixed,
+        &Progress::default(),
+    )?);
     if p.chunks.len() != rec.chunks as usize {
         return Err(Error::Chunk {
             chunk: p.chunks.len(),
-            detail: format!("this worker cut the input into {} chunks, the job's plan {}", p.chunks.len(), rec.chunks),
+            detail: format!(
+                "this worker cut the input into {} chunks, the job's plan {}",
+                p.chunks.len(),
+                rec.chunks
+            ),
         });
     }
     *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some((work.uid.clone(), p.clone()));
@@ -134,8 +157,16 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
         }
         None => {
             let etag = check_input(work, s3, None)?;
-            let parallelism = std::env::var("TESSERA_PLAN_PARALLELISM").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-            let p = job::prepare(&work.spec, parallelism, &Fixed::default(), &Progress::default())?;
+            let parallelism = std::env::var("TESSERA_PLAN_PARALLELISM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(8);
+            let p = job::prepare(
+                &work.spec,
+                parallelism,
+                &Fixed::default(),
+                &Progress::default(),
+            )?;
             let rec = PlanRecord {
                 input_etag: etag,
                 target_seconds: p.target_seconds,
@@ -149,7 +180,8 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
             };
             let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
             s3::block_on(s3.put_small(&manifest, Bytes::from(body)))?;
-            *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some((work.uid.clone(), Arc::new(p)));
+            *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((work.uid.clone(), Arc::new(p)));
             rec
         }
     };
@@ -170,7 +202,11 @@ fn done_records(s3: &S3, ledger: &S3Uri) -> Result<(Vec<u32>, bool)> {
         let name = o.key.rsplit('/').next().unwrap_or_default();
         if name == "audio.json" {
             audio = true;
-        } else if let Some(n) = name.strip_prefix('c').and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
+        } else if let Some(n) = name
+            .strip_prefix('c')
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse().ok())
+        {
             done.push(n);
         }
     }
@@ -179,17 +215,24 @@ fn done_records(s3: &S3, ledger: &S3Uri) -> Result<(Vec<u32>, bool)> {
 }
 
 fn scratch() -> Result<tempfile::TempDir> {
-    tempfile::Builder::new().prefix("tessera-task-").tempdir().map_err(|source| Error::Write {
-        path: std::env::temp_dir(),
-        source,
-    })
+    tempfile::Builder::new()
+        .prefix("tessera-task-")
+        .tempdir()
+        .map_err(|source| Error::Write {
+            path: std::env::temp_dir(),
+            source,
+        })
 }
 
 fn upload_all(s3: &Arc<S3>, dir: &Path, names: &[String], to: &S3Uri) -> Result<()> {
     s3::block_on(async {
         stream::iter(names.iter().map(|n| {
             let (src, dst) = (dir.join(n), to.join(n));
-            async move { s3::cp::upload_file(s3, &src, &dst, &CopyProgress::default()).await.map(drop) }
+            async move {
+                s3::cp::upload_file(s3, &src, &dst, &CopyProgress::default())
+                    .await
+                    .map(drop)
+            }
         }))
         .buffer_unordered(4)
         .try_collect::<Vec<()>>()
@@ -204,7 +247,8 @@ fn record(s3: &Arc<S3>, uri: &S3Uri, r: &ChunkResult) -> Result<()> {
 }
 
 fn existing(s3: &S3, uri: &S3Uri) -> Result<Option<ChunkResult>> {
-    Ok(s3::block_on(s3.get_small(uri))?.and_then(|b| serde_json::from_slice::<ChunkResult>(&b).ok()))
+    Ok(s3::block_on(s3.get_small(uri))?
+        .and_then(|b| serde_json::from_slice::<ChunkResult>(&b).ok()))
 }
 
 fn chunk(
@@ -215,14 +259,22 @@ fn chunk(
     frames: &AtomicU64,
     started: Instant,
 ) -> Result<ChunkResult> {
-    let n = work.chunk.ok_or_else(|| field("chunk", "a chunk task names no chunk"))? as usize;
+    let n = work
+        .chunk
+        .ok_or_else(|| field("chunk", "a chunk task names no chunk"))? as usize;
     let rec_uri = ledger.join(&format!("done/c{n}.json"));
     if let Some(r) = existing(s3, &rec_uri)? {
-        tracing::info!(chunk = n, "chunk already in the ledger; not encoding it again");
+        tracing::info!(
+            chunk = n,
+            "chunk already in the ledger; not encoding it again"
+        );
         return Ok(ChunkResult { reused: true, ..r });
     }
     let prep = prepared(work, s3)?;
-    let c = prep.chunks.get(n).ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
+    let c = prep
+        .chunks
+        .get(n)
+        .ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
     let dir = scratch()?;
     let count = prep.encode_chunk(&work.spec, c, dir.path(), cancel, &|| {
         frames.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +282,9 @@ fn chunk(
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    let names: Vec<String> = (0..work.spec.renditions.len()).map(|r| Prepared::chunk_file(r, n)).collect();
+    let names: Vec<String> = (0..work.spec.renditions.len())
+        .map(|r| Prepared::chunk_file(r, n))
+        .collect();
     upload_all(s3, dir.path(), &names, &ledger.join("chunks/"))?;
     let r = ChunkResult {
         frames: count,
@@ -243,7 +297,13 @@ fn chunk(
     Ok(r)
 }
 
-fn audio(work: &Work, s3: &Arc<S3>, ledger: &S3Uri, cancel: &AtomicBool, started: Instant) -> Result<ChunkResult> {
+fn audio(
+    work: &Work,
+    s3: &Arc<S3>,
+    ledger: &S3Uri,
+    cancel: &AtomicBool,
+    started: Instant,
+) -> Result<ChunkResult> {
     let rec_uri = ledger.join("done/audio.json");
     if let Some(r) = existing(s3, &rec_uri)? {
         return Ok(ChunkResult { reused: true, ..r });
@@ -265,19 +325,33 @@ fn audio(work: &Work, s3: &Arc<S3>, ledger: &S3Uri, cancel: &AtomicBool, started
     Ok(r)
 }
 
-fn stitch(work: &Work, s3: &Arc<S3>, ledger: &S3Uri, cancel: &AtomicBool, started: Instant) -> Result<StitchResult> {
+fn stitch(
+    work: &Work,
+    s3: &Arc<S3>,
+    ledger: &S3Uri,
+    cancel: &AtomicBool,
+    started: Instant,
+) -> Result<StitchResult> {
     let prep = prepared(work, s3)?;
     let dir = scratch()?;
     let mut names: Vec<String> = Vec::new();
     for ri in 0..work.spec.renditions.len() {
-        names.extend(prep.chunks.iter().map(|c| Prepared::chunk_file(ri, c.index)));
+        names.extend(
+            prep.chunks
+                .iter()
+                .map(|c| Prepared::chunk_file(ri, c.index)),
+        );
     }
     names.extend(prep.audio_files());
     let from = ledger.join("chunks/");
     s3::block_on(async {
         stream::iter(names.iter().map(|n| {
             let (src, dst) = (from.join(n), dir.path().join(n));
-            async move { s3::cp::download_file(s3, &src, &dst, &CopyProgress::default()).await.map(drop) }
+            async move {
+                s3::cp::download_file(s3, &src, &dst, &CopyProgress::default())
+                    .await
+                    .map(drop)
+            }
         }))
         .buffer_unordered(6)
         .try_collect::<Vec<()>>()

@@ -65,15 +65,22 @@ fn job(name: &str) -> Value {
 }
 
 async fn queue_url(client: &kube::Client) -> String {
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "tessera-system");
-    let l = leases.get("tessera-operator-leader").await.expect("leader lease");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "tessera-system");
+    let l = leases
+        .get("tessera-operator-leader")
+        .await
+        .expect("leader lease");
     l.metadata.annotations.unwrap()["tessera.dev/queue-url"].clone()
 }
 
 async fn metric(c: &Client, base: &str, name: &str, filter: &str) -> f64 {
-    let req = hyper::Request::get(format!("{base}/metrics")).body(Full::new(Bytes::new())).unwrap();
+    let req = hyper::Request::get(format!("{base}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = c.request(req).await.unwrap();
-    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    let text =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(filter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -91,8 +98,11 @@ async fn apiserver_requests(client: &kube::Client) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let kc = kube::config::Kubeconfig::read_from(root().join("target/e2e/kubeconfig")).expect("cluster is up");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+    let kc = kube::config::Kubeconfig::read_from(root().join("target/e2e/kubeconfig"))
+        .expect("cluster is up");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
     let client = kube::Client::try_from(cfg).unwrap();
     let _ = tessera_e2e::cluster::kubectl(&["create", "namespace", "bench"], None);
     kubectl_ok(
@@ -102,39 +112,70 @@ async fn main() {
              minWorkers: 0\n  maxWorkers: 0\n  serviceAccountName: tessera-worker\n",
         ),
     );
-    let token = kubectl_ok(&["create", "token", "tessera-worker", "-n", "tessera-system"], None).trim().to_string();
+    let token = kubectl_ok(
+        &["create", "token", "tessera-worker", "-n", "tessera-system"],
+        None,
+    )
+    .trim()
+    .to_string();
     let base = queue_url(&client).await;
     let c = http();
     let lease_url = format!("{base}/v1/pools/tessera-system/bench/lease");
     // The pool is known to the queue API after the operator's next pool pass.
     let t = Instant::now();
     loop {
-        let (s, _) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 0})).await;
+        let (s, _) = post(
+            &c,
+            &lease_url,
+            &token,
+            json!({"worker": "bench", "waitMs": 0}),
+        )
+        .await;
         if s == 204 || s == 200 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "queue API refuses the bench pool: {s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "queue API refuses the bench pool: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let jobs = Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), "bench", &kube::api::ApiResource {
-        group: "tessera.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "tessera.dev/v1alpha1".into(),
-        kind: "TranscodeJob".into(),
-        plural: "transcodejobs".into(),
-    });
+    let jobs = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        "bench",
+        &kube::api::ApiResource {
+            group: "tessera.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "tessera.dev/v1alpha1".into(),
+            kind: "TranscodeJob".into(),
+            plural: "transcodejobs".into(),
+        },
+    );
     let create = |name: String| {
         let jobs = jobs.clone();
         async move {
             let obj: kube::api::DynamicObject = serde_json::from_value(job(&name)).unwrap();
-            jobs.create(&PostParams::default(), &obj).await.expect("job created");
+            jobs.create(&PostParams::default(), &obj)
+                .await
+                .expect("job created");
         }
     };
     let delete_all = || async {
-        let _ = jobs.delete_collection(&DeleteParams::default(), &Default::default()).await;
+        let _ = jobs
+            .delete_collection(&DeleteParams::default(), &Default::default())
+            .await;
         let t = Instant::now();
-        while !jobs.list(&Default::default()).await.unwrap().items.is_empty() {
-            assert!(t.elapsed() < Duration::from_secs(120), "bench jobs not deleted");
+        while !jobs
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "bench jobs not deleted"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
@@ -144,7 +185,9 @@ async fn main() {
     for i in 0..50 {
         let c2 = c.clone();
         let (u, t2) = (lease_url.clone(), token.clone());
-        let waiter = tokio::spawn(async move { post(&c2, &u, &t2, json!({"worker": "bench", "waitMs": 20000})).await });
+        let waiter = tokio::spawn(async move {
+            post(&c2, &u, &t2, json!({"worker": "bench", "waitMs": 20000})).await
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let t0 = Instant::now();
         create(format!("lat-{i:02}")).await;
@@ -160,12 +203,27 @@ async fn main() {
 
     // 2. 200 at once → all planned and queued.
     let before = apiserver_requests(&client).await;
-    let queued_before = metric(&c, &base, "tessera_queue_queued_tasks", "tessera-system/bench").await;
+    let queued_before = metric(
+        &c,
+        &base,
+        "tessera_queue_queued_tasks",
+        "tessera-system/bench",
+    )
+    .await;
     let t0 = Instant::now();
-    stream::iter((0..200).map(|i| create(format!("burst-{i:03}")))).buffer_unordered(32).collect::<Vec<_>>().await;
+    stream::iter((0..200).map(|i| create(format!("burst-{i:03}"))))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
     let created = t0.elapsed().as_secs_f64();
     loop {
-        let q = metric(&c, &base, "tessera_queue_queued_tasks", "tessera-system/bench").await;
+        let q = metric(
+            &c,
+            &base,
+            "tessera_queue_queued_tasks",
+            "tessera-system/bench",
+        )
+        .await;
         if q - queued_before >= 200.0 {
             break;
         }
@@ -183,16 +241,34 @@ async fn main() {
         let name = format!("status-{chunks}");
         let writes0 = metric(&c, &base, "tessera_status_writes_total", "").await;
         create(name.clone()).await;
-        let (s, body) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 20000})).await;
+        let (s, body) = post(
+            &c,
+            &lease_url,
+            &token,
+            json!({"worker": "bench", "waitMs": 20000}),
+        )
+        .await;
         assert_eq!(s, 200);
         let id = body["task"]["id"].as_u64().unwrap();
         let plan = json!({"plan": {"targetSeconds": 1.0, "chunks": chunks, "frames": chunks * 25, "durationSeconds": chunks,
             "fps": 25.0, "encoders": ["libx264"], "encoderReasons": [], "audio": false}, "done": [], "auditDone": false, "audioDone": false});
-        post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token, json!({"worker": "bench", "result": plan})).await;
+        post(
+            &c,
+            &format!("{base}/v1/tasks/{id}/complete"),
+            &token,
+            json!({"worker": "bench", "result": plan}),
+        )
+        .await;
         let t0 = Instant::now();
         let mut n = 0;
         while n < chunks {
-            let (s, body) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 5000})).await;
+            let (s, body) = post(
+                &c,
+                &lease_url,
+                &token,
+                json!({"worker": "bench", "waitMs": 5000}),
+            )
+            .await;
             assert_eq!(s, 200, "chunk lease");
             let id = body["task"]["id"].as_u64().unwrap();
             let kind = body["task"]["work"]["kind"].as_str().unwrap().to_string();
@@ -202,11 +278,25 @@ async fn main() {
             n += 1;
         }
         let encode_secs = t0.elapsed().as_secs_f64();
-        let (s, body) = post(&c, &lease_url, &token, json!({"worker": "bench", "waitMs": 5000})).await;
-        assert_eq!((s, body["task"]["work"]["kind"].as_str()), (200, Some("stitch")));
+        let (s, body) = post(
+            &c,
+            &lease_url,
+            &token,
+            json!({"worker": "bench", "waitMs": 5000}),
+        )
+        .await;
+        assert_eq!(
+            (s, body["task"]["work"]["kind"].as_str()),
+            (200, Some("stitch"))
+        );
         let id = body["task"]["id"].as_u64().unwrap();
-        post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token,
-            json!({"worker": "bench", "result": {"renditions": [], "seconds": 0.0}})).await;
+        post(
+            &c,
+            &format!("{base}/v1/tasks/{id}/complete"),
+            &token,
+            json!({"worker": "bench", "result": {"renditions": [], "seconds": 0.0}}),
+        )
+        .await;
         let t = Instant::now();
         loop {
             let j = jobs.get(&name).await.unwrap();
@@ -218,7 +308,10 @@ async fn main() {
         }
         let total = t0.elapsed().as_secs_f64();
         let writes = metric(&c, &base, "tessera_status_writes_total", "").await - writes0;
-        eprintln!("{chunks} chunks completed in {encode_secs:.2} s: {writes} status writes ({:.2}/s)", writes / total);
+        eprintln!(
+            "{chunks} chunks completed in {encode_secs:.2} s: {writes} status writes ({:.2}/s)",
+            writes / total
+        );
         status.push(json!({"chunks": chunks, "chunkSeconds": encode_secs, "jobSeconds": total, "statusWrites": writes,
             "writesPerSecond": writes / total}));
     }
@@ -239,7 +332,11 @@ async fn main() {
     });
     let dir = root().join("bench/results");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("operator.json"), serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("operator.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
 }
 
@@ -250,7 +347,9 @@ impl tessera_operator::api::Authenticator for Fixed {
     fn authenticate<'a>(&'a self, token: &'a str) -> tessera_operator::api::AuthFuture<'a> {
         Box::pin(async move {
             (token == "bench-token")
-                .then(|| tessera_operator::api::Identity { username: "system:serviceaccount:ns:w".into() })
+                .then(|| tessera_operator::api::Identity {
+                    username: "system:serviceaccount:ns:w".into(),
+                })
                 .ok_or_else(|| "bad token".to_string())
         })
     }
@@ -276,7 +375,11 @@ async fn queue_api_bench() -> Value {
         );
     }
     let st = ApiState::new(q, Box::new(Fixed), None);
-    st.access.lock().unwrap().pools.insert("ns/p".into(), ("ns".into(), "w".into()));
+    st.access
+        .lock()
+        .unwrap()
+        .pools
+        .insert("ns/p".into(), ("ns".into(), "w".into()));
     let app = router(Arc::new(st));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -300,7 +403,13 @@ async fn queue_api_bench() -> Value {
                         break;
                     }
                     let id = body["task"]["id"].as_u64().unwrap();
-                    post(&c, &format!("http://{addr}/v1/tasks/{id}/complete"), "bench-token", json!({"worker": name})).await;
+                    post(
+                        &c,
+                        &format!("http://{addr}/v1/tasks/{id}/complete"),
+                        "bench-token",
+                        json!({"worker": name}),
+                    )
+                    .await;
                 }
                 lat
             })

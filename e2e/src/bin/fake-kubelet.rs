@@ -403,7 +403,9 @@ impl Kubelet {
                 .unwrap_or(137);
             if self.pods.lock().await.get(&k).is_none_or(|r| r.pid != pid) {
                 // Being deleted: emptyDir volumes go with the pod.
-                let _ = std::fs::remove_dir_all(self.state.join("volumes").join(format!("{ns}_{name}")));
+                let _ = std::fs::remove_dir_all(
+                    self.state.join("volumes").join(format!("{ns}_{name}")),
+                );
                 return Ok(());
             }
             tracing::info!(pod = %k, code, "exited");
@@ -548,13 +550,29 @@ impl Kubelet {
     }
 
     /// The pod's emptyDir volumes mounted in `c`: (mount path, host folder), created on first use.
-    fn empty_dirs(&self, p: &Pod, c: &Container, ns: &str) -> std::io::Result<Vec<(String, PathBuf)>> {
-        let vols = p.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+    fn empty_dirs(
+        &self,
+        p: &Pod,
+        c: &Container,
+        ns: &str,
+    ) -> std::io::Result<Vec<(String, PathBuf)>> {
+        let vols = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
         let mut out = Vec::new();
         for m in c.volume_mounts.clone().unwrap_or_default() {
-            if vols.iter().any(|v| v.name == m.name && v.empty_dir.is_some()) {
-                let dir = self.state.join("volumes").join(format!("{ns}_{name}")).join(&m.name);
+            if vols
+                .iter()
+                .any(|v| v.name == m.name && v.empty_dir.is_some())
+            {
+                let dir = self
+                    .state
+                    .join("volumes")
+                    .join(format!("{ns}_{name}"))
+                    .join(&m.name);
                 std::fs::create_dir_all(&dir)?;
                 out.push((m.mount_path.trim_end_matches('/').to_string(), dir));
             }
