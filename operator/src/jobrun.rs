@@ -151,13 +151,11 @@ impl JobRun {
             return Vec::new();
         }
         match (kind, chunk) {
-            (WorkKind::Chunk, Some(c)) => {
-                if self.done.insert(c) {
-                    if r.reused {
-                        self.reused += 1;
-                    } else {
-                        self.encoded_frames += r.frames;
-                    }
+            (WorkKind::Chunk, Some(c)) if self.done.insert(c) => {
+                if r.reused {
+                    self.reused += 1;
+                } else {
+                    self.encoded_frames += r.frames;
                 }
             }
             (WorkKind::Audio, _) => self.audio_done = true,
