@@ -689,9 +689,14 @@ fn interrupting_a_run_leaves_no_partial_output_or_scratch() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The output folder is created when encoding starts; that is the moment to interrupt.
+    // Chunk files appear in the scratch folder when encoding starts; that is the moment to interrupt.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !target.exists() || listing(&tmp).is_empty() {
+    let encoding = || {
+        listing(&tmp)
+            .iter()
+            .any(|d| listing(&tmp.join(d)).iter().any(|f| f.ends_with(".tpk")))
+    };
+    while !encoding() {
         assert!(
             std::time::Instant::now() < deadline,
             "encoding never started"
