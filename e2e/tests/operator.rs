@@ -687,7 +687,11 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
     let src = input("short", 3);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(&job_yaml("held", &src, "  suspend: true\n  ttlSecondsAfterFinished: 2\n")),
+        Some(&job_yaml(
+            "held",
+            &src,
+            "  suspend: true\n  ttlSecondsAfterFinished: 2\n",
+        )),
     );
     wait_until("the suspended condition", Duration::from_secs(30), || {
         get_job("held").is_some_and(|j| {
@@ -695,7 +699,11 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|c| c["type"] == "Progressing" && c["status"] == "False" && c["reason"] == "Suspended")
+                .any(|c| {
+                    c["type"] == "Progressing"
+                        && c["status"] == "False"
+                        && c["reason"] == "Suspended"
+                })
         })
     });
     // Held: nothing planned, nothing written, for a while.
@@ -704,14 +712,37 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
     assert_eq!(j["status"]["phase"], "Pending", "{}", j["status"]);
     assert!(j["status"]["progress"].is_null());
     assert!(objects("outputs/held").is_empty());
-    kubectl_ok(&["patch", "tj", "held", "-n", "default", "--type=merge", "-p", r#"{"spec":{"suspend":false}}"#], None);
+    kubectl_ok(
+        &[
+            "patch",
+            "tj",
+            "held",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"suspend":false}}"#,
+        ],
+        None,
+    );
     let t0 = Instant::now();
     wait_complete("held", Duration::from_secs(120));
-    assert!(objects("outputs/held").iter().any(|o| o.ends_with("small.mp4")));
+    assert!(objects("outputs/held")
+        .iter()
+        .any(|o| o.ends_with("small.mp4")));
     // ttlSecondsAfterFinished: gone about 2 s after completion; the outputs stay.
-    wait_until("the finished job to be deleted by its TTL", Duration::from_secs(30), || get_job("held").is_none());
-    eprintln!("suspend → resume → complete → TTL deletion in {:.1} s", t0.elapsed().as_secs_f64());
-    assert!(objects("outputs/held").iter().any(|o| o.ends_with("small.mp4")));
+    wait_until(
+        "the finished job to be deleted by its TTL",
+        Duration::from_secs(30),
+        || get_job("held").is_none(),
+    );
+    eprintln!(
+        "suspend → resume → complete → TTL deletion in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(objects("outputs/held")
+        .iter()
+        .any(|o| o.ends_with("small.mp4")));
 }
 
 #[test]
@@ -720,24 +751,55 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
     let src = input("failover", 30);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(&job_yaml("drain", &src, "").replace("preset: ultrafast", "preset: slow").replace("height: 180", "height: 360")),
+        Some(
+            &job_yaml("drain", &src, "")
+                .replace("preset: ultrafast", "preset: slow")
+                .replace("height: 180", "height: 360"),
+        ),
     );
     // A worker in the middle of a chunk: more tasks leased than finished in its log.
     let busy = || {
         pod_logs("default-worker").into_iter().find(|(_, l)| {
-            l.matches("task leased").count() > l.matches("task done").count() + l.matches("task failed").count()
+            l.matches("task leased").count()
+                > l.matches("task done").count() + l.matches("task failed").count()
                 && l.contains("job=default/drain")
         })
     };
-    wait_until("a worker busy with the job", Duration::from_secs(60), || busy().is_some());
+    wait_until(
+        "a worker busy with the job",
+        Duration::from_secs(60),
+        || busy().is_some(),
+    );
     let (file, _) = busy().unwrap();
-    let pod = file.trim_start_matches("tessera-system_").trim_end_matches(".log").to_string();
-    kubectl_ok(&["delete", "pod", &pod, "-n", "tessera-system", "--wait=false"], None);
+    let pod = file
+        .trim_start_matches("tessera-system_")
+        .trim_end_matches(".log")
+        .to_string();
+    kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            &pod,
+            "-n",
+            "tessera-system",
+            "--wait=false",
+        ],
+        None,
+    );
     let log = || pod_logs(&pod).pop().map(|(_, l)| l).unwrap_or_default();
-    wait_until("the worker to finish its task and stop", Duration::from_secs(90), || log().contains("worker stopped"));
+    wait_until(
+        "the worker to finish its task and stop",
+        Duration::from_secs(90),
+        || log().contains("worker stopped"),
+    );
     let l = log();
-    let drain_at = l.find("draining: letting the task finish").expect("the worker drained its task");
-    assert!(l[drain_at..].contains("task done"), "the task finished after SIGTERM:\n{l}");
+    let drain_at = l
+        .find("draining: letting the task finish")
+        .expect("the worker drained its task");
+    assert!(
+        l[drain_at..].contains("task done"),
+        "the task finished after SIGTERM:\n{l}"
+    );
     assert!(!l.contains("drain time over"), "{l}");
     let job = wait_complete("drain", Duration::from_secs(240));
     let chunks = job["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;

@@ -35,6 +35,8 @@ use crate::status::{Decision, Throttle};
 use crate::Error;
 
 pub const FINALIZER: &str = "tessera.dev/cleanup";
+/// How long a deleted job waits for a worker to delete its temporary objects before it goes anyway.
+const CLEANUP_PATIENCE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,6 +63,7 @@ struct Entry {
     cleanup_done: bool,
     /// Some task was handed to a worker (so the ledger may hold objects).
     touched: bool,
+    cleanup_since: Option<Instant>,
     events: Vec<(EventType, &'static str, String)>,
 }
 
@@ -319,6 +322,7 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
             cleanup: None,
             cleanup_done: false,
             touched: false,
+            cleanup_since: None,
             events: Vec::new(),
         };
         if !job.spec.suspend {
@@ -456,11 +460,29 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
                 cleanup: None,
                 cleanup_done: false,
                 touched: false,
+                cleanup_since: None,
                 events: Vec::new(),
             });
         e.tasks.clear();
         e.dirty = false;
         e.touched = true;
+        let waited = e.cleanup_since.get_or_insert_with(Instant::now).elapsed();
+        if !e.cleanup_done && waited > CLEANUP_PATIENCE {
+            // No worker ran the cleanup (the pool cannot schedule any): let the job go rather than hang.
+            tracing::warn!(job = %format!("{ns}/{name}"), ledger = %e.run.ledger,
+                "no worker cleaned the job's temporary objects in time; deleting the job anyway");
+            e.cleanup_done = true;
+            e.events.push((
+                EventType::Warning,
+                "CleanupAbandoned",
+                format!(
+                    "no worker of pool {} ran the cleanup within {} s; objects under {} may remain",
+                    e.run.pool,
+                    CLEANUP_PATIENCE.as_secs(),
+                    e.run.ledger
+                ),
+            ));
+        }
         if !e.cleanup_done {
             if e.cleanup.is_none() {
                 let w = Work {
