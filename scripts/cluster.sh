@@ -27,9 +27,27 @@ wait_for() { # wait_for WHAT SECONDS COMMAND...
   done
 }
 
-start() { # start NAME COMMAND...: background process, pid and log in $ST
+start() { # start NAME COMMAND...: background process, pid, log and command line in $ST
   local name=$1; shift
-  "$@" >"$ST/$name.log" 2>&1 &
+  printf '%q ' "$@" >"$ST/$name.cmd"
+  "$@" >>"$ST/$name.log" 2>&1 &
+  echo $! >"$ST/$name.pid"
+}
+
+stop_one() { # stop_one NAME: SIGTERM, then SIGKILL after 5 s
+  local f="$ST/$1.pid" pid
+  [ -e "$f" ] || return 0
+  pid=$(cat "$f")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$f"
+}
+
+again() { # again NAME: start a stopped component with the command line it had
+  local name=$1
+  eval "set -- $(cat "$ST/$name.cmd")"
+  "$@" >>"$ST/$name.log" 2>&1 &
   echo $! >"$ST/$name.pid"
 }
 
@@ -151,5 +169,8 @@ EOF
 case "${1:-}" in
   up) up ;;
   down) down; echo "cluster: down" ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  # Fault injection for tests: stop or start one component (kube-apiserver, s3, ...) with its old flags.
+  stop) stop_one "$2" ;;
+  start) again "$2" ;;
+  *) echo "usage: $0 up|down|stop NAME|start NAME" >&2; exit 2 ;;
 esac

@@ -437,6 +437,9 @@ pub struct WorkerPoolSpec {
     /// The S3 endpoint and credentials workers use. Jobs cannot pick an endpoint: the administrator sets it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Access>,
+    /// Extra environment for the workers (proxies, `RUST_LOG`, `TESSERA_S3_*` tuning).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
     /// Worker image (the `tessera` binary with FFmpeg runtime libraries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,

@@ -165,11 +165,17 @@ fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, 
             );
         }
     } else if let Some(rest) = uri.strip_prefix("s3://") {
-        // Checked in full where S3 I/O lives; here only its shape.
+        // Checked in full where S3 I/O lives; here its shape, and no '.' or '..' segments: stores treat
+        // them as plain names, but tools that map keys to paths do not.
         if rest.split('/').next().unwrap_or("").is_empty() {
             err(
                 field.into(),
                 format!("{uri:?}: missing bucket name (s3://bucket/key)"),
+            );
+        } else if rest.split('/').any(|seg| seg == ".." || seg == ".") {
+            err(
+                field.into(),
+                format!("{uri:?}: '.' and '..' are not allowed in keys"),
             );
         }
     } else {
@@ -258,5 +264,7 @@ mod tests {
         );
         s.input.uri = "file:///a/../etc/passwd".into();
         assert!(fields(&s).contains(&"spec.input.uri".to_string()));
+        s.output.uri = "s3://b/out/../../x/".into();
+        assert!(fields(&s).contains(&"spec.output.uri".to_string()));
     }
 }

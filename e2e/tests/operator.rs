@@ -4,15 +4,15 @@
 //!
 //! Bounds stated here are for a 2-core CI machine.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use tessera_e2e::cluster::{env_file, json, kubectl, kubectl_ok, pod_logs, root};
+use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs, root};
 use tessera_e2e::faultproxy::wait_until;
+use tessera_e2e::jobs::{
+    busy_worker, condition, delete_job, encodes, ffprobe, get_job, input, job_yaml, live_workers,
+    objects, open_uploads, s3_dir, slow_job_yaml, wait_complete, worker_pods,
+};
 
 /// How long the example job may take from `kubectl apply` to `Complete`.
 const EXAMPLE_BOUND: Duration = Duration::from_secs(120);
@@ -26,197 +26,6 @@ fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Clus
         ("TESSERA_POOL_COOLDOWN", "8"),
         ("TESSERA_LEASE_SECONDS", "6"),
     ])
-}
-
-fn s3_dir() -> PathBuf {
-    root().join("target/e2e/cluster/s3")
-}
-
-/// Files (objects) under a key prefix of the `tessera` bucket, as the S3 server stores them.
-fn objects(prefix: &str) -> Vec<String> {
-    fn walk(d: &Path, base: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, base, out);
-            } else {
-                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
-    let base = s3_dir().join("tessera");
-    let mut out = Vec::new();
-    walk(&base.join(prefix), &base, &mut out);
-    out.sort();
-    out
-}
-
-/// Multipart uploads the S3 server still holds open (s3s-fs keeps each as `.upload-*` in its root).
-fn open_uploads() -> usize {
-    std::fs::read_dir(s3_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload"))
-        .count()
-}
-
-/// A generated input (640x360, 25 fps, a keyframe every second, with audio), uploaded once per name.
-fn input(name: &str, seconds: u32) -> String {
-    static MADE: OnceLock<std::sync::Mutex<HashMap<String, String>>> = OnceLock::new();
-    let made = MADE.get_or_init(Default::default);
-    if let Some(u) = made.lock().unwrap().get(name) {
-        return u.clone();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join(format!("{name}.mp4"));
-    let st = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg(format!("testsrc2=size=640x360:rate=25:duration={seconds}"))
-        .args(["-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={seconds}"))
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "25",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ])
-        .arg(&file)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ffmpeg made the input");
-    let uri = format!("s3://tessera/inputs/{name}.mp4");
-    let st = Command::new(root().join("target/release/tessera-cp"))
-        .arg(&file)
-        .arg(&uri)
-        .envs(env_file())
-        .status()
-        .unwrap();
-    assert!(st.success(), "uploaded {uri}");
-    made.lock().unwrap().insert(name.into(), uri.clone());
-    uri
-}
-
-fn job_yaml(name: &str, input: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
-         input: {{uri: \"{input}\"}}\n  output: {{uri: \"s3://tessera/outputs/{name}/\"}}\n  renditions:\n    - \
-         {{name: small, video: {{codec: h264, height: 180, crf: 30, preset: ultrafast}}}}\n  chunking: \
-         {{targetSeconds: 1}}\n{extra}"
-    )
-}
-
-fn get_job(name: &str) -> Option<Value> {
-    let out = kubectl(&["get", "tj", name, "-n", "default", "-o", "json"], None);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-fn condition(job: &Value, type_: &str) -> bool {
-    job["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == type_ && c["status"] == "True")
-}
-
-fn wait_complete(name: &str, bound: Duration) -> Value {
-    let mut last = Value::Null;
-    let t0 = Instant::now();
-    while t0.elapsed() < bound {
-        if let Some(j) = get_job(name) {
-            assert!(
-                !condition(&j, "Failed"),
-                "job {name} failed: {}",
-                j["status"]
-            );
-            if condition(&j, "Complete") {
-                return j;
-            }
-            last = j;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "job {name} not Complete within {bound:?}: {}",
-        last["status"]
-    );
-}
-
-fn ffprobe(path: &Path) -> Value {
-    let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-count_frames",
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-        ])
-        .arg("stream=codec_name,width,height,nb_read_frames:format=duration")
-        .args(["-of", "json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ffprobe {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn worker_pods() -> Vec<Value> {
-    json(&[
-        "get",
-        "pods",
-        "-n",
-        "tessera-system",
-        "-l",
-        "tessera.dev/pool=default",
-    ])["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn live_workers() -> usize {
-    worker_pods()
-        .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .count()
-}
-
-fn delete_job(name: &str) {
-    kubectl_ok(
-        &["delete", "tj", name, "-n", "default", "--wait=false"],
-        None,
-    );
-    wait_until("the job to be gone", Duration::from_secs(60), || {
-        get_job(name).is_none()
-    });
-}
-
-/// Lines of worker logs saying a chunk of `job` was encoded (not reused from the ledger).
-fn encodes(job: &str) -> usize {
-    pod_logs("default-worker")
-        .iter()
-        .flat_map(|(_, l)| l.lines().map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| {
-            l.contains("chunk encoded")
-                && l.split_whitespace()
-                    .any(|w| w == format!("job=default/{job}"))
-        })
-        .count()
 }
 
 #[test]
@@ -301,7 +110,7 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
     );
 
     // The workers asked for a GPU and ran on GPU nodes only.
-    let pods = worker_pods();
+    let pods = worker_pods("default");
     assert!(!pods.is_empty(), "workers still there within the cooldown");
     for p in &pods {
         let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
@@ -398,11 +207,7 @@ fn deleting_a_running_job_stops_its_tasks_and_leaves_nothing_behind() {
     let src = input("long", 40);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(
-            &job_yaml("doomed", &src, "")
-                .replace("preset: ultrafast", "preset: veryslow")
-                .replace("height: 180", "height: 360"),
-        ),
+        Some(&slow_job_yaml("doomed", &src, "veryslow")),
     );
     wait_until(
         "chunks of the job to be encoding",
@@ -456,7 +261,7 @@ fn backlog_scales_to_max_then_to_zero_and_priority_jumps_the_queue() {
     let _c = cluster();
     let src = input("short", 3);
     wait_until("an idle pool", Duration::from_secs(60), || {
-        live_workers() == 0
+        live_workers("default") == 0
     });
     let mut all = String::new();
     for i in 0..29 {
@@ -476,7 +281,7 @@ fn backlog_scales_to_max_then_to_zero_and_priority_jumps_the_queue() {
         .chain(["urgent".to_string()])
         .collect();
     loop {
-        peak = peak.max(live_workers());
+        peak = peak.max(live_workers("default"));
         let done = json(&["get", "tj", "-n", "default"])["items"]
             .as_array()
             .unwrap()
@@ -523,7 +328,7 @@ fn backlog_scales_to_max_then_to_zero_and_priority_jumps_the_queue() {
 
     // Back to zero after the cooldown; no worker was stopped while it held a task.
     wait_until("the pool to scale to zero", Duration::from_secs(60), || {
-        live_workers() == 0
+        live_workers("default") == 0
     });
     for (name, log) in pod_logs("default-worker") {
         assert!(
@@ -621,11 +426,7 @@ fn killing_the_leader_mid_job_loses_no_finished_chunk() {
     let src = input("failover", 30);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(
-            &job_yaml("failover", &src, "")
-                .replace("preset: ultrafast", "preset: slow")
-                .replace("height: 180", "height: 360"),
-        ),
+        Some(&slow_job_yaml("failover", &src, "slow")),
     );
     wait_until("a few chunks to be done", Duration::from_secs(120), || {
         get_job("failover")
@@ -751,30 +552,14 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
     let src = input("failover", 30);
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(
-            &job_yaml("drain", &src, "")
-                .replace("preset: ultrafast", "preset: slow")
-                .replace("height: 180", "height: 360"),
-        ),
+        Some(&slow_job_yaml("drain", &src, "slow")),
     );
-    // A worker in the middle of a chunk: more tasks leased than finished in its log.
-    let busy = || {
-        pod_logs("default-worker").into_iter().find(|(_, l)| {
-            l.matches("task leased").count()
-                > l.matches("task done").count() + l.matches("task failed").count()
-                && l.contains("job=default/drain")
-        })
-    };
     wait_until(
         "a worker busy with the job",
         Duration::from_secs(60),
-        || busy().is_some(),
+        || busy_worker("drain").is_some(),
     );
-    let (file, _) = busy().unwrap();
-    let pod = file
-        .trim_start_matches("tessera-system_")
-        .trim_end_matches(".log")
-        .to_string();
+    let pod = busy_worker("drain").unwrap();
     kubectl_ok(
         &[
             "delete",

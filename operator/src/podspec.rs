@@ -114,6 +114,7 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             }
         }
     }
+    envs.extend(i.spec.env.iter().cloned());
     let mut limits = BTreeMap::new();
     if let Some(r) = &i.spec.resource {
         limits.insert(r.name.clone(), Quantity(r.count.to_string()));
@@ -218,6 +219,7 @@ mod tests {
             cooldown_seconds: 60,
             service_account_name: "tessera-worker".into(),
             s3: None,
+            env: Vec::new(),
         }
     }
 

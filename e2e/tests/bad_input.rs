@@ -1,0 +1,563 @@
+//! Bad input on the local cluster (chart installed with helm): every case ends in a clear rejection — at
+//! `kubectl apply` by the CRD schema where a schema can say it, else a `Failed` condition whose reason
+//! names the cause, with a Warning Event — and nothing is lost or left half-written, the operator keeps
+//! running without restarts, and no secret appears in any log, event or status. The outcomes are written to
+//! RELIABILITY.md (between the `bad-input` markers) by this test.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tessera_e2e::cluster::{env_file, json, kubectl, kubectl_ok, pod_logs, root};
+
+fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
+    tessera_e2e::cluster::cluster(&[("TESSERA_POOL_MAX", "4"), ("TESSERA_POOL_COOLDOWN", "8")])
+}
+
+fn ffmpeg(args: &[&str], out: &Path) {
+    let st = Command::new("ffmpeg")
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ffmpeg {args:?}");
+}
+
+fn upload(file: &Path, key: &str) -> String {
+    let uri = format!("s3://tessera/{key}");
+    let out = Command::new(root().join("target/release/tessera-cp"))
+        .arg(file)
+        .arg(&uri)
+        .envs(env_file())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "upload {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    uri
+}
+
+fn job(name: &str, input: &str, output: &str, renditions: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
+         input: {{uri: \"{input}\"}}\n  output: {{uri: \"{output}\"}}\n  renditions: {renditions}\n{extra}"
+    )
+}
+
+const R1: &str = "[{name: a, video: {codec: h264, height: 144, preset: ultrafast}}]";
+
+struct Outcome {
+    case: String,
+    rejected_at: &'static str,
+    reason: String,
+    message: String,
+}
+
+fn status_of(name: &str) -> Option<Value> {
+    let out = kubectl(&["get", "tj", name, "-n", "default", "-o", "json"], None);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice::<Value>(&out.stdout).unwrap()["status"].clone())
+}
+
+fn failed(st: &Value) -> Option<(String, String)> {
+    st["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Failed" && c["status"] == "True")
+        .map(|c| {
+            (
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+fn s3_dir() -> std::path::PathBuf {
+    root().join("target/e2e/cluster/s3")
+}
+
+#[test]
+fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
+    let _c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secret = env_file()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+        .unwrap()
+        .1;
+
+    // Media that reaches a worker.
+    let good = d.join("good.mp4");
+    ffmpeg(
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=25:duration=4",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+        ],
+        &good,
+    );
+    let bytes = std::fs::read(&good).unwrap();
+    let write = |name: &str, data: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let empty = write("empty.mp4", b"");
+    let noise = write(
+        "noise.mp4",
+        &(0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect::<Vec<_>>(),
+    );
+    let text = write("text.mp4", "this is not a video\n".repeat(2000).as_bytes());
+    let truncated = write("truncated.mp4", &bytes[..bytes.len() / 2]);
+    // moov at the end (ffmpeg's default): everything before it, so the index is missing entirely.
+    let moov = bytes.windows(4).rposition(|w| w == b"moov").unwrap() - 4;
+    let no_moov = write("no-moov.mp4", &bytes[..moov]);
+    let audio_only = d.join("audio-only.m4a");
+    ffmpeg(
+        &["-f", "lavfi", "-i", "sine=d=2", "-c:a", "aac"],
+        &audio_only,
+    );
+    let srt = write("subs.srt", b"1\n00:00:00,000 --> 00:00:01,000\nhello\n\n");
+    let subs_only = d.join("subtitle-only.mkv");
+    ffmpeg(&["-i", srt.to_str().unwrap(), "-c:s", "srt"], &subs_only);
+    let mut y4m = b"YUV4MPEG2 W17000 H16 F25:1 Ip A1:1 C420jpeg\nFRAME\n".to_vec();
+    y4m.extend(vec![128u8; 17000 * 16 * 3 / 2]);
+    let huge = write("absurd-dimensions.y4m", &y4m);
+    let good_uri = upload(&good, "bad/good.mp4");
+
+    let mut media: Vec<(&str, String, String, &str)> = Vec::new(); // case, input, output, expected reason
+    for (case, file, reason) in [
+        ("zero-byte file", &empty, "InvalidMedia"),
+        ("random bytes", &noise, "InvalidMedia"),
+        ("text, not a video", &text, "InvalidMedia"),
+        ("truncated MP4", &truncated, "InvalidMedia"),
+        ("MP4 without moov", &no_moov, "InvalidMedia"),
+        ("audio only", &audio_only, "NoVideoStream"),
+        ("subtitle only", &subs_only, "NoVideoStream"),
+        (
+            "absurd declared dimensions (17000x16)",
+            &huge,
+            "InvalidMedia",
+        ),
+    ] {
+        let key = format!("bad/{}", file.file_name().unwrap().to_string_lossy());
+        media.push((case, upload(file, &key), String::new(), reason));
+    }
+    media.push((
+        "missing object",
+        "s3://tessera/bad/does-not-exist.mp4".into(),
+        String::new(),
+        "InputNotFound",
+    ));
+    media.push((
+        "missing input bucket",
+        "s3://no-such-bucket/in.mp4".into(),
+        String::new(),
+        "BucketNotFound",
+    ));
+    media.push((
+        "unwritable output (no such bucket)",
+        good_uri.clone(),
+        "s3://no-such-output-bucket/out/".into(),
+        "BucketNotFound",
+    ));
+
+    // Specs the operator rejects (a schema cannot say these).
+    let mut spec_cases: Vec<(&str, String)> = vec![
+        (
+            "crf and bitrate together",
+            job(
+                "spec-crf-bitrate",
+                &good_uri,
+                "s3://tessera/outputs/x/",
+                "[{name: a, video: {codec: h264, crf: 20, bitrate: 1M}}]",
+                "",
+            ),
+        ),
+        (
+            "opus audio in HLS",
+            job(
+                "spec-opus-hls",
+                &good_uri,
+                "s3://tessera/outputs/x/",
+                "[{name: a, video: {codec: h264}, audio: {codec: opus}}]",
+                "",
+            )
+            .replace(
+                "output: {uri: \"s3://tessera/outputs/x/\"}",
+                "output: {uri: \"s3://tessera/outputs/x/\", container: hls}",
+            ),
+        ),
+        (
+            "file:// input in a cluster",
+            job(
+                "spec-file-input",
+                "file:///etc/passwd",
+                "s3://tessera/outputs/x/",
+                R1,
+                "",
+            ),
+        ),
+        (
+            "output is a bucket root",
+            job("spec-bucket-root", &good_uri, "s3://tessera/", R1, ""),
+        ),
+        (
+            "'..' in the output key",
+            job(
+                "spec-dotdot",
+                &good_uri,
+                "s3://tessera/outputs/../../x/",
+                R1,
+                "",
+            ),
+        ),
+        (
+            "maxrate below bitrate",
+            job(
+                "spec-maxrate",
+                &good_uri,
+                "s3://tessera/outputs/x/",
+                "[{name: a, video: {codec: h264, bitrate: 2M, maxrate: 1M}}]",
+                "",
+            ),
+        ),
+    ];
+    // Specs the schema rejects at apply.
+    let thousands: String = format!(
+        "[{}]",
+        (0..2000)
+            .map(|i| format!("{{name: r{i}, video: {{codec: h264}}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let schema_cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown codec",
+            job(
+                "s1",
+                &good_uri,
+                "s3://tessera/o/",
+                "[{name: a, video: {codec: h265}}]",
+                "",
+            ),
+            "codec",
+        ),
+        (
+            "negative CRF",
+            job(
+                "s2",
+                &good_uri,
+                "s3://tessera/o/",
+                "[{name: a, video: {codec: h264, crf: -1}}]",
+                "",
+            ),
+            "crf",
+        ),
+        (
+            "empty renditions",
+            job("s3", &good_uri, "s3://tessera/o/", "[]", ""),
+            "spec.renditions",
+        ),
+        (
+            "duplicate rendition names",
+            job(
+                "s4",
+                &good_uri,
+                "s3://tessera/o/",
+                "[{name: a, video: {codec: h264}}, {name: a, video: {codec: h264}}]",
+                "",
+            ),
+            "Duplicate",
+        ),
+        (
+            "path traversal in a rendition name",
+            job(
+                "s5",
+                &good_uri,
+                "s3://tessera/o/",
+                "[{name: ../../etc, video: {codec: h264}}]",
+                "",
+            ),
+            "name",
+        ),
+        (
+            "thousands of renditions",
+            job("s6", &good_uri, "s3://tessera/o/", &thousands, ""),
+            "spec.renditions",
+        ),
+        (
+            "enormous targetSeconds",
+            job(
+                "s7",
+                &good_uri,
+                "s3://tessera/o/",
+                R1,
+                "  chunking: {targetSeconds: 1e9}\n",
+            ),
+            "targetSeconds",
+        ),
+        (
+            "zero-size scaling",
+            job(
+                "s8",
+                &good_uri,
+                "s3://tessera/o/",
+                "[{name: a, video: {codec: h264, height: 0}}]",
+                "",
+            ),
+            "height",
+        ),
+        (
+            "bitrate that is not a number",
+            job(
+                "s9",
+                &good_uri,
+                "s3://tessera/o/",
+                "[{name: a, video: {codec: h264, bitrate: fast}}]",
+                "",
+            ),
+            "bitrate",
+        ),
+        (
+            "empty input URI",
+            job("s10", "", "s3://tessera/o/", R1, ""),
+            "spec.input.uri",
+        ),
+    ];
+
+    let mut outcomes = Vec::new();
+    for (case, yaml, field) in &schema_cases {
+        let out = kubectl(&["apply", "-f", "-"], Some(yaml));
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert!(!out.status.success(), "{case}: accepted");
+        assert!(
+            err.contains(field),
+            "{case}: the error names {field}: {err}"
+        );
+        outcomes.push(Outcome {
+            case: case.to_string(),
+            rejected_at: "kubectl apply (CRD schema)",
+            reason: "Invalid".into(),
+            message: err.chars().take(160).collect(),
+        });
+    }
+
+    let mut names = BTreeMap::new();
+    let mut all = String::new();
+    for (i, (case, input, output, reason)) in media.iter().enumerate() {
+        let name = format!("bad-{i:02}");
+        let out = if output.is_empty() {
+            format!("s3://tessera/outputs/{name}/")
+        } else {
+            output.clone()
+        };
+        all.push_str(&job(
+            &name,
+            input,
+            &out,
+            R1,
+            "  chunking: {targetSeconds: 1}\n",
+        ));
+        all.push_str("---\n");
+        names.insert(name, (case.to_string(), reason.to_string()));
+    }
+    for (case, yaml) in spec_cases.drain(..) {
+        let name = yaml
+            .split("name: ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string();
+        all.push_str(&yaml);
+        all.push_str("---\n");
+        names.insert(name, (case.to_string(), "InvalidSpec".to_string()));
+    }
+    kubectl_ok(&["apply", "-f", "-"], Some(&all));
+    let t0 = Instant::now();
+    let mut done: BTreeMap<String, (String, String)> = BTreeMap::new();
+    while done.len() < names.len() {
+        for name in names.keys() {
+            if done.contains_key(name) {
+                continue;
+            }
+            let st = status_of(name).unwrap_or(Value::Null);
+            assert!(
+                st["phase"] != "Succeeded",
+                "{name} ({}) succeeded",
+                names[name].0
+            );
+            if let Some(f) = failed(&st) {
+                done.insert(name.clone(), f);
+            }
+        }
+        let missing: Vec<_> = names.keys().filter(|n| !done.contains_key(*n)).collect();
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "not failed after 180 s: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let events = kubectl_ok(&["get", "events", "-n", "default", "-o", "json"], None);
+    let events: Value = serde_json::from_str(&events).unwrap();
+    for (name, (case, want)) in &names {
+        let (reason, message) = &done[name];
+        assert_eq!(reason, want, "{case}: {message}");
+        assert!(!message.is_empty(), "{case}: a message");
+        assert!(
+            events["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["involvedObject"]["name"] == name.as_str()
+                    && e["type"] == "Warning"
+                    && (e["reason"] == want.as_str()
+                        || e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains(want.as_str())))),
+            "{case}: a Warning event naming {want}"
+        );
+        // Nothing half-written where outputs go.
+        let outs = s3_dir().join(format!("tessera/outputs/{name}"));
+        let visible: Vec<_> = std::fs::read_dir(&outs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".tessera")
+            .collect();
+        assert!(visible.is_empty(), "{case}: outputs visible: {visible:?}");
+        outcomes.push(Outcome {
+            case: case.clone(),
+            rejected_at: "Failed condition + Warning event",
+            reason: reason.clone(),
+            message: message.chars().take(160).collect(),
+        });
+    }
+
+    // Deleting the failed jobs removes their temporary objects; no upload stays open.
+    for name in names.keys() {
+        kubectl_ok(
+            &["delete", "tj", name, "-n", "default", "--wait=false"],
+            None,
+        );
+    }
+    tessera_e2e::faultproxy::wait_until(
+        "the failed jobs to be deleted",
+        Duration::from_secs(60),
+        || names.keys().all(|n| status_of(n).is_none()),
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(s3_dir().join("tessera/outputs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("bad-"))
+        .filter(|p| {
+            std::fs::read_dir(p.join(".tessera"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .next()
+                .is_some()
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(leftovers.is_empty(), "ledgers left: {leftovers:?}");
+    let uploads = std::fs::read_dir(s3_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload"))
+        .count();
+    assert_eq!(uploads, 0, "open multipart uploads");
+
+    // A healthy operator: both replicas running, never restarted.
+    let ops = json(&[
+        "get",
+        "pods",
+        "-n",
+        "tessera-system",
+        "-l",
+        "app.kubernetes.io/name=tessera-operator",
+    ]);
+    for p in ops["items"].as_array().unwrap() {
+        assert_eq!(p["status"]["phase"], "Running");
+        assert_eq!(
+            p["status"]["containerStatuses"][0]["restartCount"], 0,
+            "operator restarted"
+        );
+    }
+
+    // The S3 secret appears in no log, event or status.
+    let mut haystack = String::new();
+    for (_, l) in pod_logs("") {
+        haystack.push_str(&l);
+    }
+    haystack.push_str(&kubectl_ok(&["get", "events", "-A", "-o", "json"], None));
+    haystack.push_str(&kubectl_ok(&["get", "tj,wp", "-A", "-o", "json"], None));
+    for f in [
+        "kube-apiserver.log",
+        "kube-controller-manager.log",
+        "fake-kubelet.log",
+        "s3.log",
+    ] {
+        haystack.push_str(
+            &std::fs::read_to_string(root().join("target/e2e/cluster").join(f)).unwrap_or_default(),
+        );
+    }
+    assert!(!haystack.contains(&secret), "the S3 secret leaked");
+
+    write_table(&outcomes);
+}
+
+fn write_table(rows: &[Outcome]) {
+    let mut md = String::from(
+        "<!-- bad-input:begin -->\n## Bad input (`e2e/tests/bad_input.rs`, written by the test)\n\n| case | rejected at | reason | message (start) | data lost |\n|---|---|---|---|---|\n",
+    );
+    for o in rows {
+        let msg = o.message.replace('|', "\\|").replace('\n', " ");
+        md.push_str(&format!(
+            "| {} | {} | `{}` | {} | 0 |\n",
+            o.case, o.rejected_at, o.reason, msg
+        ));
+    }
+    md.push_str(&format!(
+        "\n{} cases. For every one: no output visible, no multipart upload left open, the operator's replicas \
+         running without a restart, and the S3 secret found in no pod log, component log, event or status.\n<!-- bad-input:end -->",
+        rows.len()
+    ));
+    let p = root().join("RELIABILITY.md");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|_| "# Reliability\n".into());
+    let text = match (
+        text.find("<!-- bad-input:begin -->"),
+        text.find("<!-- bad-input:end -->"),
+    ) {
+        (Some(a), Some(b)) => format!(
+            "{}{}{}",
+            &text[..a],
+            md,
+            &text[b + "<!-- bad-input:end -->".len()..]
+        ),
+        _ => format!("{}\n\n{}\n", text.trim_end(), md),
+    };
+    std::fs::write(p, text).unwrap();
+}

@@ -1,0 +1,396 @@
+//! Faults survived on the local cluster (chart installed with helm). Each test runs a job through a fault
+//! and checks that it completes with every frame (ffprobe on the output), that no temporary object or
+//! multipart upload is left, and how many chunks were encoded more than once (at most those in flight when
+//! the fault hit). Each writes its row of RELIABILITY.md.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera_e2e::cluster::{json, kubectl_ok, root};
+use tessera_e2e::faultproxy::{wait_until, FaultProxy};
+use tessera_e2e::jobs::{
+    busy_worker, chunks_done, delete_job, encodes, get_job, input, job_yaml, objects, open_uploads,
+    output_frames, reliability_row, slow_job_yaml, wait_complete,
+};
+
+/// Task leases last 6 s here (30 s by default), so a lost worker's task is re-queued quickly.
+fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
+    tessera_e2e::cluster::cluster(&[
+        ("TESSERA_POOL_MAX", "4"),
+        ("TESSERA_POOL_COOLDOWN", "8"),
+        ("TESSERA_LEASE_SECONDS", "6"),
+        ("TESSERA_HELM_ARGS", "--set operator.taskLeaseSeconds=6"),
+    ])
+}
+
+const HEADER: &str = "| fault | outcome | chunks | encodes | encoded twice | in flight at the fault (bound) | frames | data lost |\n|---|---|---|---|---|---|---|---|";
+
+fn cluster_sh(args: &[&str]) {
+    let st = Command::new(root().join("scripts/cluster.sh"))
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cluster.sh {args:?}");
+}
+
+/// Check a finished job and record it: every frame, nothing left behind, re-encodes within the bound.
+fn finish(fault: &str, job: &str, seconds: u64, bound: usize, took: Duration) {
+    let j = wait_complete(job, Duration::from_secs(300));
+    let chunks = j["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
+    let frames = output_frames(job);
+    assert_eq!(frames, seconds * 25, "{fault}: every frame once");
+    let n = encodes(job);
+    let twice = n.saturating_sub(chunks);
+    eprintln!(
+        "{fault}: {chunks} chunks, {n} encodes, {frames} frames, {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        n >= chunks && twice <= bound,
+        "{fault}: {n} encodes for {chunks} chunks (bound {bound} extra)"
+    );
+    assert!(
+        objects(&format!("outputs/{job}/.tessera")).is_empty(),
+        "{fault}: ledger left"
+    );
+    assert_eq!(open_uploads(), 0, "{fault}: multipart upload left open");
+    reliability_row(
+        "faults",
+        HEADER,
+        fault,
+        &format!(
+            "Complete in {:.0} s | {chunks} | {n} | {twice} | ≤ {bound} | {frames} of {} | 0",
+            took.as_secs_f64(),
+            seconds * 25
+        ),
+    );
+    delete_job(job);
+}
+
+fn start_slow(job: &str, seconds: u32, preset: &str) -> Instant {
+    let src = input(&format!("src{seconds}"), seconds);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&slow_job_yaml(job, &src, preset)),
+    );
+    Instant::now()
+}
+
+#[test]
+fn worker_killed_with_sigkill_mid_chunk() {
+    let _c = cluster();
+    let t0 = start_slow("sigkill", 20, "slow");
+    wait_until(
+        "a worker busy with the job",
+        Duration::from_secs(60),
+        || busy_worker("sigkill").is_some(),
+    );
+    let pod = busy_worker("sigkill").unwrap();
+    // Grace period 0: the fake kubelet kills the process at once (SIGKILL), as a node's OOM killer would.
+    kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            &pod,
+            "-n",
+            "tessera-system",
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    );
+    finish(
+        "worker killed with SIGKILL mid-chunk",
+        "sigkill",
+        20,
+        1,
+        t0.elapsed(),
+    );
+}
+
+#[test]
+fn worker_node_removed() {
+    let _c = cluster();
+    let t0 = start_slow("noderm", 20, "slow");
+    wait_until(
+        "a worker busy with the job",
+        Duration::from_secs(60),
+        || busy_worker("noderm").is_some(),
+    );
+    let pod = busy_worker("noderm").unwrap();
+    let node = json(&["get", "pod", &pod, "-n", "tessera-system"])["spec"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let workers_on_node = json(&[
+        "get",
+        "pods",
+        "-n",
+        "tessera-system",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+    ])["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    // The node goes away with its pods (what a cluster autoscaler or a preempted VM does), killed at once.
+    kubectl_ok(
+        &[
+            "delete",
+            "pods",
+            "-n",
+            "tessera-system",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    );
+    kubectl_ok(&["delete", "node", &node], None);
+    finish(
+        "worker's node removed (its pods killed)",
+        "noderm",
+        20,
+        workers_on_node,
+        t0.elapsed(),
+    );
+}
+
+#[test]
+fn kube_apiserver_restarted_mid_job() {
+    let _c = cluster();
+    let t0 = start_slow("apirestart", 20, "slow");
+    wait_until("chunks to be done", Duration::from_secs(90), || {
+        chunks_done("apirestart") >= 3
+    });
+    cluster_sh(&["stop", "kube-apiserver"]);
+    std::thread::sleep(Duration::from_secs(5));
+    cluster_sh(&["start", "kube-apiserver"]);
+    wait_until("the API server to answer", Duration::from_secs(60), || {
+        get_job("apirestart").is_some()
+    });
+    // Workers keep encoding through it (they talk to the operator and S3, not the API server); the leader
+    // may step down if its Lease lapses, and the standby then re-plans from the ledger.
+    finish(
+        "kube-apiserver restarted mid-job (down 5 s)",
+        "apirestart",
+        20,
+        4,
+        t0.elapsed(),
+    );
+}
+
+#[test]
+fn s3_server_down_for_30_seconds() {
+    let _c = cluster();
+    let t0 = start_slow("s3down", 20, "medium");
+    wait_until("chunks to be done", Duration::from_secs(90), || {
+        chunks_done("s3down") >= 3
+    });
+    cluster_sh(&["stop", "s3"]);
+    std::thread::sleep(Duration::from_secs(30));
+    cluster_sh(&["start", "s3"]);
+    finish(
+        "S3 server down for 30 s mid-job",
+        "s3down",
+        20,
+        4,
+        t0.elapsed(),
+    );
+}
+
+#[test]
+fn both_operator_replicas_restarted_with_100_jobs_in_flight() {
+    let _c = cluster();
+    let src = input("tiny", 2);
+    let mut all = String::new();
+    for i in 0..100 {
+        all.push_str(&job_yaml(&format!("many-{i:03}"), &src, ""));
+        all.push_str("---\n");
+    }
+    let t0 = Instant::now();
+    kubectl_ok(&["apply", "-f", "-"], Some(&all));
+    wait_until("some jobs to finish", Duration::from_secs(120), || {
+        json(&["get", "tj", "-n", "default"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["status"]["phase"] == "Succeeded")
+            .count()
+            >= 10
+    });
+    kubectl_ok(
+        &[
+            "delete",
+            "pods",
+            "-n",
+            "tessera-system",
+            "-l",
+            "app.kubernetes.io/name=tessera-operator",
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    );
+    let names: Vec<String> = (0..100).map(|i| format!("many-{i:03}")).collect();
+    wait_until("all 100 jobs to complete", Duration::from_secs(400), || {
+        let items = json(&["get", "tj", "-n", "default"])["items"]
+            .as_array()
+            .cloned()
+            .unwrap();
+        for j in &items {
+            assert!(
+                j["status"]["phase"] != "Failed",
+                "{}: {}",
+                j["metadata"]["name"],
+                j["status"]
+            );
+        }
+        items
+            .iter()
+            .filter(|j| j["status"]["phase"] == "Succeeded")
+            .count()
+            >= names.len()
+    });
+    let took = t0.elapsed();
+    let mut chunks = 0;
+    let mut n = 0;
+    for name in &names {
+        assert_eq!(output_frames(name), 50, "{name}: every frame");
+        chunks += get_job(name).unwrap()["status"]["progress"]["chunksTotal"]
+            .as_u64()
+            .unwrap() as usize;
+        n += encodes(name);
+    }
+    eprintln!(
+        "both operators restarted: {chunks} chunks, {n} encodes, {:.0} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        n >= chunks && n - chunks <= 4,
+        "{n} encodes for {chunks} chunks"
+    );
+    assert_eq!(open_uploads(), 0);
+    reliability_row(
+        "faults",
+        HEADER,
+        "both operator replicas killed with 100 jobs in flight",
+        &format!(
+            "all 100 Complete in {:.0} s | {chunks} | {n} | {} | ≤ 4 | 50 of 50 in each | 0",
+            took.as_secs_f64(),
+            n - chunks
+        ),
+    );
+    for name in &names {
+        kubectl_ok(
+            &["delete", "tj", name, "-n", "default", "--wait=false"],
+            None,
+        );
+    }
+    wait_until("the jobs to be gone", Duration::from_secs(120), || {
+        json(&["get", "tj", "-n", "default"])["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+}
+
+#[test]
+fn s3_storms_resets_and_stalls_through_a_faulty_network() {
+    let _c = cluster();
+    // Workers of a pool of their own reach S3 through a fault-injecting proxy.
+    let endpoint = tessera_e2e::cluster::env_file()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1;
+    let upstream: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = FaultProxy::start(upstream);
+    proxy.set_storm(0.10);
+    for _ in 0..3 {
+        proxy.arm(
+            Some(hyper::Method::GET),
+            tessera_e2e::faultproxy::Fault::Reset { after: 20_000 },
+            1,
+        );
+    }
+    proxy.arm(
+        Some(hyper::Method::GET),
+        tessera_e2e::faultproxy::Fault::Stall {
+            after: 10_000,
+            for_: Duration::from_secs(15),
+        },
+        1,
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&format!(
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: flaky, namespace: tessera-system}}\nspec:\n  \
+         maxWorkers: 2\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  env: [{{name: TESSERA_S3_BODY_TIMEOUT_SECONDS, value: \"3\"}}]\n  \
+         s3: {{endpoint: \"{}\", region: us-east-1, credentialsSecret: tessera-s3}}\n", proxy.url())));
+    let src = input("src12", 12);
+    let t0 = Instant::now();
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&job_yaml("stormy", &src, "  pool: tessera-system/flaky\n")),
+    );
+    let bound = 2;
+    finish(
+        "S3 10 % 5xx/503 storm, 3 connections reset mid-body, a 15 s stall",
+        "stormy",
+        12,
+        bound,
+        t0.elapsed(),
+    );
+    let c = proxy.counters();
+    eprintln!("proxy: {:?}", c);
+    kubectl_ok(&["delete", "wp", "flaky", "-n", "tessera-system"], None);
+}
+
+#[test]
+fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
+    let _c = cluster();
+    kubectl_ok(&["apply", "-f", "-"], Some(
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: brittle, namespace: tessera-system}\nspec:\n  \
+         maxWorkers: 2\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
+         env: [{name: TESSERA_FAULT_ENCODER_FAILURES, value: \"2\"}]\n  s3: {region: us-east-1, credentialsSecret: tessera-s3}\n",
+    ));
+    // The pool's S3 endpoint: the same as the default pool's.
+    let endpoint = tessera_e2e::cluster::env_file()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1;
+    kubectl_ok(
+        &[
+            "patch",
+            "wp",
+            "brittle",
+            "-n",
+            "tessera-system",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"s3":{{"endpoint":"{endpoint}"}}}}}}"#),
+        ],
+        None,
+    );
+    let src = input("src8", 8);
+    let t0 = Instant::now();
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&job_yaml(
+            "brittle",
+            &src,
+            "  pool: tessera-system/brittle\n",
+        )),
+    );
+    // Each worker's first two chunk encodes fail (as a hardware encoder losing its session); the failed
+    // chunks are queued again and encoded on the next attempt.
+    finish(
+        "encoder fails mid-job (2 failures per worker)",
+        "brittle",
+        8,
+        0,
+        t0.elapsed(),
+    );
+    kubectl_ok(&["delete", "wp", "brittle", "-n", "tessera-system"], None);
+}

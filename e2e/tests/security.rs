@@ -1,0 +1,188 @@
+//! Security on the local cluster (chart installed with helm): the operator's RBAC is exactly what it needs
+//! (a removed permission breaks it; what is not granted is forbidden), worker tokens reach the queue only
+//! for their own pool, and pods run locked down.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs};
+use tessera_e2e::faultproxy::wait_until;
+use tessera_e2e::jobs::{
+    delete_job, get_job, input, job_yaml, live_workers, reliability_row, wait_complete,
+};
+
+fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
+    tessera_e2e::cluster::cluster(&[("TESSERA_POOL_MAX", "2"), ("TESSERA_POOL_COOLDOWN", "5")])
+}
+
+const HEADER: &str = "| check | result |\n|---|---|";
+
+/// `kubectl auth can-i` as a ServiceAccount.
+fn can(sa: &str, verb: &str, resource: &str, ns: &str) -> bool {
+    let out = kubectl(
+        &[
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "-n",
+            ns,
+            "--as",
+            &format!("system:serviceaccount:tessera-system:{sa}"),
+        ],
+        None,
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+#[test]
+fn the_operator_may_do_what_it_needs_and_nothing_else() {
+    let _c = cluster();
+    let op = "tessera-operator";
+    for (verb, res, ns) in [
+        ("watch", "transcodejobs.tessera.dev", "default"),
+        ("patch", "transcodejobs.tessera.dev", "default"),
+        ("delete", "transcodejobs.tessera.dev", "default"),
+        ("patch", "transcodejobs.tessera.dev/status", "default"),
+        ("list", "workerpools.tessera.dev", "tessera-system"),
+        ("patch", "workerpools.tessera.dev/status", "tessera-system"),
+        ("create", "pods", "tessera-system"),
+        ("delete", "pods", "tessera-system"),
+        ("create", "events.events.k8s.io", "default"),
+        ("create", "tokenreviews.authentication.k8s.io", ""),
+        ("create", "leases.coordination.k8s.io", "tessera-system"),
+    ] {
+        assert!(can(op, verb, res, ns), "the operator needs {verb} {res}");
+    }
+    for (verb, res, ns) in [
+        ("get", "secrets", "tessera-system"),
+        ("list", "secrets", "default"),
+        ("update", "transcodejobs.tessera.dev", "default"),
+        ("patch", "transcodejobs.tessera.dev/spec", "default"),
+        ("create", "workerpools.tessera.dev", "tessera-system"),
+        ("patch", "pods", "tessera-system"),
+        ("create", "pods/exec", "tessera-system"),
+        ("create", "deployments.apps", "tessera-system"),
+        ("create", "leases.coordination.k8s.io", "kube-system"),
+        ("update", "nodes", ""),
+        ("create", "serviceaccounts/token", "tessera-system"),
+    ] {
+        assert!(
+            !can(op, verb, res, ns),
+            "the operator must not {verb} {res} in {ns:?}"
+        );
+    }
+    // Workers: read the leader Lease, nothing else.
+    assert!(can(
+        "tessera-worker",
+        "get",
+        "leases.coordination.k8s.io/tessera-operator-leader",
+        "tessera-system"
+    ));
+    for (verb, res) in [
+        ("list", "pods"),
+        ("get", "secrets"),
+        ("get", "leases.coordination.k8s.io/other"),
+        ("list", "transcodejobs.tessera.dev"),
+    ] {
+        assert!(
+            !can("tessera-worker", verb, res, "tessera-system"),
+            "a worker must not {verb} {res}"
+        );
+    }
+    // A forbidden call made with the operator's own token is refused by the API server.
+    let token = kubectl_ok(&["create", "token", op, "-n", "tessera-system"], None)
+        .trim()
+        .to_string();
+    let out = kubectl(
+        &["get", "secrets", "-n", "tessera-system", "--token", &token],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("forbidden"), "{err}");
+    reliability_row("security", HEADER, "operator RBAC", "every granted verb used; secrets, exec, spec updates, other namespaces' Leases: forbidden (checked with the API server's authorizer)");
+}
+
+#[test]
+fn without_permission_to_create_pods_the_pool_cannot_scale_and_says_so() {
+    let _c = cluster();
+    let role = json(&["get", "clusterrole", "tessera-operator"]);
+    let original = serde_json::to_string(&role).unwrap();
+    let mut cut = role.clone();
+    let rules = cut["rules"].as_array_mut().unwrap();
+    for r in rules.iter_mut() {
+        if r["resources"] == serde_json::json!(["pods"]) {
+            r["verbs"] = serde_json::json!(["list", "delete"]);
+        }
+    }
+    cut["metadata"] = serde_json::json!({"name": "tessera-operator"});
+    kubectl_ok(&["replace", "-f", "-"], Some(&cut.to_string()));
+    let src = input("sec", 2);
+    kubectl_ok(&["apply", "-f", "-"], Some(&job_yaml("noperm", &src, "")));
+    wait_until(
+        "the operator to report the refusal",
+        Duration::from_secs(60),
+        || {
+            pod_logs("tessera-operator")
+                .iter()
+                .any(|(_, l)| l.contains("create a worker of pool") && l.contains("forbidden"))
+        },
+    );
+    assert_eq!(
+        live_workers("default"),
+        0,
+        "no worker without the permission"
+    );
+    assert!(!get_job("noperm").unwrap()["status"]["phase"]
+        .as_str()
+        .is_some_and(|p| p == "Succeeded"));
+    // Restored, the same job completes.
+    let mut back: Value = serde_json::from_str(&original).unwrap();
+    back["metadata"] = serde_json::json!({"name": "tessera-operator"});
+    kubectl_ok(&["replace", "-f", "-"], Some(&back.to_string()));
+    wait_complete("noperm", Duration::from_secs(120));
+    delete_job("noperm");
+    reliability_row(
+        "security",
+        HEADER,
+        "a permission removed (pods: create)",
+        "no worker created, `forbidden` logged, job waits; restored, it completes",
+    );
+}
+
+#[test]
+fn pods_run_locked_down() {
+    let _c = cluster();
+    let src = input("sec", 2);
+    kubectl_ok(&["apply", "-f", "-"], Some(&job_yaml("locked", &src, "")));
+    wait_complete("locked", Duration::from_secs(120));
+    let mut pods = json(&["get", "pods", "-n", "tessera-system"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    pods.retain(|p| p["metadata"]["deletionTimestamp"].is_null());
+    assert!(pods
+        .iter()
+        .any(|p| p["metadata"]["name"].as_str().unwrap().contains("-worker-")));
+    for p in &pods {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let spec = &p["spec"];
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{name}");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{name}"
+        );
+        for c in spec["containers"].as_array().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{name}"
+            );
+        }
+    }
+    delete_job("locked");
+    reliability_row("security", HEADER, "pod hardening", "operator and worker pods: non-root, read-only root filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp");
+}
