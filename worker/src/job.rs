@@ -651,6 +651,10 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
+    // Interrupted between chunks: some were never started, so there is nothing to stitch.
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
     let frames = frames_emitted.load(Ordering::Relaxed);
     if v.frames_exact && frames != v.frames {
         tracing::warn!(

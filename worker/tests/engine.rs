@@ -713,8 +713,13 @@ fn interrupting_a_run_leaves_no_partial_output_or_scratch() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(listing(&target).is_empty(), "left {:?}", listing(&target));
     assert!(listing(&tmp).is_empty(), "scratch left {:?}", listing(&tmp));
 }
