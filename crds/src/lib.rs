@@ -78,7 +78,7 @@ pub struct TranscodeJobSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InputSpec {
     /// `file:///absolute/path` (local mode) or `s3://bucket/key`.
-    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))"))]
     pub uri: String,
 }
 
@@ -86,7 +86,7 @@ pub struct InputSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputSpec {
     /// A folder: `file:///absolute/dir/` or `s3://bucket/prefix/`.
-    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))"))]
     pub uri: String,
     /// `mp4` writes `<rendition>.mp4`; `hls` writes `master.m3u8` and `<rendition>/index.m3u8`.
     #[serde(default)]
@@ -287,13 +287,13 @@ impl JsonSchema for Bitrate {
         true
     }
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // Structural schemas allow no types inside anyOf, and an anyOf without them accepts anything: the
+        // checks sit at the top, where `pattern` applies to strings only and `minimum` to numbers only.
         json_schema!({
             "description": "Bits per second: an integer, or a string with a k/M/G suffix such as 128k or 4.5M.",
             "x-kubernetes-int-or-string": true,
-            "anyOf": [
-                {"type": "integer", "minimum": 1000},
-                {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?[kKmMgG]?$"}
-            ]
+            "pattern": "^[0-9]+(\\.[0-9]+)?[kKmMgG]?$",
+            "minimum": 1000
         })
     }
 }

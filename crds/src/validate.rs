@@ -167,10 +167,16 @@ fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, 
     } else if let Some(rest) = uri.strip_prefix("s3://") {
         // Checked in full where S3 I/O lives; here its shape, and no '.' or '..' segments: stores treat
         // them as plain names, but tools that map keys to paths do not.
-        if rest.split('/').next().unwrap_or("").is_empty() {
+        let bucket = rest.split('/').next().unwrap_or("");
+        if bucket.is_empty() {
             err(
                 field.into(),
                 format!("{uri:?}: missing bucket name (s3://bucket/key)"),
+            );
+        } else if !valid_bucket(bucket) {
+            err(
+                field.into(),
+                format!("{uri:?}: {bucket:?} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-')"),
             );
         } else if rest.split('/').any(|seg| seg == ".." || seg == ".") {
             err(
@@ -184,6 +190,15 @@ fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, 
             format!("{uri:?}: unsupported scheme; use file:///abs/path or s3://bucket/key"),
         );
     }
+}
+
+fn valid_bucket(b: &str) -> bool {
+    let c = b.as_bytes();
+    (3..=63).contains(&c.len())
+        && c.first().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
+        && c.last().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
+        && c.iter()
+            .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || matches!(x, b'.' | b'-'))
 }
 
 fn valid_name(n: &str) -> bool {
@@ -264,7 +279,9 @@ mod tests {
         );
         s.input.uri = "file:///a/../etc/passwd".into();
         assert!(fields(&s).contains(&"spec.input.uri".to_string()));
-        s.output.uri = "s3://b/out/../../x/".into();
+        s.output.uri = "s3://bkt/out/../../x/".into();
+        assert!(fields(&s).contains(&"spec.output.uri".to_string()));
+        s.output.uri = "s3://Bad_Bucket/out/".into();
         assert!(fields(&s).contains(&"spec.output.uri".to_string()));
     }
 }

@@ -367,8 +367,26 @@ impl S3 {
                         etag: o.e_tag().unwrap_or_default().to_string(),
                     });
                 }
-                Err(e) => r.failed(retry::classify(&e), false).await?,
+                Err(e) => {
+                    let mut f = retry::classify(&e);
+                    // A HEAD answer has no body, so a missing bucket looks like a missing key: ask.
+                    if f.kind == StorageKind::NotFound && !self.bucket_exists(&uri.bucket).await {
+                        f = Failure::fatal(
+                            StorageKind::NoSuchBucket,
+                            format!("NoSuchBucket: bucket {:?} does not exist", uri.bucket),
+                        );
+                    }
+                    r.failed(f, false).await?
+                }
             }
+        }
+    }
+
+    /// Whether a bucket exists (HeadBucket); `true` when the answer is anything but 404.
+    async fn bucket_exists(&self, bucket: &str) -> bool {
+        match self.client.head_bucket().bucket(bucket).send().await {
+            Ok(_) => true,
+            Err(e) => retry::classify(&e).kind != StorageKind::NotFound,
         }
     }
 
