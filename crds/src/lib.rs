@@ -78,7 +78,10 @@ pub struct TranscodeJobSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InputSpec {
     /// `file:///absolute/path` (local mode) or `s3://bucket/key`.
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))"))]
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))")
+    )]
     pub uri: String,
 }
 
@@ -86,7 +89,10 @@ pub struct InputSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputSpec {
     /// A folder: `file:///absolute/dir/` or `s3://bucket/prefix/`.
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))"))]
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))")
+    )]
     pub uri: String,
     /// `mp4` writes `<rendition>.mp4`; `hls` writes `master.m3u8` and `<rendition>/index.m3u8`.
     #[serde(default)]

@@ -195,8 +195,10 @@ fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, 
 fn valid_bucket(b: &str) -> bool {
     let c = b.as_bytes();
     (3..=63).contains(&c.len())
-        && c.first().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && c.last().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
+        && c.first()
+            .is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
+        && c.last()
+            .is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
         && c.iter()
             .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || matches!(x, b'.' | b'-'))
 }

@@ -7,8 +7,10 @@
 //!
 //! The ledger is a folder in S3 beside the outputs, `<output>/.tessera/<job uid>/`: `manifest.json` (the
 //! plan), `chunks/…` (encoded chunks), `done/c<N>.json` and `done/audio.json` (one completion record per
-//! task, written after its objects). A restarted or failed-over operator re-plans, reads the records and
-//! queues only what is missing: no finished chunk is encoded twice.
+//! task, written after its objects), and after the stitch `result.json` (the published outputs; chunks and
+//! records are then deleted). A restarted or failed-over operator re-plans, reads the records and queues
+//! only what is missing: no finished chunk is encoded twice, and a published job is not made again. The
+//! job's deletion removes the ledger.
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +73,9 @@ pub struct PlanResult {
     /// Chunks with a completion record already (from before a restart or failover).
     pub done: Vec<u32>,
     pub audio_done: bool,
+    /// The job was stitched and published already (its report was lost in a failover): the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<StitchResult>,
 }
 
 /// A chunk or audio task's answer.

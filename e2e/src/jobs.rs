@@ -218,14 +218,33 @@ pub fn delete_job(name: &str) {
     });
 }
 
-/// Chunk encodes of `job` (not reuses from the ledger), from every worker's log.
+/// Chunk encodes of `job` started by workers (finished or not: a worker killed mid-chunk counts), from
+/// every worker's log: chunk tasks leased, less those that found the chunk in the ledger.
 pub fn encodes(job: &str) -> usize {
     let tag = format!("job=default/{job}");
-    pod_logs("-worker-")
-        .iter()
-        .flat_map(|(_, l)| l.lines().map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| l.contains("chunk encoded") && l.split_whitespace().any(|w| w == tag))
-        .count()
+    let mut leased = 0;
+    let mut reused = 0;
+    for (_, log) in pod_logs("-worker-") {
+        for l in log
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == tag))
+        {
+            if l.contains("task leased") && l.contains("kind=Chunk") {
+                leased += 1;
+            } else if l.contains("chunk already in the ledger") {
+                reused += 1;
+            }
+        }
+    }
+    leased - reused.min(leased)
+}
+
+/// What a finished job leaves in its ledger until it is deleted: its plan and its result.
+pub fn ledger_after_success(job: &str) -> Vec<String> {
+    objects(&format!("outputs/{job}/.tessera"))
+        .into_iter()
+        .filter(|o| !o.ends_with("/manifest.json") && !o.ends_with("/result.json"))
+        .collect()
 }
 
 /// A pod of the pool in the middle of a task of `job` (more tasks leased than finished in its log).

@@ -175,9 +175,24 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
 
     // Wrong credentials: a pool whose Secret holds a wrong secret key.
     let wrong = "wrong-secret-0123456789";
-    kubectl_ok(&["-n", "tessera-system", "create", "secret", "generic", "bad-s3", "--from-literal=AWS_ACCESS_KEY_ID=tessera",
-        &format!("--from-literal=AWS_SECRET_ACCESS_KEY={wrong}")], None);
-    let endpoint = env_file().into_iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").unwrap().1;
+    kubectl_ok(
+        &[
+            "-n",
+            "tessera-system",
+            "create",
+            "secret",
+            "generic",
+            "bad-s3",
+            "--from-literal=AWS_ACCESS_KEY_ID=tessera",
+            &format!("--from-literal=AWS_SECRET_ACCESS_KEY={wrong}"),
+        ],
+        None,
+    );
+    let endpoint = env_file()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1;
     kubectl_ok(&["apply", "-f", "-"], Some(&format!(
         "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: badcreds, namespace: tessera-system}}\nspec:\n  \
          maxWorkers: 1\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
@@ -345,8 +360,22 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
             job("s10", "", "s3://tessera/o/", R1, ""),
             "spec.input.uri",
         ),
-        ("output bucket name S3 rejects", job("s11", &good_uri, "s3://Bad_Bucket/o/", R1, ""), "spec.output.uri"),
-        ("unsupported URI scheme", job("s12", "http://example.com/in.mp4", "s3://tessera/o/", R1, ""), "spec.input.uri"),
+        (
+            "output bucket name S3 rejects",
+            job("s11", &good_uri, "s3://Bad_Bucket/o/", R1, ""),
+            "spec.output.uri",
+        ),
+        (
+            "unsupported URI scheme",
+            job(
+                "s12",
+                "http://example.com/in.mp4",
+                "s3://tessera/o/",
+                R1,
+                "",
+            ),
+            "spec.input.uri",
+        ),
     ];
 
     let mut outcomes = Vec::new();
@@ -386,9 +415,21 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
         names.insert(name, (case.to_string(), reason.to_string()));
     }
     let name = "bad-creds".to_string();
-    all.push_str(&job(&name, &good_uri, "s3://tessera/outputs/bad-creds/", R1, "  pool: tessera-system/badcreds\n"));
+    all.push_str(&job(
+        &name,
+        &good_uri,
+        "s3://tessera/outputs/bad-creds/",
+        R1,
+        "  pool: tessera-system/badcreds\n",
+    ));
     all.push_str("---\n");
-    names.insert(name, ("wrong S3 credentials".to_string(), "AccessDenied".to_string()));
+    names.insert(
+        name,
+        (
+            "wrong S3 credentials".to_string(),
+            "AccessDenied".to_string(),
+        ),
+    );
     for (case, yaml) in spec_cases.drain(..) {
         let name = yaml
             .split("name: ")

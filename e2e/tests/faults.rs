@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tessera_e2e::cluster::{json, kubectl_ok, root};
 use tessera_e2e::faultproxy::{wait_until, FaultProxy};
 use tessera_e2e::jobs::{
-    busy_worker, chunks_done, delete_job, encodes, get_job, input, job_yaml, objects, open_uploads,
-    output_frames, reliability_row, slow_job_yaml, wait_complete,
+    busy_worker, chunks_done, delete_job, encodes, get_job, input, job_yaml, ledger_after_success,
+    objects, open_uploads, output_frames, reliability_row, slow_job_yaml, wait_complete,
 };
 
 /// Task leases last 6 s here (30 s by default), so a lost worker's task is re-queued quickly.
@@ -34,8 +34,9 @@ fn cluster_sh(args: &[&str]) {
 }
 
 /// Check a finished job and record it: every frame, nothing left behind, re-encodes within the bound.
-fn finish(fault: &str, job: &str, seconds: u64, bound: usize, took: Duration) {
+fn finish(fault: &str, job: &str, seconds: u64, bound: usize, t0: Instant) {
     let j = wait_complete(job, Duration::from_secs(300));
+    let took = t0.elapsed();
     let chunks = j["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
     let frames = output_frames(job);
     assert_eq!(frames, seconds * 25, "{fault}: every frame once");
@@ -65,6 +66,10 @@ fn finish(fault: &str, job: &str, seconds: u64, bound: usize, took: Duration) {
         ),
     );
     delete_job(job);
+    assert!(
+        objects(&format!("outputs/{job}/.tessera")).is_empty(),
+        "{fault}: the ledger goes with the job"
+    );
 }
 
 fn start_slow(job: &str, seconds: u32, preset: &str) -> Instant {
@@ -99,13 +104,7 @@ fn worker_killed_with_sigkill_mid_chunk() {
         ],
         None,
     );
-    finish(
-        "worker killed with SIGKILL mid-chunk",
-        "sigkill",
-        20,
-        1,
-        t0.elapsed(),
-    );
+    finish("worker killed with SIGKILL mid-chunk", "sigkill", 20, 1, t0);
 }
 
 #[test]
@@ -153,7 +152,7 @@ fn worker_node_removed() {
         "noderm",
         20,
         workers_on_node,
-        t0.elapsed(),
+        t0,
     );
 }
 
@@ -177,7 +176,7 @@ fn kube_apiserver_restarted_mid_job() {
         "apirestart",
         20,
         4,
-        t0.elapsed(),
+        t0,
     );
 }
 
@@ -191,13 +190,7 @@ fn s3_server_down_for_30_seconds() {
     cluster_sh(&["stop", "s3"]);
     std::thread::sleep(Duration::from_secs(30));
     cluster_sh(&["start", "s3"]);
-    finish(
-        "S3 server down for 30 s mid-job",
-        "s3down",
-        20,
-        4,
-        t0.elapsed(),
-    );
+    finish("S3 server down for 30 s mid-job", "s3down", 20, 4, t0);
 }
 
 #[test]
@@ -339,7 +332,7 @@ fn s3_storms_resets_and_stalls_through_a_faulty_network() {
         "stormy",
         12,
         bound,
-        t0.elapsed(),
+        t0,
     );
     let c = proxy.counters();
     eprintln!("proxy: {:?}", c);
@@ -390,7 +383,7 @@ fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
         "brittle",
         8,
         0,
-        t0.elapsed(),
+        t0,
     );
     kubectl_ok(&["delete", "wp", "brittle", "-n", "tessera-system"], None);
 }

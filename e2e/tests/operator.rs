@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs, root};
 use tessera_e2e::faultproxy::wait_until;
 use tessera_e2e::jobs::{
-    busy_worker, condition, delete_job, encodes, ffprobe, get_job, input, job_yaml, live_workers,
-    objects, open_uploads, s3_dir, slow_job_yaml, wait_complete, worker_pods,
+    busy_worker, condition, delete_job, encodes, ffprobe, get_job, input, job_yaml,
+    ledger_after_success, live_workers, objects, open_uploads, s3_dir, slow_job_yaml,
+    wait_complete, worker_pods,
 };
 
 /// How long the example job may take from `kubectl apply` to `Complete`.
@@ -105,8 +106,8 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
         .as_str()
         .is_some_and(|e| !e.is_empty()));
     assert!(
-        objects("outputs/example/.tessera").is_empty(),
-        "the ledger is deleted after the stitch"
+        ledger_after_success("example").is_empty(),
+        "chunks and records are deleted after the stitch"
     );
 
     // The workers asked for a GPU and ran on GPU nodes only.
@@ -137,6 +138,10 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
         "{events}"
     );
     delete_job("example");
+    assert!(
+        objects("outputs/example/.tessera").is_empty(),
+        "the ledger goes with the job"
+    );
     assert_eq!(open_uploads(), 0);
 }
 

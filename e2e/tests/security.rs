@@ -107,7 +107,9 @@ fn the_operator_may_do_what_it_needs_and_nothing_else() {
 fn without_permission_to_create_pods_the_pool_cannot_scale_and_says_so() {
     let _c = cluster();
     // Start from an idle pool, so the job needs a new worker.
-    wait_until("an idle pool", Duration::from_secs(60), || live_workers("default") == 0);
+    wait_until("an idle pool", Duration::from_secs(60), || {
+        live_workers("default") == 0
+    });
     let role = json(&["get", "clusterrole", "tessera-operator"]);
     let original = serde_json::to_string(&role).unwrap();
     let mut cut = role.clone();

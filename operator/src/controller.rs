@@ -436,8 +436,9 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
     if ctx.api.unacknowledged(&ns, &name) > 0 {
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
-    let succeeded = job.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded);
-    let needs_cleanup = !succeeded && touched && cluster_validate(&job.spec).is_ok();
+    // The ledger outlives the stitch (its plan and result stay, so a lost report is recovered): it goes
+    // with the job.
+    let needs_cleanup = touched && cluster_validate(&job.spec).is_ok();
     if needs_cleanup {
         let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
         let mut jobs = lock(&ctx.jobs);

@@ -125,8 +125,18 @@ impl JobRun {
             .is_some_and(|p| self.done.len() as u32 >= p.chunks && (!p.audio || self.audio_done))
     }
 
-    /// The plan task answered: queue what the ledger does not have yet (or the stitch).
-    pub fn on_plan(&mut self, r: PlanResult) -> Vec<Work> {
+    /// The plan task answered: queue what the ledger does not have yet (or the stitch, or nothing when the
+    /// job was published already).
+    pub fn on_plan(&mut self, mut r: PlanResult) -> Vec<Work> {
+        if let Some(fin) = r.finished.take() {
+            self.done = (0..r.plan.chunks).collect();
+            self.reused = r.plan.chunks;
+            self.audio_done = true;
+            self.plan = Some(r.plan);
+            let now = Time(k8s_openapi::jiff::Timestamp::now());
+            self.on_stitched(fin, 0.0, now);
+            return Vec::new();
+        }
         self.reused = r.done.len() as u32;
         self.done = r.done.into_iter().filter(|c| *c < r.plan.chunks).collect();
         self.audio_done = r.audio_done;
@@ -343,6 +353,7 @@ mod tests {
             plan: plan(3, true),
             done: vec![],
             audio_done: false,
+            finished: None,
         });
         let kinds: Vec<_> = w.iter().map(|w| (w.kind, w.chunk)).collect();
         assert_eq!(
@@ -393,6 +404,7 @@ mod tests {
             plan: plan(4, true),
             done: vec![0, 2],
             audio_done: true,
+            finished: None,
         });
         let chunks: Vec<_> = w.iter().map(|w| w.chunk).collect();
         assert_eq!(chunks, [Some(1), Some(3)]);
@@ -403,6 +415,7 @@ mod tests {
             plan: plan(2, false),
             done: vec![0, 1],
             audio_done: false,
+            finished: None,
         });
         assert_eq!(w[0].kind, WorkKind::Stitch);
     }

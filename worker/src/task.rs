@@ -189,11 +189,31 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
             rec
         }
     };
+    let finished = match s3::block_on(s3.get_small(&ledger.join("result.json")))? {
+        Some(b) => Some(serde_json::from_slice::<StitchResult>(&b).map_err(|e| {
+            Error::media(
+                ledger.join("result.json").to_string(),
+                "unreadable job result",
+                e,
+            )
+        })?),
+        None => None,
+    };
+    if finished.is_some() {
+        tracing::info!(ledger = %ledger, "the job was published already; its result is in the ledger");
+        return Ok(PlanResult {
+            done: (0..record.chunks).collect(),
+            audio_done: true,
+            plan: record,
+            finished,
+        });
+    }
     let (done, audio_done) = done_records(s3, ledger)?;
     Ok(PlanResult {
         plan: record,
         done,
         audio_done,
+        finished: None,
     })
 }
 
@@ -368,12 +388,20 @@ fn stitch(
             st.encoder_reason = why.clone();
         }
     }
-    let n = s3::block_on(s3.delete_prefix(ledger))?;
-    forget(work);
-    tracing::info!(ledger = %ledger, objects = n, "outputs published; ledger deleted");
-    Ok(StitchResult {
+    let result = StitchResult {
         renditions: fin.renditions,
         master_playlist: fin.master_playlist,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    // The result goes into the ledger before the chunks go: a report lost in a failover is then found by
+    // the next plan, and the job is not made again.
+    let body = serde_json::to_vec(&result).map_err(|e| Error::Queue(e.to_string()))?;
+    s3::block_on(s3.put_small(&ledger.join("result.json"), Bytes::from(body)))?;
+    let mut n = 0;
+    for sub in ["chunks/", "done/"] {
+        n += s3::block_on(s3.delete_prefix(&ledger.join(sub)))?;
+    }
+    forget(work);
+    tracing::info!(ledger = %ledger, objects = n, "outputs published; chunks deleted");
+    Ok(result)
 }
