@@ -455,6 +455,9 @@ pub struct WorkerPoolSpec {
     pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_class_name: Option<String>,
+    /// Node affinity and the like, for placements a nodeSelector cannot say (e.g. one of several GPU models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
 }
 
 fn default_max_workers() -> u32 {

@@ -427,7 +427,15 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
     if let Some(e) = lock(&ctx.jobs).get_mut(&(ns.clone(), name.clone())) {
         e.touched |= touched;
     }
-    let stopped = ctx.api.cancel_job(&ns, &name);
+    // Cancel the job's work, once: the cleanup task queued below belongs to the job too.
+    let cleanup_queued = lock(&ctx.jobs)
+        .get(&(ns.clone(), name.clone()))
+        .is_some_and(|e| e.cleanup.is_some());
+    let stopped = if cleanup_queued {
+        0
+    } else {
+        ctx.api.cancel_job(&ns, &name)
+    };
     if stopped > 0 {
         tracing::info!(job = %format!("{ns}/{name}"), tasks = stopped, "job deleted: running tasks cancelled");
     }

@@ -171,6 +171,7 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             node_selector: (!i.spec.node_selector.is_empty()).then(|| i.spec.node_selector.clone()),
             tolerations: (!i.spec.tolerations.is_empty()).then(|| i.spec.tolerations.clone()),
             runtime_class_name: i.spec.runtime_class_name.clone(),
+            affinity: i.spec.affinity.clone(),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(65532),
@@ -216,6 +217,7 @@ mod tests {
                 ..Toleration::default()
             }],
             runtime_class_name: Some("nvidia".into()),
+            affinity: None,
             cooldown_seconds: 60,
             service_account_name: "tessera-worker".into(),
             s3: None,

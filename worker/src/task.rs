@@ -295,6 +295,7 @@ fn chunk(
         return Ok(ChunkResult { reused: true, ..r });
     }
     let prep = prepared(work, s3)?;
+    injected_encoder_failure(n)?;
     let c = prep
         .chunks
         .get(n)
@@ -319,6 +320,33 @@ fn chunk(
     tracing::info!(chunk = n, frames = count, seconds = r.seconds, job = %format!("{}/{}", work.namespace, work.job),
         "chunk encoded");
     Ok(r)
+}
+
+/// Fault injection for tests: `TESSERA_FAULT_ENCODER_FAILURES=N` makes this worker's next N chunk encodes
+/// fail as a hardware encoder does when it loses its session mid-job. Unset in production.
+fn injected_encoder_failure(chunk: usize) -> Result<()> {
+    use std::sync::atomic::AtomicI64;
+    static LEFT: AtomicI64 = AtomicI64::new(-1);
+    if LEFT.load(Ordering::Relaxed) < 0 {
+        let n = std::env::var("TESSERA_FAULT_ENCODER_FAILURES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let _ = LEFT.compare_exchange(-1, n, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    if LEFT
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n > 0).then(|| n - 1)
+        })
+        .is_ok()
+    {
+        return Err(Error::Encoder {
+            encoder: format!("chunk {chunk}"),
+            detail: "the encoder failed mid-stream (injected by TESSERA_FAULT_ENCODER_FAILURES)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 fn audio(
