@@ -79,17 +79,27 @@ pub fn input(name: &str, seconds: u32) -> String {
         .status()
         .expect("ffmpeg runs");
     assert!(st.success(), "ffmpeg made the input");
-    let uri = format!("s3://tessera/inputs/{name}.mp4");
+    let uri = upload(&file, &format!("inputs/{name}.mp4"));
+    made.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.into(), uri.clone());
+    uri
+}
+
+/// Upload a file to `s3://tessera/KEY` with `tessera-cp`; returns the URI.
+pub fn upload(file: &Path, key: &str) -> String {
+    let uri = format!("s3://tessera/{key}");
     let out = Command::new(root().join("target/release/tessera-cp"))
-        .arg(&file)
+        .arg(file)
         .arg(&uri)
         .envs(env_file())
         .output()
         .expect("tessera-cp runs");
-    assert!(out.status.success(), "uploaded {uri}");
-    made.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(name.into(), uri.clone());
+    assert!(
+        out.status.success(),
+        "upload {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     uri
 }
 
@@ -259,6 +269,16 @@ pub fn busy_worker(job: &str) -> Option<String> {
                 .to_string()
         })
     })
+}
+
+/// Wait for a worker busy with a task of `job`, and name it.
+pub fn wait_busy_worker(job: &str) -> String {
+    crate::faultproxy::wait_until(
+        "a worker busy with the job",
+        Duration::from_secs(60),
+        || busy_worker(job).is_some(),
+    );
+    busy_worker(job).expect("busy a moment ago")
 }
 
 /// Put a row into a table of RELIABILITY.md: the table between `<!-- SECTION:begin -->` and

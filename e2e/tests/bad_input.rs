@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tessera_e2e::cluster::{env_file, json, kubectl, kubectl_ok, pod_logs, root};
+use tessera_e2e::jobs::upload;
 
 fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
     tessera_e2e::cluster::cluster(&[("TESSERA_POOL_MAX", "4"), ("TESSERA_POOL_COOLDOWN", "8")])
@@ -24,22 +25,6 @@ fn ffmpeg(args: &[&str], out: &Path) {
         .status()
         .unwrap();
     assert!(st.success(), "ffmpeg {args:?}");
-}
-
-fn upload(file: &Path, key: &str) -> String {
-    let uri = format!("s3://tessera/{key}");
-    let out = Command::new(root().join("target/release/tessera-cp"))
-        .arg(file)
-        .arg(&uri)
-        .envs(env_file())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "upload {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    uri
 }
 
 fn job(name: &str, input: &str, output: &str, renditions: &str, extra: &str) -> String {

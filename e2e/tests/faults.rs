@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tessera_e2e::cluster::{json, kubectl_ok, root};
 use tessera_e2e::faultproxy::{wait_until, FaultProxy};
 use tessera_e2e::jobs::{
-    busy_worker, chunks_done, delete_job, encodes, get_job, input, job_yaml, ledger_after_success,
-    objects, open_uploads, output_frames, reliability_row, slow_job_yaml, wait_complete,
+    chunks_done, delete_job, encodes, get_job, input, job_yaml, ledger_after_success, objects,
+    open_uploads, output_frames, reliability_row, slow_job_yaml, wait_busy_worker, wait_complete,
 };
 
 /// Task leases last 6 s here (30 s by default), so a lost worker's task is re-queued quickly.
@@ -85,12 +85,7 @@ fn start_slow(job: &str, seconds: u32, preset: &str) -> Instant {
 fn worker_killed_with_sigkill_mid_chunk() {
     let _c = cluster();
     let t0 = start_slow("sigkill", 20, "slow");
-    wait_until(
-        "a worker busy with the job",
-        Duration::from_secs(60),
-        || busy_worker("sigkill").is_some(),
-    );
-    let pod = busy_worker("sigkill").unwrap();
+    let pod = wait_busy_worker("sigkill");
     // Grace period 0: the fake kubelet kills the process at once (SIGKILL), as a node's OOM killer would.
     kubectl_ok(
         &[
@@ -111,12 +106,7 @@ fn worker_killed_with_sigkill_mid_chunk() {
 fn worker_node_removed() {
     let _c = cluster();
     let t0 = start_slow("noderm", 20, "slow");
-    wait_until(
-        "a worker busy with the job",
-        Duration::from_secs(60),
-        || busy_worker("noderm").is_some(),
-    );
-    let pod = busy_worker("noderm").unwrap();
+    let pod = wait_busy_worker("noderm");
     let node = json(&["get", "pod", &pod, "-n", "tessera-system"])["spec"]["nodeName"]
         .as_str()
         .unwrap()

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs, root};
 use tessera_e2e::faultproxy::wait_until;
 use tessera_e2e::jobs::{
-    busy_worker, condition, delete_job, encodes, ffprobe, get_job, input, job_yaml,
-    ledger_after_success, live_workers, objects, open_uploads, s3_dir, slow_job_yaml,
-    wait_complete, worker_pods,
+    condition, delete_job, encodes, ffprobe, get_job, input, job_yaml, ledger_after_success,
+    live_workers, objects, open_uploads, s3_dir, slow_job_yaml, wait_busy_worker, wait_complete,
+    worker_pods,
 };
 
 /// How long the example job may take from `kubectl apply` to `Complete`.
@@ -382,19 +382,7 @@ fn a_pool_asking_for_more_gpus_than_exist_stays_pending_without_runaway_creation
         many.push_str("---\n");
     }
     kubectl_ok(&["apply", "-f", "-"], Some(&many));
-    let pods = || {
-        json(&[
-            "get",
-            "pods",
-            "-n",
-            "tessera-system",
-            "-l",
-            "tessera.dev/pool=greedy",
-        ])["items"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
+    let pods = || worker_pods("greedy");
     wait_until("the pool's pods", Duration::from_secs(30), || {
         pods().len() == 3
     });
@@ -567,12 +555,7 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
         &["apply", "-f", "-"],
         Some(&slow_job_yaml("drain", &src, "slow")),
     );
-    wait_until(
-        "a worker busy with the job",
-        Duration::from_secs(60),
-        || busy_worker("drain").is_some(),
-    );
-    let pod = busy_worker("drain").unwrap();
+    let pod = wait_busy_worker("drain");
     kubectl_ok(
         &[
             "delete",

@@ -367,11 +367,13 @@ async fn lease(
     }
 }
 
-/// Check the caller may act on task `id` (its pool's ServiceAccount), then run `f` on the queue.
+/// Check the caller may act on task `id` (its pool's ServiceAccount), then run `f` on the queue. `ack`:
+/// this call (release, complete, fail) acknowledges a cancellation; a heartbeat only learns of it.
 async fn on_task(
     st: &ApiState,
     headers: &HeaderMap,
     id: TaskId,
+    ack: bool,
     f: impl FnOnce(&ApiState, &mut Queue, u64) -> Result<Value, QueueError>,
 ) -> Response {
     let who = match identify(st, headers).await {
@@ -387,8 +389,7 @@ async fn on_task(
         let c = lock(&st.cancelled).get(&id).cloned();
         return match c {
             Some(_) => {
-                let path_ack = f_is_ack(headers);
-                if path_ack {
+                if ack {
                     lock(&st.cancelled).remove(&id);
                 }
                 err(StatusCode::GONE, format!("task {id} was cancelled"))
@@ -409,18 +410,13 @@ async fn on_task(
     }
 }
 
-/// Requests other than heartbeats acknowledge a cancellation (marked by the router in a header).
-fn f_is_ack(headers: &HeaderMap) -> bool {
-    headers.get("x-tessera-ack").is_some()
-}
-
 async fn heartbeat(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<TaskId>,
     headers: HeaderMap,
     Json(b): Json<WorkerBody>,
 ) -> Response {
-    on_task(&st, &headers, id, |st, q, now| {
+    on_task(&st, &headers, id, false, |st, q, now| {
         let exp = q.heartbeat(id, &b.worker, now)?;
         if let Some(p) = &b.progress {
             lock(&st.progress).insert(id, p.frames);
@@ -433,11 +429,10 @@ async fn heartbeat(
 async fn complete(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<TaskId>,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     Json(b): Json<WorkerBody>,
 ) -> Response {
-    headers.insert("x-tessera-ack", "1".parse().expect("valid"));
-    on_task(&st, &headers, id, |st, q, _| {
+    on_task(&st, &headers, id, true, |st, q, _| {
         let c = q.complete(id, &b.worker)?;
         lock(&st.progress).remove(&id);
         st.counters.completed.fetch_add(1, Ordering::Relaxed);
@@ -455,11 +450,10 @@ async fn complete(
 async fn fail(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<TaskId>,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     Json(b): Json<WorkerBody>,
 ) -> Response {
-    headers.insert("x-tessera-ack", "1".parse().expect("valid"));
-    on_task(&st, &headers, id, |st, q, _| {
+    on_task(&st, &headers, id, true, |st, q, _| {
         let failure = b.failure.clone().unwrap_or(TaskFailure {
             reason: "WorkerError".into(),
             message: "the worker reported a failure without details".into(),
@@ -489,11 +483,10 @@ async fn fail(
 async fn release(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<TaskId>,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     Json(b): Json<WorkerBody>,
 ) -> Response {
-    headers.insert("x-tessera-ack", "1".parse().expect("valid"));
-    on_task(&st, &headers, id, |st, q, _| {
+    on_task(&st, &headers, id, true, |st, q, _| {
         q.release(id, &b.worker)?;
         lock(&st.progress).remove(&id);
         st.queued.notify_waiters();

@@ -279,7 +279,7 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
             .get(&(ns.clone(), name.clone()))
             .is_some_and(|e| e.run.finished() && !e.dirty)
     {
-        return ttl(&job, &ctx, &api, &status).await;
+        return ttl(&job, &api, &status).await;
     }
     let uid = job.uid().unwrap_or_default();
     let generation = job.metadata.generation.unwrap_or(0);
@@ -386,7 +386,6 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
 
 async fn ttl(
     job: &TranscodeJob,
-    ctx: &Ctx,
     api: &Api<TranscodeJob>,
     status: &TranscodeJobStatus,
 ) -> Result<Action, Error> {
@@ -405,7 +404,6 @@ async fn ttl(
     }
     let (ns, name) = key(job);
     tracing::info!(job = %format!("{ns}/{name}"), ttl, "deleting a finished job (ttlSecondsAfterFinished)");
-    let _ = ctx;
     match api.delete(&name, &DeleteParams::background()).await {
         Ok(_) => Ok(Action::await_change()),
         Err(e) if is_404(&e) => Ok(Action::await_change()),
@@ -613,9 +611,11 @@ fn on_event(ctx: &Ctx, ev: TaskEvent) {
                 }
                 let what = match work.chunk {
                     Some(c) => format!("chunk {c}: {}", f.message),
-                    None => format!("{:?} task: {}", work.kind, f.message)
-                        .to_lowercase()
-                        .replacen(&f.message.to_lowercase(), &f.message, 1),
+                    None => format!(
+                        "{} task: {}",
+                        format!("{:?}", work.kind).to_lowercase(),
+                        f.message
+                    ),
                 };
                 e.run.on_failed(&f.reason, &what, now());
                 e.events.push((

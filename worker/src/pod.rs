@@ -399,8 +399,8 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut drain_until: Option<tokio::time::Instant> = None;
-    // Why the task stopped early, if it did: the queue is not told about a task it no longer gives us.
-    let mut abandoned: Option<&'static str> = None;
+    // The task was stopped early (cancelled, lease lost, or drain time over): it is released, not reported.
+    let mut abandoned = false;
     let outcome = loop {
         let drain = async {
             match drain_until {
@@ -415,12 +415,12 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
                 match q.post(&format!("/v1/tasks/{id}/heartbeat"), body, Duration::from_secs(5)).await {
                     Ok(Reply::Gone) => {
                         tracing::info!(task = id, "task cancelled by the operator; stopping it");
-                        abandoned = Some("cancelled");
+                        abandoned = true;
                         cancel.store(true, Ordering::Relaxed);
                     }
                     Ok(Reply::Conflict) => {
                         tracing::warn!(task = id, "lease lost to another worker; stopping the task");
-                        abandoned = Some("lease lost");
+                        abandoned = true;
                         cancel.store(true, Ordering::Relaxed);
                     }
                     Ok(_) => {}
@@ -433,28 +433,25 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
             }
             () = drain => {
                 tracing::warn!(task = id, "drain time over: cancelling the task and releasing its lease");
-                abandoned = Some("released");
+                abandoned = true;
                 cancel.store(true, Ordering::Relaxed);
             }
         }
     };
     let secs = started.elapsed().as_secs_f64();
     let (path, body) = match (outcome, abandoned) {
-        (_, Some("released")) | (Err(Error::Cancelled), None) => {
+        // Stopped early: release, which also tells the operator this worker has stopped it.
+        (_, true) | (Err(Error::Cancelled), false) => {
             (format!("/v1/tasks/{id}/release"), json!({"worker": me}))
         }
-        (_, Some(_)) => {
-            // Cancelled or taken over: acknowledge so the operator knows this worker has stopped.
-            (format!("/v1/tasks/{id}/release"), json!({"worker": me}))
-        }
-        (Ok(result), None) => {
+        (Ok(result), false) => {
             tracing::info!(task = id, kind = ?work.kind, chunk = ?work.chunk, seconds = secs, "task done");
             (
                 format!("/v1/tasks/{id}/complete"),
                 json!({"worker": me, "result": result, "seconds": secs}),
             )
         }
-        (Err(e), None) => {
+        (Err(e), false) => {
             let f = task::failure(&e);
             tracing::warn!(task = id, kind = ?work.kind, reason = %f.reason, error = %f.message, "task failed");
             (

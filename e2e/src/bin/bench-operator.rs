@@ -333,7 +333,6 @@ async fn main() {
             "writesPerSecond": writes / total}));
     }
     delete_all().await;
-    let _ = jobs;
 
     // 3. the queue API alone.
     let queue = queue_api_bench().await;
