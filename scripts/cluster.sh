@@ -10,7 +10,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${TESSERA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera}"
-E2E="$ROOT/target/e2e"
+E2E="${TESSERA_E2E_DIR:-$ROOT/target/e2e}"
 ST="$E2E/cluster"
 BIN="$CACHE/kubernetes-1.20.2/bin"
 # kubectl: the machine's if it has one, else the one k8s-tools.sh fetched.

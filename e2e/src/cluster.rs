@@ -16,6 +16,14 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where `cluster.sh` keeps the cluster's state: `target/e2e`, or `TESSERA_E2E_DIR` (a second cluster beside
+/// the first, e.g. a soak while tests run).
+pub fn e2e_dir() -> PathBuf {
+    std::env::var_os("TESSERA_E2E_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/e2e"))
+}
+
 pub struct Cluster;
 
 static LOCK: Mutex<Option<Cluster>> = Mutex::new(None);
@@ -55,7 +63,7 @@ pub fn cluster(env: &[(&str, &str)]) -> MutexGuard<'static, Option<Cluster>> {
 
 /// The settings `cluster.sh up` wrote (`target/e2e/env`), e.g. `AWS_ENDPOINT_URL`.
 pub fn env_file() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(root().join("target/e2e/env")).unwrap_or_default();
+    let text = std::fs::read_to_string(e2e_dir().join("env")).unwrap_or_default();
     text.lines()
         .filter_map(|l| l.strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
@@ -66,8 +74,7 @@ pub fn env_file() -> Vec<(String, String)> {
 pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut c = Command::new(crate::kubectl_bin());
-    c.env("KUBECONFIG", root().join("target/e2e/kubeconfig"))
-        .args(args);
+    c.env("KUBECONFIG", e2e_dir().join("kubeconfig")).args(args);
     if stdin.is_some() {
         c.stdin(std::process::Stdio::piped());
     }
@@ -103,7 +110,7 @@ pub fn json(args: &[&str]) -> Value {
 
 /// Logs of every pod the fake kubelet ran whose file name contains `filter`.
 pub fn pod_logs(filter: &str) -> Vec<(String, String)> {
-    let dir = root().join("target/e2e/cluster/kubelet/pods");
+    let dir = e2e_dir().join("cluster/kubelet/pods");
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();

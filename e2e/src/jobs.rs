@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::cluster::{env_file, json, kubectl, kubectl_ok, pod_logs, root};
 
 pub fn s3_dir() -> PathBuf {
-    root().join("target/e2e/cluster/s3")
+    crate::cluster::e2e_dir().join("cluster/s3")
 }
 
 /// Objects under a key prefix of the `tessera` bucket, as the S3 server stores them (a folder per bucket).

@@ -65,7 +65,7 @@ fn failed(st: &Value) -> Option<(String, String)> {
 }
 
 fn s3_dir() -> std::path::PathBuf {
-    root().join("target/e2e/cluster/s3")
+    tessera_e2e::cluster::e2e_dir().join("cluster/s3")
 }
 
 #[test]
@@ -557,7 +557,8 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
         "s3.log",
     ] {
         haystack.push_str(
-            &std::fs::read_to_string(root().join("target/e2e/cluster").join(f)).unwrap_or_default(),
+            &std::fs::read_to_string(tessera_e2e::cluster::e2e_dir().join("cluster").join(f))
+                .unwrap_or_default(),
         );
     }
     assert!(!haystack.contains(&secret), "the S3 secret leaked");

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tessera_e2e::cluster::{json, kubectl_ok, root};
+use tessera_e2e::cluster::{e2e_dir, json, kubectl_ok};
 use tessera_e2e::faultproxy::wait_until;
 
 fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
@@ -60,10 +60,10 @@ fn gpu_pods_land_on_gpu_nodes_and_the_extra_one_stays_pending() {
             "Running" => {
                 let node = p["spec"]["nodeName"].as_str().unwrap();
                 assert!(node.starts_with("gpu-"), "a GPU pod ran on {node}");
-                assert!(p["status"]["podIP"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("127.0.1."));
+                // A loopback address of the kubelet's own, not the host's.
+                let ip: std::net::Ipv4Addr =
+                    p["status"]["podIP"].as_str().unwrap().parse().unwrap();
+                assert!(ip.is_loopback() && ip.octets()[1] >= 2, "pod IP {ip}");
             }
             "Pending" => pending.push(p.clone()),
             other => panic!("unexpected phase {other}"),
@@ -154,10 +154,8 @@ fn pods_get_their_service_accounts_credentials_and_rbac_applies() {
     });
     assert_eq!(phase("allowed"), "Succeeded");
     assert_eq!(phase("denied"), "Failed");
-    let log = std::fs::read_to_string(
-        root().join("target/e2e/cluster/kubelet/pods/rbac-test_denied.log"),
-    )
-    .unwrap();
+    let log = std::fs::read_to_string(e2e_dir().join("cluster/kubelet/pods/rbac-test_denied.log"))
+        .unwrap();
     assert!(log.contains("forbidden"), "{log}");
     assert!(
         log.contains("system:serviceaccount:rbac-test:nobody"),
@@ -193,7 +191,7 @@ fn queue_api_checks_real_service_account_tokens() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(root().join("target/e2e/kubeconfig")).unwrap();
+        let kc = kube::config::Kubeconfig::read_from(e2e_dir().join("kubeconfig")).unwrap();
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
             .unwrap();

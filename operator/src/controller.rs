@@ -21,6 +21,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde_json::json;
 use tessera_crds::work::{ChunkResult, PlanResult, StitchResult, Work, WorkKind};
 use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool, WorkerPoolStatus};
@@ -78,6 +79,8 @@ pub struct Ctx {
     idle_since: Mutex<HashMap<String, Instant>>,
     pub status_writes: AtomicU64,
     pub reconciles: AtomicU64,
+    /// How long each TranscodeJob reconcile took, API calls included.
+    pub reconcile_seconds: Histogram,
 }
 
 impl Ctx {
@@ -102,6 +105,7 @@ impl Ctx {
             idle_since: Mutex::default(),
             status_writes: AtomicU64::new(0),
             reconciles: AtomicU64::new(0),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         }
     }
 
@@ -254,6 +258,13 @@ async fn write_failed_now(
 
 async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     ctx.reconciles.fetch_add(1, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let r = reconcile_job(job, ctx.clone()).await;
+    ctx.reconcile_seconds.observe(t0.elapsed().as_secs_f64());
+    r
+}
+
+async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let (ns, name) = key(&job);
     let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
     if job.metadata.deletion_timestamp.is_some() {

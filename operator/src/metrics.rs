@@ -93,6 +93,15 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
         "Queue requests refused (401/403)",
         counter(c.rejected.load(Ordering::Relaxed)),
     );
+    if let Some(rss) = resident_bytes() {
+        let g = Gauge::<i64>::default();
+        g.set(rss);
+        reg.register(
+            "process_resident_memory_bytes",
+            "Resident memory of this operator process",
+            g,
+        );
+    }
     let leader = Gauge::<i64>::default();
     leader.set(i64::from(api.leader.load(Ordering::Relaxed)));
     reg.register("leader", "1 while this replica leads", leader);
@@ -107,6 +116,11 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
             "TranscodeJob reconciles",
             counter(ctx.reconciles.load(Ordering::Relaxed)),
         );
+        reg.register(
+            "reconcile_duration_seconds",
+            "Time one TranscodeJob reconcile took, API calls included",
+            ctx.reconcile_seconds.clone(),
+        );
         let jobs = Family::<StageLabel, Gauge>::default();
         for (stage, n) in ctx.jobs_by_phase() {
             jobs.get_or_create(&StageLabel {
@@ -119,4 +133,11 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
     let mut out = String::new();
     let _ = encode(&mut out, &reg);
     out
+}
+
+/// Resident set size from `/proc/self/statm` (Linux; pages are 4 KiB on the platforms we ship).
+fn resident_bytes() -> Option<i64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }

@@ -98,8 +98,9 @@ async fn apiserver_requests(client: &kube::Client) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let kc = kube::config::Kubeconfig::read_from(root().join("target/e2e/kubeconfig"))
-        .expect("cluster is up");
+    let kc =
+        kube::config::Kubeconfig::read_from(tessera_e2e::cluster::e2e_dir().join("kubeconfig"))
+            .expect("cluster is up");
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();

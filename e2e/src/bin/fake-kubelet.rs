@@ -93,6 +93,9 @@ struct Kubelet {
     nodes: Vec<String>,
     pods: Mutex<HashMap<String, Running>>,
     next_ip: AtomicU32,
+    /// Pods get `127.<net>.<n>.<m>`: one random `net` per kubelet, so two local clusters (a soak beside a
+    /// test run) never share a pod address.
+    net: u8,
 }
 
 fn now() -> Time {
@@ -129,6 +132,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         nodes: specs.iter().map(|n| n.name.clone()).collect(),
         pods: Mutex::new(HashMap::new()),
         next_ip: AtomicU32::new(10),
+        net: fastrand::u8(2..=254),
     });
     for n in &specs {
         register(&client, n).await?;
@@ -314,10 +318,8 @@ impl Kubelet {
             // Claim it before starting (events for one pod arrive more than once).
             pods.insert(k.clone(), Running { pid: 0 });
         }
-        let ip = format!(
-            "127.0.1.{}",
-            self.next_ip.fetch_add(1, Ordering::Relaxed) % 250 + 1
-        );
+        let n = self.next_ip.fetch_add(1, Ordering::Relaxed) % 60000;
+        let ip = format!("127.{}.{}.{}", self.net, n / 250, n % 250 + 1);
         let spec = p.spec.clone().unwrap_or_default();
         let c = spec.containers.first().cloned().unwrap_or_default();
         let kubeconfig = match self.pod_kubeconfig(&p, &ns).await {

@@ -1,0 +1,427 @@
+//! Load on the operator: many TranscodeJobs through the real API server and controller, served by many
+//! simulated workers over the real queue API (with a real ServiceAccount token), so what is measured is the
+//! operator's own cost: reconciles, status writes, queue, finalizers. The workers do no media work; each
+//! task takes 20–100 ms, sends one heartbeat and completes with a result of the right shape.
+//!
+//! Used by `tests/load.rs` (500 jobs at once, 1,000 workers, in `make test`) and its soak (`make test-long`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as Http;
+use hyper_util::rt::TokioExecutor;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use serde_json::{json, Value};
+
+use crate::cluster::{e2e_dir, kubectl, kubectl_ok};
+
+pub const NAMESPACE: &str = "load";
+pub const POOL: &str = "load";
+
+type Client = Http<HttpConnector, Full<Bytes>>;
+
+/// Raise this process's open-file limit to its hard limit: 1,000 workers hold 1,000 connections, and the
+/// cluster's processes (started later by this process) inherit the limit.
+pub fn raise_nofile() {
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn http() -> Client {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Http::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2048)
+        .build(c)
+}
+
+async fn post(c: &Client, url: &str, token: &str, body: Value) -> Result<(u16, Value), String> {
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = c.request(req).await.map_err(|e| e.to_string())?;
+    let s = resp.status().as_u16();
+    let b = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((s, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+}
+
+/// The operator's `/metrics` text.
+pub async fn metrics(base: &str) -> String {
+    let c = http();
+    let Ok(req) = hyper::Request::get(format!("{base}/metrics")).body(Full::new(Bytes::new()))
+    else {
+        return String::new();
+    };
+    match c.request(req).await {
+        Ok(r) => match r.into_body().collect().await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            Err(_) => String::new(),
+        },
+        Err(_) => String::new(),
+    }
+}
+
+/// The sum of a metric's samples whose line contains `filter`.
+pub fn metric(text: &str, name: &str, filter: &str) -> Option<f64> {
+    let v: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum())
+}
+
+/// A quantile of a Prometheus histogram (`name_bucket{le=..}` lines): the upper bound of the bucket that
+/// holds it, as Prometheus' `histogram_quantile` would round up.
+pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+}
+
+pub async fn client() -> kube::Client {
+    let kc =
+        kube::config::Kubeconfig::read_from(e2e_dir().join("kubeconfig")).expect("cluster is up");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kubeconfig");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+pub fn jobs_api(client: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        NAMESPACE,
+        &ApiResource {
+            group: "tessera.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "tessera.dev/v1alpha1".into(),
+            kind: "TranscodeJob".into(),
+            plural: "transcodejobs".into(),
+        },
+    )
+}
+
+fn job(name: &str) -> Value {
+    json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "TranscodeJob",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "input": {"uri": "s3://tessera/inputs/load.mp4"},
+            "output": {"uri": format!("s3://tessera/load/{name}/")},
+            "renditions": [{"name": "a", "video": {"codec": "h264"}}],
+            "pool": format!("tessera-system/{POOL}")
+        }
+    })
+}
+
+/// The pool the simulated workers serve (no pods: `maxWorkers: 0`), its namespace, and a worker token.
+pub fn prepare() -> String {
+    let _ = kubectl(&["create", "namespace", NAMESPACE], None);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: {POOL}, namespace: tessera-system}}\nspec:\n  \
+             minWorkers: 0\n  maxWorkers: 0\n  serviceAccountName: tessera-worker\n"
+        )),
+    );
+    kubectl_ok(
+        &[
+            "create",
+            "token",
+            "tessera-worker",
+            "-n",
+            "tessera-system",
+            "--duration=2h",
+        ],
+        None,
+    )
+    .trim()
+    .to_string()
+}
+
+/// The leader's queue address, from the leader Lease.
+pub async fn queue_url(client: &kube::Client) -> String {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "tessera-system");
+    let t = Instant::now();
+    loop {
+        if let Ok(l) = leases.get("tessera-operator-leader").await {
+            if let Some(u) = l
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("tessera.dev/queue-url"))
+            {
+                return u.clone();
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait until the queue API serves the pool (after the operator's next pool pass): a lease that does not
+/// wait answers 204 (no task) instead of 403/404.
+pub async fn wait_pool(base: &str, token: &str) {
+    let c = http();
+    let url = format!("{base}/v1/pools/tessera-system/{POOL}/lease");
+    let t = Instant::now();
+    loop {
+        let r = post(
+            &c,
+            &url,
+            token,
+            json!({"worker": "load-probe", "waitMs": 0}),
+        )
+        .await;
+        match r {
+            Ok((204, _)) => return,
+            Ok((200, b)) => panic!("the load pool had a task before any job: {b}"),
+            _ => {}
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "queue API refuses the load pool: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Simulated workers, each long-polling the pool.
+pub struct Fleet {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    pub completed: Arc<AtomicU64>,
+    pub errors: Arc<AtomicU64>,
+    /// When each job's plan task was first leased.
+    pub planned: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl Fleet {
+    pub fn start(base: &str, token: &str, workers: usize, chunks: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let completed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let planned = Arc::new(Mutex::new(HashMap::new()));
+        let c = http();
+        let handles = (0..workers)
+            .map(|w| {
+                let (c, base, token) = (c.clone(), base.to_string(), token.to_string());
+                let (stop, completed, errors, planned) = (
+                    stop.clone(),
+                    completed.clone(),
+                    errors.clone(),
+                    planned.clone(),
+                );
+                tokio::spawn(async move {
+                    let name = format!("load-worker-{w}");
+                    let lease = format!("{base}/v1/pools/tessera-system/{POOL}/lease");
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = json!({"worker": name, "waitMs": 2000});
+                        let task = match post(&c, &lease, &token, body).await {
+                            Ok((200, b)) => b["task"].clone(),
+                            Ok((204, _)) => continue,
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                continue;
+                            }
+                        };
+                        let id = task["id"].as_u64().unwrap_or(0);
+                        let kind = task["work"]["kind"].as_str().unwrap_or("").to_string();
+                        if kind == "plan" {
+                            if let Some(job) = task["work"]["job"].as_str() {
+                                planned
+                                    .lock()
+                                    .unwrap()
+                                    .entry(job.to_string())
+                                    .or_insert_with(Instant::now);
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(fastrand::u64(20..100))).await;
+                        let hb = json!({"worker": name, "progress": {"frames": 12}});
+                        let _ = post(&c, &format!("{base}/v1/tasks/{id}/heartbeat"), &token, hb).await;
+                        let result = match kind.as_str() {
+                            "plan" => json!({"plan": {"targetSeconds": 2.0, "chunks": chunks,
+                                "frames": u64::from(chunks) * 50, "durationSeconds": f64::from(chunks) * 2.0,
+                                "fps": 25.0, "encoders": ["libx264"], "encoderReasons": ["software"],
+                                "audio": true}, "done": [], "audioDone": false}),
+                            "chunk" | "audio" => json!({"frames": 50, "reused": false, "seconds": 0.05}),
+                            "stitch" => json!({"renditions": [], "seconds": 0.05}),
+                            _ => Value::Null,
+                        };
+                        let body = json!({"worker": name, "result": result, "seconds": 0.05});
+                        match post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token, body).await
+                        {
+                            Ok((200 | 204, _)) => {
+                                completed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // A cancelled task (its job deleted) answers 410: acknowledged, not an error.
+                            Ok((410, _)) => {}
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            handles,
+            completed,
+            errors,
+            planned,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Operator memory sampled from its `/metrics` every 250 ms.
+pub struct MemorySampler {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<Vec<(f64, f64)>>,
+}
+
+impl MemorySampler {
+    pub fn start(base: &str, every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, base) = (stop.clone(), base.to_string());
+        let handle = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut out = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let text = metrics(&base).await;
+                if let Some(rss) = metric(&text, "tessera_process_resident_memory_bytes", "") {
+                    out.push((t0.elapsed().as_secs_f64(), rss / 1048576.0));
+                }
+                tokio::time::sleep(every).await;
+            }
+            out
+        });
+        Self { stop, handle }
+    }
+
+    /// (seconds since start, resident MiB) samples.
+    pub async fn stop(self) -> Vec<(f64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.unwrap_or_default()
+    }
+}
+
+/// Create `names` at once (32 requests in flight); returns when each create was acknowledged.
+pub async fn create_all(api: &Api<DynamicObject>, names: &[String]) -> HashMap<String, Instant> {
+    stream::iter(names.iter().cloned())
+        .map(|n| {
+            let api = api.clone();
+            async move {
+                let obj: DynamicObject = serde_json::from_value(job(&n)).expect("job object");
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .unwrap_or_else(|e| panic!("create {n}: {e}"));
+                (n, Instant::now())
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await
+}
+
+/// Phases of the jobs in the namespace.
+pub async fn phases(api: &Api<DynamicObject>) -> HashMap<String, String> {
+    match api.list(&ListParams::default()).await {
+        Ok(l) => l
+            .items
+            .into_iter()
+            .map(|o| {
+                let phase = o.data["status"]["phase"].as_str().unwrap_or("").to_string();
+                (o.metadata.name.unwrap_or_default(), phase)
+            })
+            .collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// Delete `names` and wait until they are gone (the finalizer's cleanup tasks served by the fleet).
+pub async fn delete_all(api: &Api<DynamicObject>, names: &[String], bound: Duration) {
+    stream::iter(names.iter().cloned())
+        .map(|n| {
+            let api = api.clone();
+            async move {
+                let _ = api.delete(&n, &DeleteParams::default()).await;
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let t = Instant::now();
+    loop {
+        let left = phases(api).await;
+        if !names.iter().any(|n| left.contains_key(n)) {
+            return;
+        }
+        assert!(
+            t.elapsed() < bound,
+            "{} jobs not deleted within {bound:?}",
+            names.iter().filter(|n| left.contains_key(*n)).count()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
