@@ -237,6 +237,8 @@ pub struct Fleet {
     pub errors: Arc<AtomicU64>,
     /// When each job's plan task was first leased.
     pub planned: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Completed tasks by (job, kind, chunk): a count above 1 is work done twice.
+    pub done: Arc<Mutex<HashMap<(String, String, u64), u32>>>,
 }
 
 impl Fleet {
@@ -245,15 +247,17 @@ impl Fleet {
         let completed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let planned = Arc::new(Mutex::new(HashMap::new()));
+        let done = Arc::new(Mutex::new(HashMap::new()));
         let c = http();
         let handles = (0..workers)
             .map(|w| {
                 let (c, base, token) = (c.clone(), base.to_string(), token.to_string());
-                let (stop, completed, errors, planned) = (
+                let (stop, completed, errors, planned, done) = (
                     stop.clone(),
                     completed.clone(),
                     errors.clone(),
                     planned.clone(),
+                    done.clone(),
                 );
                 tokio::spawn(async move {
                     let name = format!("load-worker-{w}");
@@ -297,6 +301,12 @@ impl Fleet {
                         {
                             Ok((200 | 204, _)) => {
                                 completed.fetch_add(1, Ordering::Relaxed);
+                                let key = (
+                                    task["work"]["job"].as_str().unwrap_or("").to_string(),
+                                    kind,
+                                    task["work"]["chunk"].as_u64().unwrap_or(0),
+                                );
+                                *done.lock().unwrap().entry(key).or_default() += 1;
                             }
                             // A cancelled task (its job deleted) answers 410: acknowledged, not an error.
                             Ok((410, _)) => {}
@@ -314,6 +324,7 @@ impl Fleet {
             completed,
             errors,
             planned,
+            done,
         }
     }
 

@@ -96,6 +96,14 @@ async fn burst(token: String) {
     let delete_secs = t1.elapsed().as_secs_f64();
     let completed = fleet.completed.load(std::sync::atomic::Ordering::Relaxed);
     let errors = fleet.errors.load(std::sync::atomic::Ordering::Relaxed);
+    let twice: Vec<_> = fleet
+        .done
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, n)| format!("{k:?} ×{n}"))
+        .collect();
     fleet.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let samples = mem.stop().await;
@@ -109,6 +117,7 @@ async fn burst(token: String) {
         rec50 * 1000.0,
         rec99 * 1000.0
     );
+    assert!(twice.is_empty(), "tasks done twice: {twice:?}");
     // Every job's plan, chunks, audio, stitch and cleanup: nothing done twice, nothing skipped.
     let tasks = jobs as u64 * (u64::from(chunks) + 4);
     assert_eq!(completed, tasks, "tasks completed (errors: {errors})");

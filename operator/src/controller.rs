@@ -77,6 +77,10 @@ pub struct Ctx {
     epoch: u64,
     seq: AtomicU64,
     idle_since: Mutex<HashMap<String, Instant>>,
+    /// Jobs (by uid) whose finalizer this leader removed, for a few minutes: the watch cache may still show
+    /// them with the finalizer, and finalizing them again would queue a second cleanup and leave an entry
+    /// behind for an object that is gone.
+    finalized: Mutex<HashMap<String, Instant>>,
     pub status_writes: AtomicU64,
     pub reconciles: AtomicU64,
     /// How long each TranscodeJob reconcile took, API calls included.
@@ -103,6 +107,7 @@ impl Ctx {
             epoch: fastrand::u64(1..(1 << 20)) << 32,
             seq: AtomicU64::new(0),
             idle_since: Mutex::default(),
+            finalized: Mutex::default(),
             status_writes: AtomicU64::new(0),
             reconciles: AtomicU64::new(0),
             reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -422,9 +427,14 @@ async fn ttl(
     }
 }
 
+/// How long a finalized job's uid is remembered (far longer than a watch cache lags).
+const FINALIZED_MEMORY: Duration = Duration::from_secs(600);
+
 async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Result<Action, Error> {
     let (ns, name) = key(job);
-    if !job.finalizers().iter().any(|f| f == FINALIZER) {
+    let uid = job.uid().unwrap_or_default();
+    if !job.finalizers().iter().any(|f| f == FINALIZER) || lock(&ctx.finalized).contains_key(&uid)
+    {
         lock(&ctx.jobs).remove(&(ns, name));
         return Ok(Action::await_change());
     }
@@ -529,6 +539,11 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
         Err(e) => return Err(Error::kube(format!("finalizer of {ns}/{name}"), e)),
     }
     lock(&ctx.jobs).remove(&(ns.clone(), name.clone()));
+    {
+        let mut done = lock(&ctx.finalized);
+        done.retain(|_, t| t.elapsed() < FINALIZED_MEMORY);
+        done.insert(uid, Instant::now());
+    }
     tracing::info!(job = %format!("{ns}/{name}"), "job deleted; its temporary objects are gone");
     Ok(Action::await_change())
 }
