@@ -229,6 +229,9 @@ pub async fn wait_pool(base: &str, token: &str) {
     }
 }
 
+/// A task by (job, kind, chunk).
+pub type TaskKey = (String, String, u64);
+
 /// Simulated workers, each long-polling the pool.
 pub struct Fleet {
     stop: Arc<AtomicBool>,
@@ -238,7 +241,7 @@ pub struct Fleet {
     /// When each job's plan task was first leased.
     pub planned: Arc<Mutex<HashMap<String, Instant>>>,
     /// Completed tasks by (job, kind, chunk): a count above 1 is work done twice.
-    pub done: Arc<Mutex<HashMap<(String, String, u64), u32>>>,
+    pub done: Arc<Mutex<HashMap<TaskKey, u32>>>,
 }
 
 impl Fleet {
