@@ -458,6 +458,11 @@ pub struct WorkerPoolSpec {
     /// Node affinity and the like, for placements a nodeSelector cannot say (e.g. one of several GPU models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// Size limit of each worker's scratch space (an emptyDir, e.g. `20Gi`): the kubelet evicts a worker that
+    /// writes more. A worker whose scratch has less than `TESSERA_SCRATCH_MIN_FREE_MB` (256) free takes no
+    /// new task until space is freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 fn default_max_workers() -> u32 {

@@ -385,3 +385,115 @@ fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
     assert!(failed >= 1, "the injected failure happened");
     kubectl_ok(&["delete", "wp", "brittle", "-n", "tessera-system"], None);
 }
+
+/// The pid of a pod's process (the fake kubelet runs pods as local processes with `POD_NAME` set).
+fn pod_pid(pod: &str) -> Option<u32> {
+    let want = format!("POD_NAME={pod}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        env.split(|b| *b == 0)
+            .any(|v| v == want.as_bytes())
+            .then_some(pid)
+    })
+}
+
+/// A command inside a pod's mount namespace (where its size-limited scratch tmpfs is mounted).
+fn in_pod(pid: u32, script: &str) -> std::process::Output {
+    Command::new("nsenter")
+        .args([
+            "-t",
+            &pid.to_string(),
+            "-U",
+            "-m",
+            "--preserve-credentials",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("nsenter runs")
+}
+
+#[test]
+fn worker_scratch_disk_full_mid_job() {
+    let _c = cluster();
+    // A pool like the default one (same nodes, S3 access), but whose workers' scratch is a 48 MiB emptyDir
+    // (a tmpfs of that size here, in each pod's own mount namespace); a worker takes no task with less than
+    // 8 MiB free.
+    let mut pool = json(&["get", "workerpool", "default", "-n", "tessera-system"]);
+    let spec = pool["spec"].as_object_mut().unwrap();
+    spec.insert("maxWorkers".into(), 2.into());
+    spec.insert("scratchSizeLimit".into(), "48Mi".into());
+    spec.insert(
+        "env".into(),
+        serde_json::json!([{"name": "TESSERA_SCRATCH_MIN_FREE_MB", "value": "8"}]),
+    );
+    let pool = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkerPool",
+        "metadata": {"name": "scratchy", "namespace": "tessera-system"}, "spec": pool["spec"]});
+    kubectl_ok(&["apply", "-f", "-"], Some(&pool.to_string()));
+    let src = input("src20", 20);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "{}  pool: tessera-system/scratchy\n",
+            slow_job_yaml("diskfull", &src, "slow")
+        )),
+    );
+    let t0 = Instant::now();
+    wait_until("chunks to be done", Duration::from_secs(90), || {
+        chunks_done("diskfull") >= 2
+    });
+    let pod = wait_busy_worker("diskfull");
+    let pid = pod_pid(&pod).expect("the busy worker's process");
+    let scratch = tessera_e2e::cluster::e2e_dir()
+        .join("cluster/kubelet/volumes")
+        .join(format!("tessera-system_{pod}"))
+        .join("scratch");
+    // Something else on the node fills the worker's scratch to the last byte, mid-chunk.
+    let out = in_pod(
+        pid,
+        &format!(
+            "dd if=/dev/zero of={}/filler bs=1M 2>&1; df -m {}",
+            scratch.display(),
+            scratch.display()
+        ),
+    );
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        report.contains("No space left on device"),
+        "the scratch did not fill up: {report}"
+    );
+    let log = || {
+        tessera_e2e::cluster::pod_logs(&pod)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect::<String>()
+    };
+    wait_until(
+        "the worker to stop taking tasks",
+        Duration::from_secs(60),
+        || log().contains("scratch space full"),
+    );
+    let j = wait_complete("diskfull", Duration::from_secs(300));
+    assert!(j["status"]["progress"]["chunksDone"].as_u64() > Some(0));
+    // While full, the worker leased nothing (its chunk in flight, if it was writing, failed as retryable and
+    // ran elsewhere; a worker left idle is then scaled away with its scratch).
+    let l = log();
+    let after_full = &l[l.find("scratch space full").unwrap()..];
+    assert!(
+        !after_full.contains("task leased"),
+        "a worker with a full scratch took a task"
+    );
+    finish(
+        "worker's scratch disk full mid-job (48 MiB emptyDir filled by another writer)",
+        "diskfull",
+        20,
+        1,
+        t0,
+    );
+    kubectl_ok(
+        &["delete", "workerpool", "scratchy", "-n", "tessera-system"],
+        None,
+    );
+}

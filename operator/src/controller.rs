@@ -433,8 +433,7 @@ const FINALIZED_MEMORY: Duration = Duration::from_secs(600);
 async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Result<Action, Error> {
     let (ns, name) = key(job);
     let uid = job.uid().unwrap_or_default();
-    if !job.finalizers().iter().any(|f| f == FINALIZER) || lock(&ctx.finalized).contains_key(&uid)
-    {
+    if !job.finalizers().iter().any(|f| f == FINALIZER) || lock(&ctx.finalized).contains_key(&uid) {
         lock(&ctx.jobs).remove(&(ns, name));
         return Ok(Action::await_change());
     }

@@ -184,7 +184,10 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             }),
             volumes: Some(vec![Volume {
                 name: "scratch".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: i.spec.scratch_size_limit.clone(),
+                    ..EmptyDirVolumeSource::default()
+                }),
                 ..Volume::default()
             }]),
             ..PodSpec::default()
@@ -222,6 +225,9 @@ mod tests {
             service_account_name: "tessera-worker".into(),
             s3: None,
             env: Vec::new(),
+            scratch_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "20Gi".into(),
+            )),
         }
     }
 
@@ -309,7 +315,8 @@ mod tests {
         // Scratch is writable even though the root filesystem is not.
         let mounts = ps.containers[0].volume_mounts.as_ref().unwrap();
         assert_eq!(mounts[0].mount_path, "/scratch");
-        assert!(ps.volumes.as_ref().unwrap()[0].empty_dir.is_some());
+        let scratch = ps.volumes.as_ref().unwrap()[0].empty_dir.as_ref().unwrap();
+        assert_eq!(scratch.size_limit.as_ref().unwrap().0, "20Gi");
         assert_eq!(ps.termination_grace_period_seconds, Some(GRACE_SECONDS));
     }
 }

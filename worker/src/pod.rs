@@ -44,6 +44,8 @@ pub struct Config {
     pub queue_lease: Option<String>,
     pub drain: Duration,
     pub heartbeat: Duration,
+    /// A worker whose scratch space (`TMPDIR`) has less free than this takes no new task.
+    pub scratch_min_free_mb: u64,
 }
 
 impl Config {
@@ -77,6 +79,7 @@ impl Config {
             queue_lease,
             drain: Duration::from_secs(num("TESSERA_DRAIN_SECONDS", 90)),
             heartbeat: Duration::from_millis(num("TESSERA_HEARTBEAT_MS", 1000)),
+            scratch_min_free_mb: num("TESSERA_SCRATCH_MIN_FREE_MB", 256),
         })
     }
 }
@@ -333,7 +336,28 @@ async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
         .unwrap_or(("default", &q.cfg.pool));
     let path = format!("/v1/pools/{ns}/{name}/lease");
     let mut backoff = Duration::from_millis(200);
+    let mut full = false;
     while !stop.is_cancelled() {
+        // A full scratch disk would fail every task leased now (and spend its attempts): wait for space.
+        if let Some(free) = scratch_free_mb() {
+            if free < q.cfg.scratch_min_free_mb {
+                if !full {
+                    tracing::warn!(slot = n, free_mb = free, need_mb = q.cfg.scratch_min_free_mb,
+                        dir = %std::env::temp_dir().display(), "scratch space full: taking no task until space is freed");
+                    full = true;
+                }
+                sleep_or(&stop, Duration::from_secs(1)).await;
+                continue;
+            }
+            if full {
+                tracing::info!(
+                    slot = n,
+                    free_mb = free,
+                    "scratch space freed: taking tasks again"
+                );
+                full = false;
+            }
+        }
         let body = json!({"worker": q.cfg.worker, "waitMs": 20_000});
         let reply = tokio::select! {
             r = q.post(&path, body, Duration::from_secs(30)) => r,
@@ -373,6 +397,18 @@ async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// Free space in the scratch folder (`TMPDIR`), in MiB, for an unprivileged writer.
+fn scratch_free_mb() -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::ffi::CString::new(std::env::temp_dir().as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills a zeroed struct from a NUL-terminated path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(dir.as_ptr(), &mut st) == 0)
+            .then(|| st.f_bavail as u64 * st.f_frsize as u64 / 1_048_576)
     }
 }
 

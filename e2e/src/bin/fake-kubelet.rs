@@ -346,12 +346,21 @@ impl Kubelet {
             let mut env = self.env(&p, &c, &ns, &ip).await?;
             // emptyDir volumes: a folder per pod and volume; the process cannot see the mount path itself
             // (no mount namespace), so environment values naming it are pointed at the folder.
-            for (mount, dir) in self.empty_dirs(&p, &c, &ns)? {
+            let mut limited = Vec::new();
+            for (mount, dir, limit) in self.empty_dirs(&p, &c, &ns)? {
                 for (_, v) in env.iter_mut() {
                     if *v == mount || v.starts_with(&format!("{mount}/")) {
                         *v = format!("{}{}", dir.display(), &v[mount.len()..]);
                     }
                 }
+                if let Some(bytes) = limit {
+                    limited.push((dir, bytes));
+                }
+            }
+            // An emptyDir with a sizeLimit is a tmpfs of that size over the pod's folder, in a mount namespace
+            // of the pod's own (as a real kubelet's memory-backed emptyDir): writing past it fails with ENOSPC.
+            if !limited.is_empty() {
+                cmd = size_limited(&cmd, &limited);
             }
             cmd.env_clear();
             cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
@@ -557,7 +566,7 @@ impl Kubelet {
         p: &Pod,
         c: &Container,
         ns: &str,
-    ) -> std::io::Result<Vec<(String, PathBuf)>> {
+    ) -> std::io::Result<Vec<(String, PathBuf, Option<u64>)>> {
         let vols = p
             .spec
             .as_ref()
@@ -566,17 +575,19 @@ impl Kubelet {
         let name = p.metadata.name.clone().unwrap_or_default();
         let mut out = Vec::new();
         for m in c.volume_mounts.clone().unwrap_or_default() {
-            if vols
+            if let Some(ed) = vols
                 .iter()
-                .any(|v| v.name == m.name && v.empty_dir.is_some())
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.empty_dir.as_ref())
             {
+                let limit = ed.size_limit.as_ref().and_then(|q| bytes(&q.0));
                 let dir = self
                     .state
                     .join("volumes")
                     .join(format!("{ns}_{name}"))
                     .join(&m.name);
                 std::fs::create_dir_all(&dir)?;
-                out.push((m.mount_path.trim_end_matches('/').to_string(), dir));
+                out.push((m.mount_path.trim_end_matches('/').to_string(), dir, limit));
             }
         }
         Ok(out)
@@ -620,4 +631,54 @@ impl Kubelet {
         std::fs::write(&path, kc).map_err(|e| kube::Error::Service(Box::new(e)))?;
         Ok(path)
     }
+}
+
+/// A resource quantity (`64Mi`, `1G`, `1000`) in bytes.
+fn bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mul: u64 = match unit {
+        "" => 1,
+        "k" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+/// `cmd` run in a user and mount namespace of its own, with a tmpfs of the given size over each folder.
+/// `unshare` and `sh` exec in place, so the pid the kubelet signals is the program's.
+fn size_limited(cmd: &Command, limited: &[(PathBuf, u64)]) -> Command {
+    let std = cmd.as_std();
+    let mut script = String::new();
+    for i in 0..limited.len() {
+        script += &format!(
+            "mount -t tmpfs -o size=\"${}\" tmpfs \"${}\" && ",
+            2 * i + 1,
+            2 * i + 2
+        );
+    }
+    script += &format!("shift {} && exec \"$@\"", 2 * limited.len());
+    let mut w = Command::new("unshare");
+    w.args([
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    for (dir, size) in limited {
+        w.arg(size.to_string()).arg(dir);
+    }
+    w.arg(std.get_program()).args(std.get_args());
+    w.kill_on_drop(false);
+    w
 }
