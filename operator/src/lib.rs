@@ -5,6 +5,7 @@
 pub mod api;
 pub mod controller;
 pub mod error;
+pub mod fuzzing;
 pub mod jobrun;
 pub mod leader;
 pub mod metrics;

@@ -5,6 +5,7 @@ pub mod avlog;
 pub mod chunk;
 pub mod encode;
 pub mod error;
+pub mod fuzzing;
 pub mod hwdec;
 pub mod job;
 pub mod packets;

@@ -29,12 +29,17 @@ pub fn plan_boundaries(keyframes: &[Keyframe], duration: f64, target: f64) -> Ve
         let from = keyframes[cur].time;
         let ideal = from + target;
         // Candidates: keyframes after from + target/2.
-        let first = keyframes.partition_point(|k| k.time <= from + target * 0.5);
+        // Always past the current start, so the plan ends even for keyframes out of time order.
+        let first = keyframes
+            .partition_point(|k| k.time <= from + target * 0.5)
+            .max(cur + 1);
         if first >= keyframes.len() {
             break;
         }
         // Nearest to the ideal among candidates (keyframe times are non-decreasing).
-        let after = keyframes.partition_point(|k| k.time < ideal).max(first);
+        let after = keyframes
+            .partition_point(|k| k.time < ideal)
+            .clamp(first, keyframes.len());
         let best = [
             after.checked_sub(1).filter(|&i| i >= first),
             (after < keyframes.len()).then_some(after),
@@ -302,6 +307,15 @@ mod tests {
                 time: t,
             })
             .collect()
+    }
+
+    #[test]
+    fn keyframes_out_of_order_still_give_a_finite_increasing_plan() {
+        // Found by fuzzing the probe: a damaged index listed a keyframe before an earlier one, and the
+        // planner went back and forth between them forever.
+        let k = keys(&[0.0, 12.0, 3.0, 11.0, f64::NAN, 2.0, 30.0]);
+        let b = plan_boundaries(&k, 40.0, 10.0);
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
     }
 
     #[test]

@@ -423,6 +423,11 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
         sample_ts = scan.pts;
         keyframe_source = "packet scan";
     }
+    // A damaged index can list keyframes out of order or with nonsense times; the planner needs them in time
+    // order (found by fuzzing: an unordered index made the planner loop).
+    keyframes.retain(|k| k.time.is_finite());
+    keyframes.sort_by(|a, b| a.time.total_cmp(&b.time));
+    keyframes.dedup_by_key(|k| k.seek_ts);
     if sample_ts.is_empty() {
         // The index lists keyframes only (Matroska cues): frame timing from the first packets, demux only.
         // SAFETY: rewinding an open input context.
