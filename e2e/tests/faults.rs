@@ -386,6 +386,26 @@ fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
     kubectl_ok(&["delete", "wp", "brittle", "-n", "tessera-system"], None);
 }
 
+/// A pool like the default one (same nodes, S3 access) with `changes` to its spec, and a slow 20 s job `job`
+/// run by it.
+fn start_in_pool(pool: &str, changes: serde_json::Value, job: &str) {
+    let mut spec = json(&["get", "workerpool", "default", "-n", "tessera-system"])["spec"].clone();
+    for (k, v) in changes.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let p = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkerPool",
+        "metadata": {"name": pool, "namespace": "tessera-system"}, "spec": spec});
+    kubectl_ok(&["apply", "-f", "-"], Some(&p.to_string()));
+    let src = input("src20", 20);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "{}  pool: tessera-system/{pool}\n",
+            slow_job_yaml(job, &src, "slow")
+        )),
+    );
+}
+
 /// The pid of a pod's process (the fake kubelet runs pods as local processes with `POD_NAME` set).
 fn pod_pid(pod: &str) -> Option<u32> {
     let want = format!("POD_NAME={pod}");
@@ -421,24 +441,11 @@ fn worker_scratch_disk_full_mid_job() {
     // A pool like the default one (same nodes, S3 access), but whose workers' scratch is a 48 MiB emptyDir
     // (a tmpfs of that size here, in each pod's own mount namespace); a worker takes no task with less than
     // 8 MiB free.
-    let mut pool = json(&["get", "workerpool", "default", "-n", "tessera-system"]);
-    let spec = pool["spec"].as_object_mut().unwrap();
-    spec.insert("maxWorkers".into(), 2.into());
-    spec.insert("scratchSizeLimit".into(), "48Mi".into());
-    spec.insert(
-        "env".into(),
-        serde_json::json!([{"name": "TESSERA_SCRATCH_MIN_FREE_MB", "value": "8"}]),
-    );
-    let pool = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkerPool",
-        "metadata": {"name": "scratchy", "namespace": "tessera-system"}, "spec": pool["spec"]});
-    kubectl_ok(&["apply", "-f", "-"], Some(&pool.to_string()));
-    let src = input("src20", 20);
-    kubectl_ok(
-        &["apply", "-f", "-"],
-        Some(&format!(
-            "{}  pool: tessera-system/scratchy\n",
-            slow_job_yaml("diskfull", &src, "slow")
-        )),
+    start_in_pool(
+        "scratchy",
+        serde_json::json!({"maxWorkers": 2, "scratchSizeLimit": "48Mi",
+            "env": [{"name": "TESSERA_SCRATCH_MIN_FREE_MB", "value": "8"}]}),
+        "diskfull",
     );
     let t0 = Instant::now();
     wait_until("chunks to be done", Duration::from_secs(90), || {
@@ -494,6 +501,57 @@ fn worker_scratch_disk_full_mid_job() {
     );
     kubectl_ok(
         &["delete", "workerpool", "scratchy", "-n", "tessera-system"],
+        None,
+    );
+}
+
+#[test]
+fn worker_clock_ten_minutes_ahead_and_running_at_half_speed() {
+    let _c = cluster();
+    // Leases are judged by the leader's monotonic clock alone and workers send no times, so a worker's
+    // clock cannot shorten or stretch a lease. Shown with a pool whose workers' clocks (wall and monotonic,
+    // by libfaketime) are 10 minutes ahead and run at half speed: their 1 s heartbeats come every 2 s,
+    // within the 6 s task lease here, and nothing expires or is encoded twice. (10 minutes: S3 refuses
+    // requests signed more than 15 minutes off, as RequestTimeTooSkewed, which workers report as
+    // `ClockSkewed`, retryable on another worker.)
+    let lib = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libfaketime (Debian's faketime package; make setup installs it)");
+    start_in_pool(
+        "skewed",
+        serde_json::json!({"maxWorkers": 2, "env": [
+            {"name": "LD_PRELOAD", "value": lib},
+            {"name": "FAKETIME", "value": "+10m x0.5"},
+            {"name": "FAKETIME_NO_CACHE", "value": "1"}]}),
+        "skew",
+    );
+    let t0 = Instant::now();
+    let pod = wait_busy_worker("skew");
+    // The worker's own log is stamped with its clock: minutes ahead of this machine's.
+    let log: String = tessera_e2e::cluster::pod_logs(&pod)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    let stamp = log.split_whitespace().next().unwrap_or("").to_string();
+    let epoch = |args: &[&str]| -> i64 {
+        let out = Command::new("date").args(args).output().unwrap().stdout;
+        String::from_utf8_lossy(&out).trim().parse().unwrap_or(0)
+    };
+    let ahead = epoch(&["-u", "-d", &stamp, "+%s"]) - epoch(&["-u", "+%s"]);
+    assert!(
+        ahead > 300,
+        "the worker's clock is not skewed: {stamp} ({ahead} s ahead)"
+    );
+    finish(
+        "workers' clocks 10 min ahead and running at half speed (libfaketime)",
+        "skew",
+        20,
+        0,
+        t0,
+    );
+    kubectl_ok(
+        &["delete", "workerpool", "skewed", "-n", "tessera-system"],
         None,
     );
 }

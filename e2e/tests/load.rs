@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tessera_e2e::jobs::reliability_row;
 use tessera_e2e::load::{
     client, create_all, delete_all, histogram_quantile, jobs_api, metric, metrics, pct, phases,
-    prepare, queue_url, raise_nofile, wait_pool, Fleet, MemorySampler,
+    prepare, raise_nofile, wait_pool, Fleet, Leader, MemorySampler,
 };
 
 const HEADER: &str = "| load | outcome | jobs | workers | tasks completed | operator memory, idle → peak → after (MiB) | reconcile p50 / p99 | apply → plan leased p50 / p99 | data lost |\n|---|---|---|---|---|---|---|---|---|";
@@ -42,16 +42,17 @@ fn five_hundred_jobs_at_once_with_a_thousand_workers() {
 
 async fn burst(token: String) {
     let kube = client().await;
-    let base = queue_url(&kube).await;
+    let leader = Leader::follow(&kube).await;
+    let base = leader.url();
     let api = jobs_api(&kube);
     wait_pool(&base, &token).await;
-    let mem = MemorySampler::start(&base, Duration::from_millis(250));
+    let mem = MemorySampler::start(&leader, Duration::from_millis(250));
     let before = metrics(&base).await;
     let idle = metric(&before, "tessera_process_resident_memory_bytes", "").unwrap() / 1048576.0;
     let reconciles0 = metric(&before, "tessera_reconciles_total", "").unwrap_or(0.0);
 
     let (jobs, workers, chunks) = (500usize, 1000usize, 4u32);
-    let fleet = Fleet::start(&base, &token, workers, chunks);
+    let fleet = Fleet::start(&leader, &token, workers, chunks);
     let names: Vec<String> = (0..jobs).map(|i| format!("load-{i:03}")).collect();
     let t0 = Instant::now();
     let created = create_all(&api, &names).await;
@@ -74,7 +75,7 @@ async fn burst(token: String) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let all_done = t0.elapsed().as_secs_f64();
-    let text = metrics(&base).await;
+    let text = metrics(&leader.url()).await;
     let reconciles = metric(&text, "tessera_reconciles_total", "").unwrap_or(0.0) - reconciles0;
     let rec50 = histogram_quantile(&text, "tessera_reconcile_duration_seconds", 0.5).unwrap();
     let rec99 = histogram_quantile(&text, "tessera_reconcile_duration_seconds", 0.99).unwrap();
@@ -160,11 +161,12 @@ fn soak_keeps_operator_memory_flat() {
 
 async fn soak(token: String, secs: u64) {
     let kube = client().await;
-    let base = queue_url(&kube).await;
+    let leader = Leader::follow(&kube).await;
+    let base = leader.url();
     let api = jobs_api(&kube);
     wait_pool(&base, &token).await;
-    let mem = MemorySampler::start(&base, Duration::from_secs(5));
-    let fleet = Fleet::start(&base, &token, 200, 4);
+    let mem = MemorySampler::start(&leader, Duration::from_secs(5));
+    let fleet = Fleet::start(&leader, &token, 200, 4);
     let t0 = Instant::now();
     let mut round = 0u64;
     let mut jobs = 0u64;

@@ -70,6 +70,8 @@ pub enum StorageKind {
     Corrupt,
     /// Bad configuration: credentials, region, endpoint.
     Config,
+    /// The request's signing time is too far from the server's (this machine's clock is off).
+    ClockSkew,
     Other,
 }
 
@@ -114,6 +116,7 @@ impl Error {
                 StorageKind::Unavailable => "StorageUnavailable",
                 StorageKind::Corrupt => "StorageChecksumMismatch",
                 StorageKind::Config => "StorageMisconfigured",
+                StorageKind::ClockSkew => "ClockSkewed",
                 StorageKind::Other => "StorageError",
             },
             Self::Queue(_) => "QueueUnavailable",

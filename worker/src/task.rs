@@ -28,12 +28,12 @@ fn field(f: &str, m: impl Into<String>) -> Error {
 /// The failure to report for an error: its reason, its message (URIs and fields, never credentials), and
 /// whether another attempt could succeed.
 pub fn failure(e: &Error) -> TaskFailure {
-    // Another attempt (on another worker, perhaps another GPU) can succeed after a storage outage, a full
-    // scratch disk, or an encoder that failed mid-stream (a hardware encoder losing its session).
+    // Another attempt (on another worker, perhaps another GPU) can succeed after a storage outage, a clock
+    // skewed past what S3 accepts, a full scratch disk, or an encoder that failed mid-stream (a hardware encoder losing its session).
     let retryable = matches!(
         e,
         Error::Storage {
-            kind: StorageKind::Unavailable,
+            kind: StorageKind::Unavailable | StorageKind::ClockSkew,
             ..
         } | Error::Queue(_)
             | Error::Write { .. }

@@ -99,6 +99,10 @@ pub fn classify_status(status: u16, code: &str, message: &str) -> Failure {
         (_, "NoSuchBucket") => Failure::fatal(StorageKind::NoSuchBucket, what),
         (404, _) | (_, "NoSuchKey") => Failure::fatal(StorageKind::NotFound, what),
         (412, _) | (_, "PreconditionFailed") => Failure::fatal(StorageKind::Changed, what),
+        (_, "RequestTimeTooSkewed" | "RequestExpired") => Failure::fatal(
+            StorageKind::ClockSkew,
+            format!("{what}: this machine's clock is off from the storage server's; sync it (NTP)"),
+        ),
         (401 | 403, _)
         | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken") => {
             Failure::fatal(StorageKind::AccessDenied, what)
@@ -110,6 +114,17 @@ pub fn classify_status(status: u16, code: &str, message: &str) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skewed_clock_is_named_not_taken_for_bad_credentials() {
+        let f = classify_status(
+            403,
+            "RequestTimeTooSkewed",
+            "request time is too far from server time",
+        );
+        assert_eq!(f.kind, StorageKind::ClockSkew);
+        assert!(f.detail.contains("clock"), "{}", f.detail);
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
