@@ -229,7 +229,7 @@ async fn soak(token: String, secs: u64) {
         HEADER,
         &format!("soak: {} min of jobs flowing, 50 at a time, 200 simulated workers", secs / 60),
         &format!(
-            "all {jobs} Succeeded and deleted; memory flat: mean {first:.1} MiB (first third after warm-up) → {last:.1} MiB \
+            "all {jobs} Succeeded and deleted; memory within the bound (last third ≤ first × 1.1 + 4 MiB): mean {first:.1} MiB (first third after warm-up) → {last:.1} MiB \
              (last third), slope {slope:+.1} MiB/h | {jobs} | 200 | — | peak {peak:.0} | — | — | 0"
         ),
     );
