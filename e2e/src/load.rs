@@ -24,7 +24,7 @@ use crate::cluster::{e2e_dir, kubectl, kubectl_ok};
 pub const NAMESPACE: &str = "load";
 pub const POOL: &str = "load";
 
-type Client = Http<HttpConnector, Full<Bytes>>;
+pub type Client = Http<HttpConnector, Full<Bytes>>;
 
 /// Raise this process's open-file limit to its hard limit: 1,000 workers hold 1,000 connections, and the
 /// cluster's processes (started later by this process) inherit the limit.
@@ -42,7 +42,8 @@ pub fn raise_nofile() {
     }
 }
 
-fn http() -> Client {
+/// A keep-alive HTTP/1.1 client for the queue API (also used by `bench-operator`).
+pub fn http() -> Client {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     Http::builder(TokioExecutor::new())

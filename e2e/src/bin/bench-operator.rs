@@ -16,22 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as Http;
-use hyper_util::rt::TokioExecutor;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{json, Value};
 use tessera_e2e::cluster::{kubectl_ok, root};
 
-type Client = Http<HttpConnector, Full<Bytes>>;
-
-fn http() -> Client {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    Http::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build(c)
-}
+use tessera_e2e::load::{http, pct, Client};
 
 async fn post(c: &Client, url: &str, token: &str, body: Value) -> (u16, Value) {
     let req = hyper::Request::post(url)
@@ -43,12 +32,6 @@ async fn post(c: &Client, url: &str, token: &str, body: Value) -> (u16, Value) {
     let s = resp.status().as_u16();
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
 }
 
 fn job(name: &str) -> Value {
@@ -74,17 +57,8 @@ async fn queue_url(client: &kube::Client) -> String {
     l.metadata.annotations.unwrap()["tessera.dev/queue-url"].clone()
 }
 
-async fn metric(c: &Client, base: &str, name: &str, filter: &str) -> f64 {
-    let req = hyper::Request::get(format!("{base}/metrics"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = c.request(req).await.unwrap();
-    let text =
-        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+async fn metric(base: &str, name: &str, filter: &str) -> f64 {
+    tessera_e2e::load::metric(&tessera_e2e::load::metrics(base).await, name, filter).unwrap_or(0.0)
 }
 
 async fn apiserver_requests(client: &kube::Client) -> f64 {
@@ -215,13 +189,7 @@ async fn main() {
 
     // 2. 200 at once → all planned and queued.
     let before = apiserver_requests(&client).await;
-    let queued_before = metric(
-        &c,
-        &base,
-        "tessera_queue_queued_tasks",
-        "tessera-system/bench",
-    )
-    .await;
+    let queued_before = metric(&base, "tessera_queue_queued_tasks", "tessera-system/bench").await;
     let t0 = Instant::now();
     stream::iter((0..200).map(|i| create(format!("burst-{i:03}"))))
         .buffer_unordered(32)
@@ -229,13 +197,7 @@ async fn main() {
         .await;
     let created = t0.elapsed().as_secs_f64();
     loop {
-        let q = metric(
-            &c,
-            &base,
-            "tessera_queue_queued_tasks",
-            "tessera-system/bench",
-        )
-        .await;
+        let q = metric(&base, "tessera_queue_queued_tasks", "tessera-system/bench").await;
         if q - queued_before >= 200.0 {
             break;
         }
@@ -251,7 +213,7 @@ async fn main() {
     let mut status = Vec::new();
     for chunks in [100u32, 1000] {
         let name = format!("status-{chunks}");
-        let writes0 = metric(&c, &base, "tessera_status_writes_total", "").await;
+        let writes0 = metric(&base, "tessera_status_writes_total", "").await;
         create(name.clone()).await;
         // Lease the next task of this job (anything else left over is ended).
         let next = |kind: &'static str| {
@@ -328,7 +290,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let total = t0.elapsed().as_secs_f64();
-        let writes = metric(&c, &base, "tessera_status_writes_total", "").await - writes0;
+        let writes = metric(&base, "tessera_status_writes_total", "").await - writes0;
         eprintln!("{chunks} chunks completed in {encode_secs:.2} s: {writes} status writes in {total:.2} s ({:.2}/s)", writes / total);
         status.push(json!({"chunks": chunks, "chunkSeconds": encode_secs, "jobSeconds": total, "statusWrites": writes,
             "writesPerSecond": writes / total}));
