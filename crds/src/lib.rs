@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod validate;
 pub mod work;
-pub use validate::{validate_spec, ValidationError};
+pub use validate::{cluster_uri_problem, ignored_in_local_mode, validate_spec, ValidationError};
 
 /// The API group of every Tessera kind.
 pub const GROUP: &str = "tessera.dev";
@@ -524,8 +524,30 @@ pub struct WorkerPoolStatus {
 ///
 /// Errors name the offending field path, e.g. `spec.renditions[0].video.codec`.
 pub fn parse_job_yaml(text: &str) -> Result<TranscodeJob, String> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    // More than one document: name how many and what they are, rather than serde's generic refusal.
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(text)
+        .map(serde_yaml::Value::deserialize)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("invalid YAML: {e}"))?;
+    let docs: Vec<serde_yaml::Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    let kind_of = |v: &serde_yaml::Value| {
+        v.get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("<no kind>")
+            .to_string()
+    };
+    let value = match docs.len() {
+        0 => return Err("the file holds no YAML document: write one TranscodeJob".into()),
+        1 => docs.into_iter().next().expect("one document"),
+        n => {
+            let kinds: Vec<String> = docs.iter().map(kind_of).collect();
+            return Err(format!(
+                "the file holds {n} YAML documents ({}); `tessera run` takes one TranscodeJob per file: \
+                 split it, one job per file",
+                kinds.join(", ")
+            ));
+        }
+    };
     let field = |k: &str| {
         value
             .get(k)
@@ -534,6 +556,15 @@ pub fn parse_job_yaml(text: &str) -> Result<TranscodeJob, String> {
             .to_string()
     };
     let (api_version, kind) = (field("apiVersion"), field("kind"));
+    if kind.ends_with("List") {
+        let n = value
+            .get("items")
+            .and_then(serde_yaml::Value::as_sequence)
+            .map_or(0, Vec::len);
+        return Err(format!(
+            "kind: {kind} with {n} items; `tessera run` takes one TranscodeJob per file: put each item in its own file"
+        ));
+    }
     if api_version != format!("{GROUP}/v1alpha1") || kind != "TranscodeJob" {
         return Err(format!(
             "apiVersion/kind: expected tessera.dev/v1alpha1 TranscodeJob, found {api_version} {kind}"
@@ -541,13 +572,54 @@ pub fn parse_job_yaml(text: &str) -> Result<TranscodeJob, String> {
     }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = did_you_mean(&e.into_inner().to_string());
         if path == "." {
-            inner.to_string()
+            inner
         } else {
             format!("{path}: {inner}")
         }
     })
+}
+
+/// serde's "unknown field `rendtions`, expected one of `input`, ..." becomes "unknown field `rendtions`: did
+/// you mean `renditions`?" when one expected name is close (a typo), and keeps the list otherwise.
+fn did_you_mean(msg: &str) -> String {
+    let Some(rest) = msg.strip_prefix("unknown field `") else {
+        return msg.to_string();
+    };
+    let Some((got, expected)) = rest.split_once('`') else {
+        return msg.to_string();
+    };
+    let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let best = names
+        .iter()
+        .map(|n| {
+            (
+                edit_distance(&got.to_ascii_lowercase(), &n.to_ascii_lowercase()),
+                *n,
+            )
+        })
+        .min();
+    match best {
+        Some((d, n)) if d <= 2.max(got.len() / 4) => {
+            format!("unknown field `{got}`: did you mean `{n}`?")
+        }
+        _ => msg.to_string(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -626,5 +698,55 @@ spec:
     fn wrong_kind_is_rejected() {
         let err = parse_job_yaml(&EXAMPLE.replace("kind: TranscodeJob", "kind: Job")).unwrap_err();
         assert!(err.contains("kind"), "{err}");
+    }
+
+    #[test]
+    fn lists_and_several_documents_are_named_with_the_fix() {
+        let two = format!("{EXAMPLE}---\n{EXAMPLE}");
+        let err = parse_job_yaml(&two).unwrap_err();
+        assert!(
+            err.contains("2 YAML documents (TranscodeJob, TranscodeJob)"),
+            "{err}"
+        );
+        assert!(err.contains("one TranscodeJob per file"), "{err}");
+        // A trailing `---` is not a second document.
+        assert!(parse_job_yaml(&format!("{EXAMPLE}---\n")).is_ok());
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n",
+            EXAMPLE.trim().replace('\n', "\n  ")
+        );
+        let err = parse_job_yaml(&list).unwrap_err();
+        assert!(err.starts_with("kind: List with 1 items"), "{err}");
+        assert!(parse_job_yaml("").unwrap_err().contains("no YAML document"));
+    }
+
+    #[test]
+    fn a_typo_gets_a_suggestion_and_a_stranger_the_list() {
+        let err = parse_job_yaml(&EXAMPLE.replace("  renditions:", "  rendtions:")).unwrap_err();
+        assert!(
+            err.contains("unknown field `rendtions`: did you mean `renditions`?"),
+            "{err}"
+        );
+        let err = parse_job_yaml(&EXAMPLE.replace("crf: 28", "crf: 28, sharpness: 3")).unwrap_err();
+        assert!(err.contains("expected one of"), "{err}");
+        assert_eq!(edit_distance("hieght", "height"), 2);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+
+    #[test]
+    fn cluster_only_fields_are_named_in_local_mode() {
+        let job = parse_job_yaml(&format!(
+            "{EXAMPLE}  pool: gpu/nvenc\n  ttlSecondsAfterFinished: 60\n"
+        ))
+        .unwrap();
+        let notes = ignored_in_local_mode(&job.spec);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("spec.pool (gpu/nvenc) is ignored"));
+        assert!(notes[1].starts_with("spec.ttlSecondsAfterFinished is ignored"));
+        assert!(ignored_in_local_mode(&parse_job_yaml(EXAMPLE).unwrap().spec).is_empty());
+        assert!(cluster_uri_problem("spec.input.uri", "file:///a.mp4")
+            .unwrap()
+            .contains("file:// is for `tessera run`"));
+        assert!(cluster_uri_problem("spec.input.uri", "s3://b/a.mp4").is_none());
     }
 }

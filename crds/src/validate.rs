@@ -146,6 +146,37 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
     }
 }
 
+/// Why a URI cannot be used by a job on a cluster: workers read and write object storage, never the
+/// operator's or a node's files. The same words in the operator's status and wherever the rule is checked.
+pub fn cluster_uri_problem(field: &str, uri: &str) -> Option<String> {
+    (!uri.starts_with("s3://")).then(|| {
+        format!("{field}: {uri:?}: jobs in a cluster read and write s3:// URIs (file:// is for `tessera run`)")
+    })
+}
+
+/// Fields that mean something only on a cluster, named when a job file runs on one machine (`tessera run`).
+pub fn ignored_in_local_mode(spec: &TranscodeJobSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(p) = &spec.pool {
+        out.push(format!(
+            "spec.pool ({p}) is ignored by `tessera run`: it picks a WorkerPool on a cluster; this machine runs the job"
+        ));
+    }
+    if spec.suspend {
+        out.push("spec.suspend is ignored by `tessera run`: it pauses a job on a cluster; Ctrl-C stops a local run".into());
+    }
+    if spec.ttl_seconds_after_finished.is_some() {
+        out.push("spec.ttlSecondsAfterFinished is ignored by `tessera run`: it deletes a finished TranscodeJob object on a cluster".into());
+    }
+    if spec.priority != 0 {
+        out.push(format!(
+            "spec.priority ({}) is ignored by `tessera run`: it orders jobs in a cluster's queue",
+            spec.priority
+        ));
+    }
+    out
+}
+
 fn check_uri(field: &str, uri: &str, is_dir: bool, err: &mut impl FnMut(String, String)) {
     if let Some(path) = uri.strip_prefix("file://") {
         if !path.starts_with('/') {

@@ -7,7 +7,8 @@
 //! * `Reset { after }`: forward, send `after` bytes of the response body, then drop the connection;
 //! * `Stall { after, for_ }`: forward, send `after` bytes, then send nothing for `for_`;
 //! * `Delay(d)`: hold the request for `d` before forwarding it;
-//! * `Drop`: close the connection without any response (what an outage looks like to a client).
+//! * `Drop`: close the connection without any response (what an outage looks like to a client);
+//! * `WrongRegion(r)`: S3's region redirect (301, `x-amz-bucket-region: r`) without forwarding.
 //!
 //! Besides: `set_outage(true)` makes every request a `Drop`; `set_bandwidth` limits response bodies;
 //! `set_storm(p)` answers a random fraction `p` of requests with 503/500. Counters tell tests what passed.
@@ -41,6 +42,9 @@ pub enum Fault {
     /// Hold the request this long before forwarding it (a slow or hung store).
     Delay(Duration),
     Drop,
+    /// Answer as S3 does for a bucket in another region: 301 with `x-amz-bucket-region` (and, except to
+    /// HEAD, a PermanentRedirect error document). No local S3 server sends this; the row using it is emulated.
+    WrongRegion(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +244,24 @@ async fn handle(
         Some(Fault::Delay(d)) => {
             sh.counters.faults.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(d).await;
+        }
+        Some(Fault::WrongRegion(region)) => {
+            sh.counters.faults.fetch_add(1, Ordering::Relaxed);
+            let body = if method == Method::HEAD {
+                Bytes::new()
+            } else {
+                Bytes::from(format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>PermanentRedirect</Code><Message>The bucket \
+                     you are attempting to access must be addressed using the specified endpoint.</Message>\
+                     <Endpoint>s3.{region}.amazonaws.com</Endpoint></Error>"
+                ))
+            };
+            return Ok(Response::builder()
+                .status(StatusCode::MOVED_PERMANENTLY)
+                .header("content-type", "application/xml")
+                .header("x-amz-bucket-region", region)
+                .body(Full::new(body).map_err(|never| match never {}).boxed())
+                .expect("static response"));
         }
         _ => {}
     }

@@ -412,7 +412,7 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
         name,
         (
             "wrong S3 credentials".to_string(),
-            "AccessDenied".to_string(),
+            "InvalidCredentials".to_string(),
         ),
     );
     for (case, yaml) in spec_cases.drain(..) {
@@ -599,4 +599,131 @@ fn write_table(rows: &[Outcome]) {
         _ => format!("{}\n\n{}\n", text.trim_end(), md),
     };
     std::fs::write(p, text).unwrap();
+}
+
+/// The cluster's rows of the newcomer-mistakes table (the local ones come from worker/tests/mistakes.rs), and
+/// `tessera doctor --cluster` on the running cluster: operator, pools and the fake GPU nodes found.
+#[test]
+fn cluster_mistakes_are_answered_at_once_and_doctor_sees_the_cluster() {
+    let _c = cluster();
+    let header = "| mistake | exit | seconds | first line of the message |\n|---|---|---|---|";
+    let doctor = |args: &[&str]| {
+        let t0 = Instant::now();
+        let out = Command::new(root().join("target/release/tessera"))
+            .arg("doctor")
+            .args(args)
+            .env(
+                "KUBECONFIG",
+                tessera_e2e::cluster::e2e_dir().join("kubeconfig"),
+            )
+            .output()
+            .expect("tessera doctor runs");
+        (out, t0.elapsed().as_secs_f64())
+    };
+
+    // The whole cluster, as a user would check it after `make cluster-up`.
+    let (out, secs) = doctor(&["--cluster", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("doctor --json");
+    let checks = report["checks"].as_array().unwrap();
+    let find = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with(name)))
+            .unwrap_or_else(|| panic!("no {name} check: {report:#}"))
+    };
+    for name in [
+        "API server",
+        "CRD transcodejobs.tessera.dev",
+        "CRD workerpools.tessera.dev",
+        "operator",
+        "queue Service",
+        "GPU nodes",
+    ] {
+        assert_eq!(find(name)["status"], "ok", "{name}: {report:#}");
+    }
+    assert!(
+        find("GPU nodes")["message"]
+            .as_str()
+            .unwrap()
+            .contains("nvidia.com/gpu="),
+        "{report:#}"
+    );
+    assert!(find("WorkerPool tessera-system/default")["message"]
+        .as_str()
+        .unwrap()
+        .contains("desired"));
+    assert!(secs < 10.0, "doctor --cluster took {secs:.1}s");
+
+    // The operator not installed where doctor looks.
+    let (out, secs) = doctor(&["--cluster", "--namespace", "tessera-absent"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("FAIL"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        line.contains("no Tessera operator in namespace tessera-absent"),
+        "{text}"
+    );
+    assert!(
+        text.contains("helm install tessera charts/tessera"),
+        "{text}"
+    );
+    assert!(secs < 5.0, "{secs}");
+    tessera_e2e::jobs::reliability_row(
+        "mistakes",
+        header,
+        "operator not installed (cluster: tessera doctor --cluster)",
+        &format!("1 | {secs:.2} | {}", line.replace('|', "\\|")),
+    );
+
+    // A job naming a pool that does not exist: a condition and an event name it within seconds.
+    let t0 = Instant::now();
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&job(
+            "no-pool",
+            "s3://tessera/in.mp4",
+            "s3://tessera/outputs/no-pool/",
+            R1,
+            "  pool: tessera-system/nope\n",
+        )),
+    );
+    let msg = loop {
+        let st = status_of("no-pool").unwrap_or(Value::Null);
+        let c = st["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["reason"] == "PoolNotFound")
+            .cloned();
+        if let Some(c) = c {
+            break c["message"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no PoolNotFound condition: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        msg.contains("tessera-system/nope does not exist")
+            && msg.contains("kubectl get workerpools"),
+        "{msg}"
+    );
+    assert!(secs < 5.0, "{secs}");
+    tessera_e2e::jobs::reliability_row(
+        "mistakes",
+        header,
+        "job names a pool that does not exist (cluster)",
+        &format!("condition PoolNotFound | {secs:.2} | {msg}"),
+    );
+    kubectl_ok(
+        &["delete", "tj", "no-pool", "-n", "default", "--wait=false"],
+        None,
+    );
 }

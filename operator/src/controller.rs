@@ -182,8 +182,8 @@ pub fn cluster_validate(spec: &tessera_crds::TranscodeJobSpec) -> Result<(), Str
         ("spec.input.uri", &spec.input.uri),
         ("spec.output.uri", &spec.output.uri),
     ] {
-        if !u.starts_with("s3://") {
-            return Err(format!("{f}: {u:?}: jobs in a cluster read and write s3:// URIs (file:// is for `tessera run`)"));
+        if let Some(problem) = tessera_crds::cluster_uri_problem(f, u) {
+            return Err(problem);
         }
     }
     if spec.output.uri.trim_end_matches('/').matches('/').count() < 3 {
@@ -313,7 +313,10 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
             .map_err(|e| Error::kube(format!("pool {pool}"), e))?
             .is_none()
         {
-            let msg = format!("WorkerPool {pool} does not exist; the job waits for it");
+            let msg = format!(
+                "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
+                 spec.pool (kubectl get workerpools -A)"
+            );
             if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
                 let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
                     "type": "Progressing", "status": "False", "reason": "PoolNotFound", "message": msg,

@@ -260,12 +260,52 @@ pub fn select(
     }
     Err(Error::Encoder {
         encoder: format!("spec.renditions[{}] ({})", r.name, r.video.codec),
-        detail: format!(
-            "no usable encoder for hardware: {}: {}",
+        detail: no_encoder_sentence(r.video.codec, hw, &failures),
+    })
+}
+
+/// The FFmpeg libraries' version (`5.1.6-0+deb12u1`).
+pub fn ffmpeg_version() -> String {
+    // SAFETY: returns a static C string.
+    unsafe { std::ffi::CStr::from_ptr(ffi::av_version_info()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Why no candidate opened, and what to do: a missing encoder (FFmpeg 5.1 has no `av1_nvenc`) is told
+/// from a device that is not there.
+fn no_encoder_sentence(
+    codec: tessera_crds::VideoCodec,
+    hw: Hardware,
+    failures: &[String],
+) -> String {
+    let missing = failures
+        .iter()
+        .all(|f| f.ends_with("not built into this FFmpeg"));
+    let fallback = plan::encoder_candidates(codec, Hardware::Software)
+        .first()
+        .copied()
+        .unwrap_or("software");
+    let fix = if hw == Hardware::Auto || hw == Hardware::Software {
+        "install an FFmpeg built with it".to_string()
+    } else {
+        format!("use hardware: auto (it falls back to {fallback}) or hardware: software")
+    };
+    let names: Vec<&str> = plan::encoder_candidates(codec, hw);
+    if missing {
+        format!(
+            "{codec} with hardware: {} needs {}, which this FFmpeg ({}) does not have: {fix}",
+            hw_name(hw),
+            names.join(" or "),
+            ffmpeg_version()
+        )
+    } else {
+        format!(
+            "no {codec} encoder for hardware: {} opened here ({}): {fix}",
             hw_name(hw),
             failures.join("; ")
-        ),
-    })
+        )
+    }
 }
 
 fn hw_name(hw: Hardware) -> String {

@@ -72,6 +72,20 @@ pub enum StorageKind {
     Config,
     /// The request's signing time is too far from the server's (this machine's clock is off).
     ClockSkew,
+    /// No credentials anywhere in the chain (environment, profile, web identity, instance role).
+    NoCredentials,
+    /// Credentials the store does not accept: unknown access key, wrong secret, expired token.
+    BadCredentials,
+    /// The bucket lives in another region than the one requests are signed for.
+    WrongRegion,
+    /// The endpoint's host name does not resolve.
+    EndpointUnresolvable,
+    /// Nothing accepts connections at the endpoint.
+    Refused,
+    /// The TLS handshake with the endpoint failed.
+    Tls,
+    /// The URI or bucket name is malformed.
+    InvalidUri,
     Other,
 }
 
@@ -117,6 +131,13 @@ impl Error {
                 StorageKind::Corrupt => "StorageChecksumMismatch",
                 StorageKind::Config => "StorageMisconfigured",
                 StorageKind::ClockSkew => "ClockSkewed",
+                StorageKind::NoCredentials => "NoCredentials",
+                StorageKind::BadCredentials => "InvalidCredentials",
+                StorageKind::WrongRegion => "WrongRegion",
+                StorageKind::EndpointUnresolvable => "EndpointNotFound",
+                StorageKind::Refused => "EndpointRefused",
+                StorageKind::Tls => "TlsFailed",
+                StorageKind::InvalidUri => "InvalidURI",
                 StorageKind::Other => "StorageError",
             },
             Self::Queue(_) => "QueueUnavailable",

@@ -130,6 +130,62 @@ fn destination(uri: &str) -> Result<Destination> {
     source_path("spec.output.uri", uri).map(Destination::Dir)
 }
 
+/// A `file://` input must be a file that exists (an S3 input is checked by its first request).
+fn check_local_input(uri: &str) -> Result<()> {
+    let Some(p) = uri.strip_prefix("file://").map(Path::new) else {
+        return Ok(());
+    };
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Err(Error::Field {
+            field: "spec.input.uri".into(),
+            message: format!("{uri:?} is a folder; name the video file inside it"),
+        }),
+        Ok(_) => Ok(()),
+        Err(source) => Err(Error::Read {
+            path: p.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The output folder, or the nearest folder above it that exists, must be a folder this process may write:
+/// answered before any encoding, and without creating anything (a failed run leaves nothing behind).
+fn check_writable_dir(dir: &Path) -> Result<()> {
+    let mut p = dir;
+    loop {
+        match std::fs::metadata(p) {
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::Field {
+                    field: "spec.output.uri".into(),
+                    message: format!(
+                        "{} is a file, not a folder, so {} cannot be created; choose another output folder",
+                        p.display(),
+                        dir.display()
+                    ),
+                })
+            }
+            Ok(_) => {
+                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Error::Field {
+                    field: "spec.output.uri".into(),
+                    message: "the path holds a NUL byte".into(),
+                })?;
+                // SAFETY: a valid NUL-terminated path.
+                if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+                    return Err(Error::Write {
+                        path: p.to_path_buf(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                return Ok(());
+            }
+            Err(_) => match p.parent() {
+                Some(up) => p = up,
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
 /// Find each planned boundary keyframe's presentation timestamp (one packet read per boundary).
 fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i64)>> {
     let mut ictx = None;
@@ -581,8 +637,11 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
     let spec = &job.spec;
     validate(spec)?;
-    // The destination is checked before any work.
-    destination(&spec.output.uri)?;
+    // The input and the destination are checked before any work.
+    check_local_input(&spec.input.uri)?;
+    if let Destination::Dir(d) = destination(&spec.output.uri)? {
+        check_writable_dir(&d)?;
+    }
     let workers = opts.workers.max(1);
     let progress = &opts.progress;
     let prep = prepare(spec, workers, &Fixed::default(), progress)?;

@@ -3,6 +3,7 @@
 pub mod audio;
 pub mod avlog;
 pub mod chunk;
+pub mod doctor;
 pub mod encode;
 pub mod error;
 pub mod fuzzing;

@@ -46,6 +46,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this machine (encoders, decoders), a storage location and, with --cluster, the cluster: each
+    /// check says ok, warn or fail with the fix; the exit status is 1 when one fails.
+    Doctor {
+        /// A storage location to check: s3://bucket/prefix/, s3://bucket/key or file:///abs/dir/ (a tiny
+        /// object is written there and removed).
+        uri: Option<String>,
+        /// Also check the cluster of the current kubeconfig: CRDs, operator, queue, WorkerPools, GPU nodes.
+        #[arg(long)]
+        cluster: bool,
+        /// The operator's namespace.
+        #[arg(long, short, default_value = "tessera-system")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Worker pod mode: lease tasks from the operator's queue and run them until SIGTERM (configured by the
     /// environment the operator's pod spec sets: TESSERA_POOL, TESSERA_QUEUE_SERVICE, POD_NAME, ...).
     Worker,
@@ -84,8 +99,17 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Run { job, workers, json } => run(job, workers, json),
         Command::Probe { uri, json } => probe_cmd(&uri, json),
+        Command::Doctor {
+            uri,
+            cluster,
+            namespace,
+            json,
+        } => return doctor_cmd(uri, cluster, namespace, json),
         Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose),
-        Command::Worker => tessera::pod::Config::from_env().and_then(tessera::pod::run),
+        Command::Worker => {
+            tessera::s3::set_pod_mode();
+            tessera::pod::Config::from_env().and_then(tessera::pod::run)
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,6 +122,9 @@ fn main() -> ExitCode {
 
 fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
     let job = job::read_job(&path)?;
+    for note in tessera_crds::ignored_in_local_mode(&job.spec) {
+        eprintln!("tessera: note: {note}");
+    }
     let progress = Arc::new(Progress::default());
     // Ctrl-C / SIGTERM: stop cooperatively so partial outputs and scratch files are removed; a second
     // signal exits at once.
@@ -197,6 +224,31 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+fn doctor_cmd(storage: Option<String>, cluster: bool, namespace: String, json: bool) -> ExitCode {
+    let checks = tessera::doctor::run(&tessera::doctor::Options {
+        storage,
+        cluster,
+        namespace,
+    });
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "ok": !tessera::doctor::failed(&checks),
+                "checks": checks,
+            }))
+            .expect("checks serialise")
+        );
+    } else {
+        print!("{}", tessera::doctor::render(&checks));
+    }
+    if tessera::doctor::failed(&checks) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {

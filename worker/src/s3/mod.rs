@@ -12,6 +12,7 @@
 //! it with blocking waits that also watch for an interrupt.
 
 mod breaker;
+pub mod classify;
 pub mod cli;
 pub mod cp;
 pub mod reader;
@@ -35,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use breaker::BreakerConfig;
 use breaker::{Breaker, Event};
-pub use retry::{classify_status, Backoff, Failure};
+pub use classify::{classify_reply, Ctx};
+pub use retry::{Backoff, Failure};
 
 use crate::error::{Error, Result, StorageKind};
 
@@ -98,6 +100,9 @@ pub struct Settings {
     /// A response body that delivers nothing for this long is dropped and resumed.
     pub body_timeout: Duration,
     pub breaker: BreakerConfig,
+    /// How long an endpoint whose name does not resolve, or that refuses connections, is retried: none in
+    /// local mode (a typo is answered at once), briefly in a worker pod (DNS and services settle at startup).
+    pub network_grace: Duration,
 }
 
 impl Default for Settings {
@@ -114,6 +119,11 @@ impl Default for Settings {
             backoff: Backoff::default(),
             body_timeout: Duration::from_secs(10),
             breaker: BreakerConfig::default(),
+            network_grace: if POD_MODE.load(Ordering::Relaxed) {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            },
         }
     }
 }
@@ -150,6 +160,7 @@ impl Settings {
                 open_for: secs("TESSERA_S3_BREAKER_OPEN_SECONDS", d.breaker.open_for),
                 ..d.breaker
             },
+            network_grace: secs("TESSERA_S3_NETWORK_GRACE_SECONDS", d.network_grace),
         }
     }
 }
@@ -201,6 +212,14 @@ pub struct ObjectMeta {
 pub struct S3 {
     pub client: Client,
     pub endpoint: String,
+    /// The region requests are signed for.
+    pub region: String,
+    /// Whether the endpoint came from the user (`AWS_ENDPOINT_URL`), not from the region.
+    pub custom_endpoint: bool,
+    /// The SDK's credential chain, for `tessera doctor` to ask where credentials come from.
+    pub credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+    /// Whether the "retrying" line has been printed since the last success (one line per outage).
+    announced: AtomicBool,
     pub settings: Settings,
     pub stats: Stats,
     breaker: Mutex<Breaker>,
@@ -212,6 +231,13 @@ pub struct S3 {
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 static GLOBAL: OnceLock<Arc<S3>> = OnceLock::new();
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static POD_MODE: AtomicBool = AtomicBool::new(false);
+
+/// Worker-pod mode: an endpoint that does not resolve or refuses connections is retried for a while
+/// (`Settings::network_grace`) instead of failing at once. Call before the first S3 use.
+pub fn set_pod_mode() {
+    POD_MODE.store(true, Ordering::Relaxed);
+}
 static CANCEL: OnceLock<CancellationToken> = OnceLock::new();
 
 /// The runtime every S3 request runs on (two threads: the work is I/O).
@@ -287,27 +313,53 @@ impl S3 {
             .force_path_style(path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        let region = sdk
+            .region()
+            .map_or_else(|| "us-east-1".to_string(), |r| r.as_ref().to_string());
         if sdk.region().is_none() {
-            conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
+            conf = conf.region(aws_sdk_s3::config::Region::new(region.clone()));
         }
         if let Some(e) = &endpoint {
             conf = conf.endpoint_url(e);
         }
-        let endpoint = endpoint.unwrap_or_else(|| {
-            format!(
-                "s3.{}.amazonaws.com",
-                sdk.region().map(|r| r.as_ref()).unwrap_or("us-east-1")
-            )
-        });
+        let custom_endpoint = endpoint.is_some();
+        let endpoint = endpoint.unwrap_or_else(|| format!("s3.{region}.amazonaws.com"));
         tracing::debug!(%endpoint, path_style, "S3 endpoint configured");
         Self {
             client: Client::from_conf(conf.build()),
             breaker: Mutex::new(Breaker::new(settings.breaker)),
             endpoint,
+            region,
+            custom_endpoint,
+            credentials: sdk.credentials_provider(),
+            announced: AtomicBool::new(false),
             settings,
             stats: Stats::default(),
             pinned: Mutex::default(),
         }
+    }
+
+    /// What classification needs to know about this endpoint and the request's object.
+    pub fn ctx<'a>(&'a self, uri: &'a S3Uri) -> Ctx<'a> {
+        Ctx {
+            endpoint: &self.endpoint,
+            region: &self.region,
+            custom_endpoint: self.custom_endpoint,
+            bucket: &uri.bucket,
+            key: &uri.key,
+        }
+    }
+
+    /// Classify a failed request on `uri`.
+    pub fn classify<E>(
+        &self,
+        err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+        uri: &S3Uri,
+    ) -> Failure
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        classify::classify(err, &self.ctx(uri))
     }
 
     fn retrier(&self, op: &'static str, uri: &S3Uri) -> Retrier<'_> {
@@ -334,7 +386,8 @@ impl S3 {
             Some(Event::Opened { open_for }) => {
                 self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(endpoint = %self.endpoint, open_seconds = open_for.as_secs_f64(),
-                    "S3 circuit breaker opened: failing fast until the endpoint recovers");
+                    "S3 circuit breaker opened: {} keeps failing, so requests to it pause for {:.0}s at a time until it recovers",
+                    self.endpoint, open_for.as_secs_f64());
             }
             Some(Event::HalfOpened) => {
                 tracing::info!(endpoint = %self.endpoint, "S3 circuit breaker half-open: probing the endpoint")
@@ -368,13 +421,16 @@ impl S3 {
                     });
                 }
                 Err(e) => {
-                    let mut f = retry::classify(&e);
+                    let mut f = self.classify(&e, uri);
                     // A HEAD answer has no body, so a missing bucket looks like a missing key: ask.
                     if f.kind == StorageKind::NotFound && !self.bucket_exists(&uri.bucket).await {
-                        f = Failure::fatal(
-                            StorageKind::NoSuchBucket,
-                            format!("NoSuchBucket: bucket {:?} does not exist", uri.bucket),
-                        );
+                        f = classify::classify_reply(404, "NoSuchBucket", "", None, &self.ctx(uri));
+                    } else if !f.retryable && f.kind != StorageKind::NotFound && no_code(&e) {
+                        // A 403 or 400 without a body cannot tell a wrong secret from a denied policy or a
+                        // wrong region: a one-byte GET of the same object brings S3's error code.
+                        if let Some(better) = self.explain_by_get(uri).await {
+                            f = better;
+                        }
                     }
                     r.failed(f, false).await?
                 }
@@ -386,7 +442,29 @@ impl S3 {
     async fn bucket_exists(&self, bucket: &str) -> bool {
         match self.client.head_bucket().bucket(bucket).send().await {
             Ok(_) => true,
-            Err(e) => retry::classify(&e).kind != StorageKind::NotFound,
+            Err(e) => {
+                let u = S3Uri {
+                    bucket: bucket.into(),
+                    key: String::new(),
+                };
+                self.classify(&e, &u).kind != StorageKind::NotFound
+            }
+        }
+    }
+
+    /// The failure a one-byte GET of `uri` reports, when it fails with an S3 error code.
+    async fn explain_by_get(&self, uri: &S3Uri) -> Option<Failure> {
+        let res = self
+            .client
+            .get_object()
+            .bucket(&uri.bucket)
+            .key(&uri.key)
+            .range("bytes=0-0")
+            .send()
+            .await;
+        match res {
+            Err(e) if !no_code(&e) => Some(self.classify(&e, uri)),
+            _ => None,
         }
     }
 
@@ -467,7 +545,7 @@ impl S3 {
             let out = match req.send().await {
                 Ok(o) => o,
                 Err(e) => {
-                    let f = retry::classify(&e);
+                    let f = self.classify(&e, uri);
                     if !f.retryable && !meta.etag.is_empty() {
                         // A range past the end (416), a missing key (404) or a failed If-Match (412) on a
                         // pinned object: say whether it is because the object changed.
@@ -540,7 +618,7 @@ impl S3 {
                             "connection broke mid-body after {} of {} bytes: {}",
                             done,
                             len,
-                            aws_smithy_types::error::display::DisplayErrorContext(e)
+                            classify::chain_text(&e)
                         )))
                     }
                     Err(_) => {
@@ -599,7 +677,7 @@ impl S3 {
                     }
                 },
                 Err(e) => {
-                    let f = retry::classify(&e);
+                    let f = self.classify(&e, uri);
                     if f.kind == StorageKind::NotFound {
                         r.succeeded();
                         return Ok(None);
@@ -644,7 +722,7 @@ impl S3 {
                         r.succeeded();
                         break p;
                     }
-                    Err(e) => r.failed(retry::classify(&e), false).await?,
+                    Err(e) => r.failed(self.classify(&e, prefix), false).await?,
                 }
             };
             out.extend(page.contents().iter().filter_map(|o| {
@@ -687,9 +765,32 @@ impl S3 {
                     r.succeeded();
                     return Ok(());
                 }
-                Err(e) => r.failed(retry::classify(&e), false).await?,
+                Err(e) => r.failed(self.classify(&e, uri), false).await?,
             }
         }
+    }
+}
+
+/// A service error that carries no S3 error code (HEAD answers have no body).
+fn no_code<E: aws_sdk_s3::error::ProvideErrorMetadata>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    match e {
+        aws_sdk_s3::error::SdkError::ServiceError(se) => {
+            se.err().code().is_none() && se.raw().headers().get("x-amz-bucket-region").is_none()
+        }
+        _ => false,
+    }
+}
+
+/// What an operation does, in words: "cannot read", "cannot write".
+fn doing(op: &str) -> &'static str {
+    match op {
+        "HeadObject" | "GetObject" => "cannot read",
+        "ListObjectsV2" => "cannot list",
+        "DeleteObject" => "cannot delete",
+        "AbortMultipartUpload" => "cannot abort the upload",
+        _ => "cannot write",
     }
 }
 
@@ -716,9 +817,9 @@ impl Retrier<'_> {
     fn give_up(&self, f: &Failure, why: &str) -> Error {
         Error::Storage {
             uri: self.uri.clone(),
-            what: format!("{} failed{why}", self.op),
+            what: doing(self.op).to_string(),
             kind: f.kind,
-            detail: f.detail.clone(),
+            detail: format!("{}{why}", f.detail),
         }
     }
 
@@ -744,11 +845,11 @@ impl Retrier<'_> {
                     if self.started.elapsed() + wait > self.s3.settings.retry_budget {
                         return Err(self.give_up(
                             &Failure::transient(format!(
-                                "circuit breaker for {} is open",
+                                "{} kept failing and its circuit breaker is open",
                                 self.s3.endpoint
                             )),
                             &format!(
-                                " after {:.0}s (retry budget)",
+                                " (gave up after {:.0}s, the retry budget: TESSERA_S3_RETRY_SECONDS)",
                                 self.started.elapsed().as_secs_f64()
                             ),
                         ));
@@ -760,6 +861,7 @@ impl Retrier<'_> {
     }
 
     fn succeeded(&self) {
+        self.s3.announced.store(false, Ordering::Relaxed);
         let ev = self
             .s3
             .breaker
@@ -771,7 +873,16 @@ impl Retrier<'_> {
 
     /// Record a failed attempt; `Ok` after sleeping when another attempt is worth making. An attempt that
     /// made progress (bytes received) does not count against the attempt limit.
-    async fn failed(&mut self, f: Failure, progressed: bool) -> Result<()> {
+    async fn failed(&mut self, mut f: Failure, progressed: bool) -> Result<()> {
+        // A name that does not resolve or a refused connection is a mistake in local mode, and retried only
+        // for the grace period in a worker pod (where DNS and services may still be settling).
+        if matches!(
+            f.kind,
+            StorageKind::EndpointUnresolvable | StorageKind::Refused
+        ) && self.started.elapsed() >= self.s3.settings.network_grace
+        {
+            f.retryable = false;
+        }
         {
             let mut b = self.s3.breaker.lock().unwrap_or_else(|p| p.into_inner());
             // A 4xx means the endpoint is up and answering: only transient failures count against it.
@@ -784,30 +895,54 @@ impl Retrier<'_> {
             self.s3.breaker_event(ev);
         }
         if !f.retryable {
-            return Err(self.give_up(&f, ""));
+            let why = if self.attempt > 0 {
+                format!(
+                    " (gave up after {} attempts in {:.0}s)",
+                    self.attempt + 1,
+                    self.started.elapsed().as_secs_f64()
+                )
+            } else {
+                String::new()
+            };
+            return Err(self.give_up(&f, &why));
         }
         if progressed {
             self.attempt = 0;
         }
         if self.attempt + 1 >= self.s3.settings.max_attempts {
-            return Err(self.give_up(&f, &format!(" after {} attempts", self.attempt + 1)));
+            return Err(self.give_up(
+                &f,
+                &format!(
+                    " (gave up after {} attempts in {:.0}s: TESSERA_S3_MAX_ATTEMPTS)",
+                    self.attempt + 1,
+                    self.started.elapsed().as_secs_f64()
+                ),
+            ));
         }
         let delay = self
             .s3
             .settings
             .backoff
             .delay(self.attempt, fastrand::f64());
-        if self.started.elapsed() + delay > self.s3.settings.retry_budget {
+        let budget = self.s3.settings.retry_budget;
+        if self.started.elapsed() + delay > budget {
             return Err(self.give_up(
                 &f,
                 &format!(
-                    " after {:.0}s (retry budget)",
+                    " (gave up after {:.0}s, the retry budget: TESSERA_S3_RETRY_SECONDS)",
                     self.started.elapsed().as_secs_f64()
                 ),
             ));
         }
         self.attempt += 1;
         self.s3.stats.retries.fetch_add(1, Ordering::Relaxed);
+        // One line per outage at default verbosity: what is retried, for how long at most, how to stop it.
+        if !self.cleanup && !self.s3.announced.swap(true, Ordering::Relaxed) {
+            tracing::warn!(op = self.op, uri = %self.uri,
+                "{}: {}; retrying for up to {:.0}s (TESSERA_S3_RETRY_SECONDS sets this; {})",
+                self.uri, f.detail, budget.as_secs_f64(),
+                if POD_MODE.load(Ordering::Relaxed) { "the task fails after that and is retried elsewhere" } else { "Ctrl-C stops" });
+        }
         tracing::info!(op = self.op, uri = %self.uri, attempt = self.attempt, delay_ms = delay.as_millis() as u64,
             error = %f.detail, "S3 request failed; retrying");
         self.sleep(delay).await

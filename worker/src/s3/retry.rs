@@ -2,10 +2,6 @@
 
 use std::time::Duration;
 
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_smithy_types::error::display::DisplayErrorContext;
-
 use crate::error::StorageKind;
 
 /// Exponential backoff with full jitter (the AWS architecture blog's recommendation): the n-th retry waits a
@@ -62,69 +58,9 @@ impl Failure {
     }
 }
 
-/// Classify what the SDK returned. Throttling, 5xx, timeouts and dropped connections are retried; the
-/// caller's own mistakes (404, 403, 412, 400) are not.
-pub fn classify<E>(err: &SdkError<E, HttpResponse>) -> Failure
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let detail = DisplayErrorContext(err).to_string();
-    match err {
-        SdkError::TimeoutError(_) => Failure::transient(format!("timed out: {detail}")),
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => Failure::transient(detail),
-        SdkError::ConstructionFailure(_) => Failure::fatal(StorageKind::Config, detail),
-        SdkError::ServiceError(se) => {
-            let status = se.raw().status().as_u16();
-            let code = se.err().code().unwrap_or("");
-            classify_status(status, code, se.err().message().unwrap_or(""))
-        }
-        _ => Failure::transient(detail),
-    }
-}
-
-/// The pure part of [`classify`], by status code and S3 error code.
-pub fn classify_status(status: u16, code: &str, message: &str) -> Failure {
-    let what = match (code, message) {
-        ("", "") => format!("HTTP {status}"),
-        (c, "") => format!("{c} (HTTP {status})"),
-        ("", m) => format!("HTTP {status}: {m}"),
-        (c, m) => format!("{c} (HTTP {status}): {m}"),
-    };
-    match (status, code) {
-        (
-            _,
-            "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout" | "InternalError",
-        )
-        | (429 | 500..=599, _) => Failure::transient(what),
-        (_, "NoSuchBucket") => Failure::fatal(StorageKind::NoSuchBucket, what),
-        (404, _) | (_, "NoSuchKey") => Failure::fatal(StorageKind::NotFound, what),
-        (412, _) | (_, "PreconditionFailed") => Failure::fatal(StorageKind::Changed, what),
-        (_, "RequestTimeTooSkewed" | "RequestExpired") => Failure::fatal(
-            StorageKind::ClockSkew,
-            format!("{what}: this machine's clock is off from the storage server's; sync it (NTP)"),
-        ),
-        (401 | 403, _)
-        | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken") => {
-            Failure::fatal(StorageKind::AccessDenied, what)
-        }
-        _ => Failure::fatal(StorageKind::Other, what),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_skewed_clock_is_named_not_taken_for_bad_credentials() {
-        let f = classify_status(
-            403,
-            "RequestTimeTooSkewed",
-            "request time is too far from server time",
-        );
-        assert_eq!(f.kind, StorageKind::ClockSkew);
-        assert!(f.detail.contains("clock"), "{}", f.detail);
-    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
@@ -138,26 +74,5 @@ mod tests {
         assert_eq!(b.delay(10, 1.0), Duration::from_secs(8));
         assert_eq!(b.delay(60, 1.0), Duration::from_secs(8));
         assert_eq!(b.delay(5, 0.0), Duration::ZERO);
-    }
-
-    #[test]
-    fn status_classes() {
-        assert!(classify_status(503, "SlowDown", "").retryable);
-        assert!(classify_status(500, "", "").retryable);
-        assert!(classify_status(400, "RequestTimeout", "").retryable);
-        assert!(classify_status(429, "", "").retryable);
-        let f = classify_status(404, "NoSuchKey", "The key does not exist");
-        assert_eq!((f.kind, f.retryable), (StorageKind::NotFound, false));
-        assert_eq!(f.detail, "NoSuchKey (HTTP 404): The key does not exist");
-        assert_eq!(
-            classify_status(404, "NoSuchBucket", "").kind,
-            StorageKind::NoSuchBucket
-        );
-        assert_eq!(classify_status(412, "", "").kind, StorageKind::Changed);
-        assert_eq!(
-            classify_status(403, "InvalidAccessKeyId", "").kind,
-            StorageKind::AccessDenied
-        );
-        assert!(!classify_status(400, "InvalidArgument", "").retryable);
     }
 }

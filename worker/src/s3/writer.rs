@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use md5::{Digest, Md5};
 use tokio::task::JoinSet;
 
-use super::{retry, Failure, S3Uri, S3};
+use super::{Failure, S3Uri, S3};
 use crate::error::{Error, Result, StorageKind};
 
 /// S3's limits.
@@ -154,7 +154,7 @@ impl Upload {
                     self.upload_id = Some(id.clone());
                     return Ok(id);
                 }
-                Err(e) => r.failed(retry::classify(&e), false).await?,
+                Err(e) => r.failed(self.s3.classify(&e, &self.uri), false).await?,
             }
         }
     }
@@ -254,7 +254,7 @@ impl Upload {
                     break o.e_tag().unwrap_or_default().to_string();
                 }
                 Err(e) => {
-                    let f = retry::classify(&e);
+                    let f = self.s3.classify(&e, &self.uri);
                     // A retried Complete whose first try succeeded finds no upload any more.
                     if f.detail.contains("NoSuchUpload") && r.attempt > 0 {
                         let m = self.s3.head(&self.uri).await?;
@@ -304,7 +304,7 @@ impl Upload {
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     break o.e_tag().unwrap_or_default().to_string();
                 }
-                Err(e) => r.failed(retry::classify(&e), false).await?,
+                Err(e) => r.failed(self.s3.classify(&e, &self.uri), false).await?,
             }
         };
         self.verify(&etag, &hex_md5(&md5)).await?;
@@ -380,7 +380,7 @@ async fn abort_upload(s3: &S3, uri: &S3Uri, id: &str) {
                 return;
             }
             Err(e) => {
-                let f = retry::classify(&e);
+                let f = s3.classify(&e, uri);
                 if f.kind == StorageKind::NotFound || f.detail.contains("NoSuchUpload") {
                     return;
                 }
@@ -443,7 +443,7 @@ async fn upload_part(s3: &S3, uri: &S3Uri, id: &str, number: i32, data: Bytes) -
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 return Ok(Part { number, etag, md5 });
             }
-            Err(e) => r.failed(retry::classify(&e), false).await?,
+            Err(e) => r.failed(s3.classify(&e, uri), false).await?,
         }
     }
 }
