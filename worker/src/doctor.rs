@@ -487,14 +487,34 @@ pub fn gpu_resources<'a>(allocatable: impl IntoIterator<Item = (&'a str, &'a str
         .collect()
 }
 
+/// Why the API server did not answer, in words (the transport error's text classified as for S3).
+pub fn api_unreachable(server: &str, text: &str) -> String {
+    let t = text.to_ascii_lowercase();
+    if t.contains("connection refused") {
+        format!("cannot reach the API server: nothing accepts connections at {server}; is the cluster running?")
+    } else if t.contains("dns error") || t.contains("failed to lookup address") {
+        format!("cannot reach the API server: the name in {server} does not resolve")
+    } else if t.contains("401") || t.contains("unauthorized") {
+        format!("the API server at {server} does not accept the kubeconfig's credentials (401): log in again")
+    } else {
+        format!(
+            "cannot reach the API server at {server}: {}",
+            text.rsplit(": ").next().unwrap_or(text)
+        )
+    }
+}
+
 /// A Pending pod's scheduler message in plain words, with the fix.
 pub fn pending_reason(message: &str) -> (String, String) {
     let m = message.to_ascii_lowercase();
-    let fix = if let Some(res) = message
-        .split("Insufficient ")
-        .nth(1)
-        .map(|r| r.split([',', '.']).next().unwrap_or(r).trim().to_string())
-    {
+    let fix = if let Some(res) = message.split("Insufficient ").nth(1).map(|r| {
+        r.split(',')
+            .next()
+            .unwrap_or(r)
+            .trim()
+            .trim_end_matches('.')
+            .to_string()
+    }) {
         format!("no node has a free {res}: add nodes with it (or let the cluster autoscaler), or lower the pool's maxWorkers")
     } else if m.contains("taint") {
         "the GPU nodes carry taints the pool does not tolerate: set WorkerPool.spec.tolerations"
@@ -519,9 +539,9 @@ async fn cluster(ns: &str) -> Vec<Check> {
     use kube::api::{Api, ListParams};
 
     let mut out = Vec::new();
-    let client = match tokio::time::timeout(Duration::from_secs(5), kube::Client::try_default())
-        .await
-    {
+    let fix_api =
+        "check that the cluster is up and the kubeconfig's server address (kubectl cluster-info)";
+    let config = match tokio::time::timeout(Duration::from_secs(5), kube::Config::infer()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             out.push(
@@ -540,23 +560,52 @@ async fn cluster(ns: &str) -> Vec<Check> {
             return out;
         }
     };
+    let server = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
+    let client = match kube::Client::try_from(config) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(Check::new(
+                "cluster",
+                "API server",
+                Status::Fail,
+                format!("the kubeconfig is unusable: {}", classify::chain_text(&e)),
+            ));
+            return out;
+        }
+    };
     match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
         Ok(Ok(v)) => out.push(Check::new(
             "cluster",
             "API server",
             Status::Ok,
-            format!("Kubernetes {}", v.git_version),
+            format!("Kubernetes {} at {server}", v.git_version),
         )),
         Ok(Err(e)) => {
             out.push(
-                Check::new("cluster", "API server", Status::Fail, format!("cannot reach the API server: {}", classify::chain_text(&e)))
-                    .fix("check that the cluster is up and the kubeconfig's server address (kubectl cluster-info)"),
+                Check::new(
+                    "cluster",
+                    "API server",
+                    Status::Fail,
+                    api_unreachable(&server, &classify::chain_text(&e)),
+                )
+                .fix(fix_api),
             );
             return out;
         }
         Err(_) => {
-            out.push(Check::new("cluster", "API server", Status::Fail, "no answer from the API server in 5s")
-                .fix("check that the cluster is up and the kubeconfig's server address (kubectl cluster-info)"));
+            out.push(
+                Check::new(
+                    "cluster",
+                    "API server",
+                    Status::Fail,
+                    format!("no answer from the API server at {server} in 5s"),
+                )
+                .fix(fix_api),
+            );
             return out;
         }
     }
@@ -816,6 +865,12 @@ mod tests {
             "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.",
         );
         assert!(fix.contains("nodeSelector"), "{fix}");
+    }
+
+    #[test]
+    fn an_unreachable_api_server_is_named() {
+        let m = api_unreachable("https://127.0.0.1:6443", "ServiceError: client error (Connect): tcp connect error: Connection refused (os error 111)");
+        assert_eq!(m, "cannot reach the API server: nothing accepts connections at https://127.0.0.1:6443; is the cluster running?");
     }
 
     #[test]

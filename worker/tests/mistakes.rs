@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use tessera_e2e::faultproxy::{Fault, FaultProxy};
@@ -181,7 +181,7 @@ fn newcomer_mistakes_are_answered_at_once_in_plain_words() {
             s3job("keyid.yaml", "s3://media/in.mp4"),
             with(&s3env, &[("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY")]),
             1,
-            "check AWS_",
+            "check AWS_ACCESS_KEY_ID",
         ),
         case("unknown bucket", s3job("bucket.yaml", "s3://no-such-bucket/in.mp4"), with(&s3env, &[]), 1, "does not exist"),
         case("missing input object", s3job("key.yaml", "s3://media/missing.mp4"), with(&s3env, &[]), 1, "no object with key"),

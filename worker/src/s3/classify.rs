@@ -173,7 +173,8 @@ pub fn classify_reply(
                 ctx.endpoint
             )),
         ),
-        (_, "InvalidAccessKeyId") => Failure::fatal(
+        // s3s-based servers answer an unknown key with NotSignedUp (S3's "account not signed up for S3").
+        (_, "InvalidAccessKeyId" | "NotSignedUp") => Failure::fatal(
             StorageKind::BadCredentials,
             with(format!(
                 "the access key ID is not known to {}: check AWS_ACCESS_KEY_ID (or the profile in use){}",
