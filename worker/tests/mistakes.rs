@@ -432,3 +432,101 @@ fn a_transient_failure_says_once_that_it_is_being_retried() {
     );
     assert!(Path::new(&store.object_path("media", "t/obj.bin")).exists());
 }
+
+fn doctor(args: &[&str], env_vars: &[(String, String)]) -> (i32, serde_json::Value, f64) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.arg("doctor").args(args).arg("--json");
+    for (k, v) in env(env_vars) {
+        cmd.env(k, v);
+    }
+    let t0 = Instant::now();
+    let out = cmd.output().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report, secs)
+}
+
+fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name:?} check: {report:#}"))
+}
+
+/// `tessera doctor` on this machine (no GPU) against a real S3 server: every hardware family reported
+/// unavailable with FFmpeg's reason and the software fallback, storage read and written for real; then, with
+/// the server stopped, the storage check fails with the reason in under 5 s.
+#[test]
+fn doctor_checks_this_machine_and_a_real_s3_server() {
+    let store = S3Server::start(&["media"]);
+    let s3env = store.env(&store.url());
+    let (code, report, _) = doctor(&["s3://media/doctor/"], &s3env);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["ok"], true);
+    for family in [
+        "NVIDIA NVENC encoders",
+        "Intel Quick Sync encoders",
+        "VA-API encoders",
+    ] {
+        let c = check(&report, family);
+        assert_eq!(c["status"], "warn", "{c}");
+        assert!(
+            c["message"].as_str().unwrap().starts_with("unavailable: "),
+            "{c}"
+        );
+        assert!(c["fix"].as_str().unwrap().contains("libx264"), "{c}");
+    }
+    assert!(check(&report, "NVIDIA NVENC encoders")["message"]
+        .as_str()
+        .unwrap()
+        .contains("h264_nvenc"));
+    for c in [
+        "software h264 encoder",
+        "software hevc encoder",
+        "software av1 encoder",
+    ] {
+        assert_eq!(check(&report, c)["status"], "ok", "{report:#}");
+    }
+    assert!(check(&report, "endpoint")["message"]
+        .as_str()
+        .unwrap()
+        .contains(&store.url()));
+    let creds = check(&report, "credentials");
+    assert!(
+        creds["message"]
+            .as_str()
+            .unwrap()
+            .contains("the environment"),
+        "{creds}"
+    );
+    for c in ["write", "read back", "delete"] {
+        assert_eq!(check(&report, c)["status"], "ok", "{report:#}");
+    }
+    assert!(
+        store.keys("media").is_empty(),
+        "the test object was removed"
+    );
+    let text = report.to_string();
+    assert!(!text.contains(&store.secret_key), "the secret leaked");
+
+    drop(store);
+    let (code, report, secs) = doctor(&["s3://media/doctor/"], &s3env);
+    assert_eq!(code, 1, "{report:#}");
+    let w = check(&report, "write");
+    assert_eq!(w["status"], "fail", "{w}");
+    assert!(
+        w["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing accepts connections"),
+        "{w}"
+    );
+    assert!(secs < 5.0, "{secs:.1}s");
+}

@@ -286,7 +286,38 @@ impl S3 {
     /// Request checksums are sent only where the API requires them, so stores that reject the SDK's
     /// default CRC32 trailers work; uploads carry Content-MD5 instead.
     pub async fn from_env(settings: Settings) -> Self {
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if !POD_MODE.load(Ordering::Relaxed) {
+            // Off EC2, the chains' last resort (instance metadata) would spend 4 attempts per lookup before
+            // "no credentials" could be said; in local mode one attempt with a 1 s timeout decides. Worker
+            // pods keep the SDK's defaults (IMDS there is slow to answer only when it is really busy).
+            let imds = aws_config::imds::Client::builder()
+                .max_attempts(1)
+                .connect_timeout(Duration::from_secs(1))
+                .read_timeout(Duration::from_secs(1))
+                .build();
+            use aws_config::meta::region::RegionProviderChain;
+            let region = RegionProviderChain::first_try(
+                aws_config::environment::EnvironmentVariableRegionProvider::new(),
+            )
+            .or_else(aws_config::profile::ProfileFileRegionProvider::builder().build())
+            .or_else(
+                aws_config::imds::region::ImdsRegionProvider::builder()
+                    .imds_client(imds.clone())
+                    .build(),
+            )
+            .region()
+            .await;
+            let mut creds =
+                aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                    .imds_client(imds);
+            if let Some(r) = region {
+                creds = creds.region(r.clone());
+                loader = loader.region(r);
+            }
+            loader = loader.credentials_provider(creds.build().await);
+        }
+        let sdk = loader
             .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
