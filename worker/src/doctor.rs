@@ -770,8 +770,28 @@ async fn cluster(ns: &str) -> Vec<Check> {
                                 .message
                         })
                         .next();
-                    out.push(match pending {
-                        Some(msg) => {
+                    // A RuntimeClass that does not exist: the pods are refused at creation and never Pending.
+                    let runtime_missing = match &p.spec.runtime_class_name {
+                        Some(rc) => {
+                            Api::<k8s_openapi::api::node::v1::RuntimeClass>::all(client.clone())
+                                .get_opt(rc)
+                                .await
+                                .ok()
+                                .flatten()
+                                .is_none()
+                                .then(|| rc.clone())
+                        }
+                        None => None,
+                    };
+                    out.push(match (runtime_missing, pending) {
+                        (Some(rc), _) => Check::new(
+                            "cluster",
+                            format!("WorkerPool {pns}/{name}"),
+                            Status::Fail,
+                            format!("{counts}; its runtimeClassName {rc:?} names no RuntimeClass, so no worker pod can be created"),
+                        )
+                        .fix("install the GPU runtime's RuntimeClass (the NVIDIA GPU Operator creates \"nvidia\"), or clear runtimeClassName"),
+                        (None, Some(msg)) => {
                             let (why, fix) = pending_reason(&msg);
                             Check::new(
                                 "cluster",
@@ -781,7 +801,7 @@ async fn cluster(ns: &str) -> Vec<Check> {
                             )
                             .fix(fix)
                         }
-                        None => Check::new(
+                        (None, None) => Check::new(
                             "cluster",
                             format!("WorkerPool {pns}/{name}"),
                             Status::Ok,

@@ -33,7 +33,11 @@ pub fn failure(e: &Error) -> TaskFailure {
     let retryable = matches!(
         e,
         Error::Storage {
-            kind: StorageKind::Unavailable | StorageKind::ClockSkew,
+            kind: StorageKind::Unavailable
+                | StorageKind::ClockSkew
+                // Past the worker's grace period: the endpoint may be back by the next attempt.
+                | StorageKind::Refused
+                | StorageKind::EndpointUnresolvable,
             ..
         } | Error::Queue(_)
             | Error::Write { .. }

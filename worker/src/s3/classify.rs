@@ -342,6 +342,17 @@ fn find_in_chain<'a, T: std::error::Error + 'static>(
 mod tests {
     use super::*;
 
+    /// status, code, message, x-amz-bucket-region, kind, retryable, words the detail holds.
+    type Row = (
+        u16,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        StorageKind,
+        bool,
+        &'static str,
+    );
+
     fn ctx() -> Ctx<'static> {
         Ctx {
             endpoint: "http://127.0.0.1:9000",
@@ -355,7 +366,7 @@ mod tests {
     #[test]
     fn replies_are_classified_with_a_cause_and_a_fix() {
         let c = ctx();
-        let cases: &[(u16, &str, &str, Option<&str>, StorageKind, bool, &str)] = &[
+        let cases: &[Row] = &[
             (
                 503,
                 "SlowDown",
