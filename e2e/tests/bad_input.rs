@@ -636,7 +636,7 @@ fn cluster_mistakes_are_answered_at_once_and_doctor_sees_the_cluster() {
         "CRD transcodejobs.tessera.dev",
         "CRD workerpools.tessera.dev",
         "operator",
-        "queue Service",
+        "queue",
         "GPU nodes",
     ] {
         assert_eq!(find(name)["status"], "ok", "{name}: {report:#}");

@@ -706,12 +706,12 @@ async fn cluster(ns: &str) -> Vec<Check> {
         .get_opt("tessera-queue")
         .await
     {
-        let ready: usize = ep
-            .subsets
-            .unwrap_or_default()
-            .iter()
-            .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
-            .sum();
+        let subsets = ep.subsets.unwrap_or_default();
+        let count = |f: fn(&k8s_openapi::api::core::v1::EndpointSubset) -> usize| -> usize {
+            subsets.iter().map(f).sum()
+        };
+        let ready = count(|s| s.addresses.as_ref().map_or(0, Vec::len));
+        let not_ready = count(|s| s.not_ready_addresses.as_ref().map_or(0, Vec::len));
         out.push(if ready > 0 {
             Check::new(
                 "cluster",
@@ -720,14 +720,18 @@ async fn cluster(ns: &str) -> Vec<Check> {
                 format!("tessera-queue has {ready} ready endpoint(s)"),
             )
         } else {
+            // Workers reach the leader at the address on its Lease first; the Service is their fallback.
             Check::new(
                 "cluster",
                 "queue Service",
-                Status::Fail,
-                "tessera-queue has no ready endpoint: no operator replica is serving",
+                Status::Warn,
+                format!(
+                    "tessera-queue has no ready endpoint ({not_ready} not ready): workers can reach the queue only at \
+                     the address on the leader's Lease"
+                ),
             )
             .fix(format!(
-                "kubectl -n {ns} get pods; kubectl -n {ns} describe deploy"
+                "kubectl -n {ns} get endpoints tessera-queue; kubectl -n {ns} describe pods"
             ))
         });
     }

@@ -211,6 +211,22 @@ pub fn classify_reply(
     }
 }
 
+/// The same sentence for a worker pod, whose S3 settings come from its WorkerPool's `spec.s3` rather than from
+/// the user's environment: the fix names the pool's fields.
+pub fn in_pool_words(detail: &str) -> String {
+    detail
+        .replace(
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an IAM role is attached; \
+             for a local S3 server also set AWS_ENDPOINT_URL",
+            "set the WorkerPool's spec.s3.credentialsSecret, or give its service account an IAM role (IRSA or Pod Identity)",
+        )
+        .replace("AWS_ACCESS_KEY_ID (or the profile in use)", "AWS_ACCESS_KEY_ID in the WorkerPool's spec.s3.credentialsSecret")
+        .replace("check AWS_SECRET_ACCESS_KEY", "check AWS_SECRET_ACCESS_KEY in the WorkerPool's spec.s3.credentialsSecret")
+        .replace("set AWS_REGION=", "set the WorkerPool's spec.s3.region to ")
+        .replace("set AWS_REGION to", "set the WorkerPool's spec.s3.region to")
+        .replace("AWS_ENDPOINT_URL", "the WorkerPool's spec.s3.endpoint")
+}
+
 /// `... the region 'us-east-1' is wrong; expecting 'eu-west-1'` (AuthorizationHeaderMalformed).
 fn region_in_message(message: &str) -> Option<String> {
     let rest = message.split("expecting '").nth(1)?;
@@ -533,6 +549,32 @@ mod tests {
             }
             assert!(!f.detail.contains('{'), "{}", f.detail);
         }
+    }
+
+    #[test]
+    fn a_worker_pod_is_told_the_pool_fields() {
+        let c = Ctx {
+            custom_endpoint: false,
+            ..ctx()
+        };
+        let region = in_pool_words(&classify_reply(301, "", "", Some("eu-west-1"), &c).detail);
+        assert!(
+            region.contains("set the WorkerPool's spec.s3.region to eu-west-1"),
+            "{region}"
+        );
+        let secret =
+            in_pool_words(&classify_reply(403, "SignatureDoesNotMatch", "", None, &c).detail);
+        assert!(secret.contains("spec.s3.credentialsSecret"), "{secret}");
+        let none = in_pool_words(NO_CREDENTIALS);
+        assert!(
+            none.contains("spec.s3.credentialsSecret") && !none.contains("AWS_PROFILE"),
+            "{none}"
+        );
+        let bucket = in_pool_words(&classify_reply(404, "NoSuchBucket", "", None, &ctx()).detail);
+        assert!(
+            bucket.contains("spec.s3.endpoint") && !bucket.contains("AWS_"),
+            "{bucket}"
+        );
     }
 
     #[test]

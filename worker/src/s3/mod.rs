@@ -846,11 +846,16 @@ struct Retrier<'a> {
 
 impl Retrier<'_> {
     fn give_up(&self, f: &Failure, why: &str) -> Error {
+        let detail = if POD_MODE.load(Ordering::Relaxed) {
+            classify::in_pool_words(&f.detail)
+        } else {
+            f.detail.clone()
+        };
         Error::Storage {
             uri: self.uri.clone(),
             what: doing(self.op).to_string(),
             kind: f.kind,
-            detail: format!("{}{why}", f.detail),
+            detail: format!("{detail}{why}"),
         }
     }
 
