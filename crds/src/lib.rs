@@ -11,6 +11,7 @@ use kube::CustomResource;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod tenancy;
 mod validate;
 pub mod work;
 pub use validate::{cluster_uri_problem, ignored_in_local_mode, validate_spec, ValidationError};
@@ -440,6 +441,17 @@ pub struct WorkerPoolSpec {
     /// from this pool's workers.
     #[serde(default = "default_worker_sa")]
     pub service_account_name: String,
+    /// Which namespaces' jobs may use this pool (the Gateway API's shape): `Same` (the default, the pool's own
+    /// namespace), `All`, or `Selector` with a namespace label selector (`kubernetes.io/metadata.name` selects
+    /// by name). A job naming a pool it may not use fails with `PoolNotAllowed`, as does one naming a pool that
+    /// does not exist in another namespace: the answer does not tell which.
+    #[serde(default)]
+    pub allowed_namespaces: tenancy::Namespaces,
+    /// The S3 locations jobs may read and write through this pool, per namespace (`{namespace}` is replaced
+    /// by the job's), checked before anything is queued; a job outside them fails with `AccessNotAllowed`.
+    /// Empty: no limit beyond what the pool's credentials reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<tenancy::AccessRule>,
     /// The S3 endpoint and credentials workers use. Jobs cannot pick an endpoint: the administrator sets it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Access>,

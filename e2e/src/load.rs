@@ -163,7 +163,7 @@ pub fn prepare() -> String {
     kubectl_ok(
         &["apply", "-f", "-"],
         Some(&format!(
-            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: {POOL}, namespace: tessera-system}}\nspec:\n  \
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: {POOL}, namespace: tessera-system}}\nspec:\n  allowedNamespaces: {{from: All}}\n  \
              minWorkers: 0\n  maxWorkers: 0\n  serviceAccountName: tessera-worker\n"
         )),
     );

@@ -179,7 +179,7 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
         .unwrap()
         .1;
     kubectl_ok(&["apply", "-f", "-"], Some(&format!(
-        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: badcreds, namespace: tessera-system}}\nspec:\n  \
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: badcreds, namespace: tessera-system}}\nspec:\n  allowedNamespaces: {{from: All}}\n  \
          maxWorkers: 1\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
          s3: {{endpoint: \"{endpoint}\", region: us-east-1, credentialsSecret: bad-s3}}\n")));
 

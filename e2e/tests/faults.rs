@@ -307,7 +307,7 @@ fn s3_storms_resets_and_stalls_through_a_faulty_network() {
         1,
     );
     kubectl_ok(&["apply", "-f", "-"], Some(&format!(
-        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: flaky, namespace: tessera-system}}\nspec:\n  \
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: flaky, namespace: tessera-system}}\nspec:\n  allowedNamespaces: {{from: All}}\n  \
          maxWorkers: 2\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  env: [{{name: TESSERA_S3_BODY_TIMEOUT_SECONDS, value: \"3\"}}]\n  \
          s3: {{endpoint: \"{}\", region: us-east-1, credentialsSecret: tessera-s3}}\n", proxy.url())));
     let src = input("src12", 12);
@@ -333,7 +333,7 @@ fn s3_storms_resets_and_stalls_through_a_faulty_network() {
 fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
     let _c = cluster();
     kubectl_ok(&["apply", "-f", "-"], Some(
-        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: brittle, namespace: tessera-system}\nspec:\n  \
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: brittle, namespace: tessera-system}\nspec:\n  allowedNamespaces: {from: All}\n  \
          maxWorkers: 2\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
          env: [{name: TESSERA_FAULT_ENCODER_FAILURES, value: \"1\"}]\n  s3: {region: us-east-1, credentialsSecret: tessera-s3}\n",
     ));

@@ -367,7 +367,7 @@ fn a_pool_asking_for_more_gpus_than_exist_stays_pending_without_runaway_creation
     kubectl_ok(
         &["apply", "-f", "-"],
         Some(
-            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: greedy, namespace: tessera-system}\nspec:\n  \
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: greedy, namespace: tessera-system}\nspec:\n  allowedNamespaces: {from: All}\n  \
              resource: {name: nvidia.com/gpu, count: 3}\n  minWorkers: 0\n  maxWorkers: 3\n  tolerations: [{key: nvidia.com/gpu, \
              operator: Exists, effect: NoSchedule}]\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n",
         ),

@@ -52,6 +52,7 @@ fn the_operator_may_do_what_it_needs_and_nothing_else() {
         ("create", "events.events.k8s.io", "default"),
         ("create", "tokenreviews.authentication.k8s.io", ""),
         ("create", "leases.coordination.k8s.io", "tessera-system"),
+        ("get", "namespaces", ""),
     ] {
         assert!(can(op, verb, res, ns), "the operator needs {verb} {res}");
     }
@@ -65,6 +66,8 @@ fn the_operator_may_do_what_it_needs_and_nothing_else() {
         ("create", "deployments.apps", "tessera-system"),
         ("create", "leases.coordination.k8s.io", "kube-system"),
         ("update", "nodes", ""),
+        ("list", "namespaces", ""),
+        ("patch", "namespaces", ""),
         ("create", "serviceaccounts:token", "tessera-system"),
     ] {
         assert!(

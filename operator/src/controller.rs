@@ -204,6 +204,60 @@ pub fn resolve_pool(spec_pool: Option<&str>, job_ns: &str, default: &str) -> Str
     }
 }
 
+/// What a job may do with the pool it names: the tenancy rules, decided before anything is queued or read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// The pool does not exist in the job's own namespace: the job waits for it (the namespace is the
+    /// user's own, so saying so leaks nothing).
+    PoolMissing,
+    /// Missing in another namespace, or not serving the job's: the same words either way.
+    PoolNotAllowed(String),
+    AccessNotAllowed(String),
+}
+
+/// Whether deciding needs the job namespace's labels (a `Selector` somewhere in the pool's rules).
+pub fn tenancy_needs_labels(pool: &tessera_crds::WorkerPoolSpec) -> bool {
+    use tessera_crds::tenancy::NamespacesFrom::Selector;
+    pool.allowed_namespaces.from == Selector
+        || pool.access.iter().any(|r| r.namespaces.from == Selector)
+}
+
+/// Decide a job's admission to `pool` (`namespace/name`); `spec` is the pool's, `None` when it does not exist.
+pub fn admit(
+    pool: &str,
+    pool_ns: &str,
+    job_ns: &str,
+    spec: Option<&tessera_crds::WorkerPoolSpec>,
+    labels: &std::collections::BTreeMap<String, String>,
+    job: &tessera_crds::TranscodeJobSpec,
+) -> Admission {
+    use tessera_crds::tenancy::{check_access, namespaces_admit};
+    let not_allowed = || {
+        Admission::PoolNotAllowed(format!(
+            "WorkerPool {pool} does not exist or does not serve namespace {job_ns}: name a pool in {job_ns}, or one \
+             whose allowedNamespaces admit it (ask the cluster's administrator)"
+        ))
+    };
+    match spec {
+        None if pool_ns == job_ns => Admission::PoolMissing,
+        None => not_allowed(),
+        Some(p) if !namespaces_admit(&p.allowed_namespaces, pool_ns, job_ns, labels) => not_allowed(),
+        Some(p) => match check_access(
+            &p.access,
+            pool,
+            pool_ns,
+            job_ns,
+            labels,
+            &job.input.uri,
+            &job.output.uri,
+        ) {
+            Ok(()) => Admission::Admitted,
+            Err(m) => Admission::AccessNotAllowed(m),
+        },
+    }
+}
+
 fn is_404(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
@@ -307,26 +361,48 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
         let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
         let (pns, pname) = pool.split_once('/').unwrap_or(("", &pool));
         let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), pns);
-        if pools
+        let found = pools
             .get_opt(pname)
             .await
-            .map_err(|e| Error::kube(format!("pool {pool}"), e))?
-            .is_none()
-        {
-            let msg = format!(
-                "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
-                 spec.pool (kubectl get workerpools -A)"
-            );
-            if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
-                let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
-                    "type": "Progressing", "status": "False", "reason": "PoolNotFound", "message": msg,
-                    "lastTransitionTime": now(), "observedGeneration": generation}]}});
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(st))
+            .map_err(|e| Error::kube(format!("pool {pool}"), e))?;
+        // The job namespace's labels, only where a selector needs them.
+        let labels = match &found {
+            Some(p) if tenancy_needs_labels(&p.spec) => {
+                let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+                nss.get_opt(&ns)
                     .await
-                    .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
-                publish(&ctx, &job, EventType::Warning, "PoolNotFound", msg).await;
+                    .map_err(|e| Error::kube(format!("namespace {ns}"), e))?
+                    .and_then(|n| n.metadata.labels)
+                    .unwrap_or_default()
             }
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            _ => Default::default(),
+        };
+        match admit(&pool, pns, &ns, found.as_ref().map(|p| &p.spec), &labels, &job.spec) {
+            Admission::Admitted => {}
+            Admission::PoolNotAllowed(msg) => {
+                write_failed_now(&ctx, &job, "PoolNotAllowed", &msg).await?;
+                return Ok(Action::await_change());
+            }
+            Admission::AccessNotAllowed(msg) => {
+                write_failed_now(&ctx, &job, "AccessNotAllowed", &msg).await?;
+                return Ok(Action::await_change());
+            }
+            Admission::PoolMissing => {
+                let msg = format!(
+                    "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
+                     spec.pool (kubectl get workerpools -n {ns})"
+                );
+                if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
+                    let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
+                        "type": "Progressing", "status": "False", "reason": "PoolNotFound", "message": msg,
+                        "lastTransitionTime": now(), "observedGeneration": generation}]}});
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(st))
+                        .await
+                        .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
+                    publish(&ctx, &job, EventType::Warning, "PoolNotFound", msg).await;
+                }
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
         }
         let mut run = JobRun::new(&ns, &name, &uid, generation, job.spec.clone(), pool.clone());
         // A job already running before a restart or failover keeps its start time.
@@ -951,4 +1027,61 @@ pub async fn run(ctx: Arc<Ctx>, mut events: mpsc::UnboundedReceiver<TaskEvent>) 
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_crds::tenancy::{AccessRule, Namespaces, NamespacesFrom};
+
+    fn pool(allowed: NamespacesFrom, access: Vec<AccessRule>) -> tessera_crds::WorkerPoolSpec {
+        let mut p: tessera_crds::WorkerPoolSpec = serde_json::from_value(json!({})).unwrap();
+        p.allowed_namespaces = Namespaces {
+            from: allowed,
+            selector: None,
+        };
+        p.access = access;
+        p
+    }
+
+    fn job(input: &str, output: &str) -> tessera_crds::TranscodeJobSpec {
+        serde_json::from_value(json!({
+            "input": {"uri": input}, "output": {"uri": output},
+            "renditions": [{"name": "a", "video": {"codec": "h264"}}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn admission_table() {
+        let l = Default::default();
+        let j = job("s3://m/a/in.mp4", "s3://m/a/out/");
+        let same = pool(NamespacesFrom::Same, vec![]);
+        let all = pool(NamespacesFrom::All, vec![]);
+        let scoped = pool(
+            NamespacesFrom::All,
+            vec![AccessRule {
+                namespaces: Namespaces {
+                    from: NamespacesFrom::All,
+                    selector: None,
+                },
+                read: vec!["s3://m/{namespace}/".into()],
+                write: vec!["s3://m/{namespace}/out/".into()],
+            }],
+        );
+        // Own namespace: a missing pool is waited for; an existing one admits.
+        assert_eq!(admit("a/p", "a", "a", None, &l, &j), Admission::PoolMissing);
+        assert_eq!(admit("a/p", "a", "a", Some(&same), &l, &j), Admission::Admitted);
+        // Another namespace: missing and forbidden read the same.
+        let missing = admit("b/p", "b", "a", None, &l, &j);
+        let forbidden = admit("b/p", "b", "a", Some(&same), &l, &j);
+        assert_eq!(missing, forbidden);
+        assert!(matches!(&missing, Admission::PoolNotAllowed(m) if m.starts_with("WorkerPool b/p does not exist or does not serve namespace a")));
+        assert_eq!(admit("b/p", "b", "a", Some(&all), &l, &j), Admission::Admitted);
+        assert_eq!(admit("b/p", "b", "a", Some(&scoped), &l, &j), Admission::Admitted);
+        let other = job("s3://m/c/in.mp4", "s3://m/a/out/");
+        assert!(matches!(admit("b/p", "b", "a", Some(&scoped), &l, &other), Admission::AccessNotAllowed(m) if m.contains("s3://m/c/in.mp4") && m.contains("WorkerPool b/p")));
+        assert!(!tenancy_needs_labels(&scoped));
+        assert!(tenancy_needs_labels(&pool(NamespacesFrom::Selector, vec![])));
+    }
 }

@@ -223,6 +223,8 @@ mod tests {
             affinity: None,
             cooldown_seconds: 60,
             service_account_name: "tessera-worker".into(),
+            allowed_namespaces: Default::default(),
+            access: Vec::new(),
             s3: None,
             env: Vec::new(),
             scratch_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(

@@ -83,7 +83,7 @@ async fn main() {
     kubectl_ok(
         &["apply", "-f", "-"],
         Some(
-            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: bench, namespace: tessera-system}\nspec:\n  \
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: bench, namespace: tessera-system}\nspec:\n  allowedNamespaces: {from: All}\n  \
              minWorkers: 0\n  maxWorkers: 0\n  serviceAccountName: tessera-worker\n",
         ),
     );
