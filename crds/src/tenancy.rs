@@ -195,7 +195,9 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -216,8 +218,18 @@ mod tests {
                 ..Default::default()
             }),
         };
-        assert!(namespaces_admit(&by_label, "p", "a", &labels(&[("tessera.dev/tenant", "yes")])));
-        assert!(!namespaces_admit(&by_label, "p", "a", &labels(&[("tessera.dev/tenant", "no")])));
+        assert!(namespaces_admit(
+            &by_label,
+            "p",
+            "a",
+            &labels(&[("tessera.dev/tenant", "yes")])
+        ));
+        assert!(!namespaces_admit(
+            &by_label,
+            "p",
+            "a",
+            &labels(&[("tessera.dev/tenant", "no")])
+        ));
         assert!(!namespaces_admit(&by_label, "p", "a", &none));
         let by_name = Namespaces {
             from: NamespacesFrom::Selector,
@@ -279,7 +291,8 @@ mod tests {
     fn each_namespace_reaches_its_own_prefix_only() {
         let l = labels(&[]);
         let r = rules();
-        let check = |ns: &str, i: &str, o: &str| check_access(&r, "shared/gpu", "shared", ns, &l, i, o);
+        let check =
+            |ns: &str, i: &str, o: &str| check_access(&r, "shared/gpu", "shared", ns, &l, i, o);
         assert!(check("a", "s3://media/a/in.mp4", "s3://media/a/out/x/").is_ok());
         // Output under the write prefix only; input anywhere readable, including the write prefix.
         assert!(check("a", "s3://media/a/out/in.mp4", "s3://media/a/out/y/").is_ok());
@@ -289,8 +302,14 @@ mod tests {
             "spec.input.uri: \"s3://media/b/in.mp4\" is outside what WorkerPool shared/gpu lets namespace a read"
         );
         let e = check("a", "s3://media/a/in.mp4", "s3://media/b/out/x/").unwrap_err();
-        assert!(e.starts_with("spec.output.uri:") && e.ends_with("write"), "{e}");
-        assert!(check("a", "s3://media/a/in.mp4", "s3://media/a/x/").is_err(), "read-only prefix");
+        assert!(
+            e.starts_with("spec.output.uri:") && e.ends_with("write"),
+            "{e}"
+        );
+        assert!(
+            check("a", "s3://media/a/in.mp4", "s3://media/a/x/").is_err(),
+            "read-only prefix"
+        );
         // `ab` is not `a`, and '..' cannot climb out.
         assert!(check("a", "s3://media/ab/in.mp4", "s3://media/a/out/").is_err());
         assert!(check("a", "s3://media/a/../b/in.mp4", "s3://media/a/out/").is_err());
@@ -303,13 +322,33 @@ mod tests {
             namespaces: Namespaces {
                 from: NamespacesFrom::Selector,
                 selector: Some(LabelSelector {
-                    match_labels: Some([(NAMESPACE_NAME_LABEL.to_string(), "b".to_string())].into()),
+                    match_labels: Some(
+                        [(NAMESPACE_NAME_LABEL.to_string(), "b".to_string())].into(),
+                    ),
                     ..Default::default()
                 }),
             },
             ..rules()[0].clone()
         }];
-        assert!(check_access(&only_b, "p", "p", "a", &l, "s3://media/a/in.mp4", "s3://media/a/out/").is_err());
-        assert!(check_access(&only_b, "p", "p", "b", &l, "s3://media/b/in.mp4", "s3://media/b/out/").is_ok());
+        assert!(check_access(
+            &only_b,
+            "p",
+            "p",
+            "a",
+            &l,
+            "s3://media/a/in.mp4",
+            "s3://media/a/out/"
+        )
+        .is_err());
+        assert!(check_access(
+            &only_b,
+            "p",
+            "p",
+            "b",
+            &l,
+            "s3://media/b/in.mp4",
+            "s3://media/b/out/"
+        )
+        .is_ok());
     }
 }

@@ -680,7 +680,8 @@ fn cluster_mistakes_are_answered_at_once_and_doctor_sees_the_cluster() {
         &format!("1 | {secs:.2} | {}", line.replace('|', "\\|")),
     );
 
-    // A job naming a pool that does not exist: a condition and an event name it within seconds.
+    // A job naming a pool that does not exist in another namespace: failed at once, in the same words as a
+    // pool that exists there and does not serve the job's namespace (the answer does not tell which).
     let t0 = Instant::now();
     kubectl_ok(
         &["apply", "-f", "-"],
@@ -693,37 +694,283 @@ fn cluster_mistakes_are_answered_at_once_and_doctor_sees_the_cluster() {
         )),
     );
     let msg = loop {
-        let st = status_of("no-pool").unwrap_or(Value::Null);
-        let c = st["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["reason"] == "PoolNotFound")
-            .cloned();
-        if let Some(c) = c {
-            break c["message"].as_str().unwrap_or_default().to_string();
+        if let Some((reason, msg)) = failed(&status_of("no-pool").unwrap_or(Value::Null)) {
+            assert_eq!(reason, "PoolNotAllowed", "{msg}");
+            break msg;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "no PoolNotFound condition: {st}"
+            "no-pool did not fail"
         );
         std::thread::sleep(Duration::from_millis(100));
     };
     let secs = t0.elapsed().as_secs_f64();
     assert!(
-        msg.contains("tessera-system/nope does not exist")
-            && msg.contains("kubectl get workerpools"),
+        msg.starts_with(
+            "WorkerPool tessera-system/nope does not exist or does not serve namespace default"
+        ),
         "{msg}"
     );
     assert!(secs < 5.0, "{secs}");
     tessera_e2e::jobs::reliability_row(
         "mistakes",
         header,
-        "job names a pool that does not exist (cluster)",
-        &format!("condition PoolNotFound | {secs:.2} | {msg}"),
+        "job names a pool in another namespace that does not exist (cluster)",
+        &format!("Failed: PoolNotAllowed | {secs:.2} | {msg}"),
     );
     kubectl_ok(
         &["delete", "tj", "no-pool", "-n", "default", "--wait=false"],
+        None,
+    );
+}
+
+fn tenant_job(ns: &str, name: &str, input: &str, output: &str, pool: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  \
+         input: {{uri: \"{input}\"}}\n  output: {{uri: \"{output}\"}}\n  renditions: {R1}\n  pool: {pool}\n"
+    )
+}
+
+fn status_in(ns: &str, name: &str) -> Value {
+    let out = kubectl(&["get", "tj", name, "-n", ns, "-o", "json"], None);
+    if out.status.success() {
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["status"].clone()
+    } else {
+        Value::Null
+    }
+}
+
+/// Wait until the job has Succeeded or Failed; returns the phase and the Failed condition, if any.
+fn settle(ns: &str, name: &str, bound: Duration) -> (String, Option<(String, String)>) {
+    let t0 = Instant::now();
+    loop {
+        let st = status_in(ns, name);
+        let phase = st["phase"].as_str().unwrap_or_default().to_string();
+        if phase == "Succeeded" || phase == "Failed" {
+            return (phase, failed(&st));
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "{ns}/{name} not finished after {bound:?}: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+/// Tenancy on the local cluster: a shared pool serves the namespaces labelled as tenants and scopes each to its
+/// own prefix. Each tenant's job inside its prefix completes; reading or writing the other tenant's prefix (or a
+/// sibling prefix that only starts with the same letters) fails with AccessNotAllowed at admission, before any
+/// task: nothing is written there and no worker names the other tenant's key. A namespace the pool does not
+/// serve gets PoolNotAllowed, in the same words as for a pool that does not exist; labelled as a tenant, its job
+/// completes. The rows go to RELIABILITY.md's tenancy table.
+#[test]
+fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
+    let _c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    ffmpeg(
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=256x144:rate=25:duration=2",
+            "-c:v",
+            "libx264",
+            "-g",
+            "25",
+        ],
+        &clip,
+    );
+    for ns in ["tenant-a", "tenant-b", "outsider"] {
+        let _ = kubectl(&["create", "namespace", ns], None);
+    }
+    for ns in ["tenant-a", "tenant-b"] {
+        kubectl_ok(
+            &[
+                "label",
+                "namespace",
+                ns,
+                "tessera.dev/tenant=yes",
+                "--overwrite",
+            ],
+            None,
+        );
+    }
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: shared, namespace: tessera-system}\nspec:\n  \
+             maxWorkers: 2\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
+             allowedNamespaces: {from: Selector, selector: {matchLabels: {tessera.dev/tenant: \"yes\"}}}\n  \
+             access:\n  - {namespaces: {from: All}, read: [\"s3://tessera/{namespace}/\"], write: [\"s3://tessera/{namespace}/out/\"]}\n",
+        ),
+    );
+    let a_in = upload(&clip, "tenant-a/in.mp4");
+    let b_in = upload(&clip, "tenant-b/in.mp4");
+    let pool = "tessera-system/shared";
+    let cases: Vec<(&str, &str, String, String, &str)> = vec![
+        (
+            "tenant-a",
+            "own",
+            a_in.clone(),
+            "s3://tessera/tenant-a/out/own/".into(),
+            "Succeeded",
+        ),
+        (
+            "tenant-b",
+            "own",
+            b_in.clone(),
+            "s3://tessera/tenant-b/out/own/".into(),
+            "Succeeded",
+        ),
+        (
+            "tenant-a",
+            "read-other",
+            b_in.clone(),
+            "s3://tessera/tenant-a/out/x/".into(),
+            "AccessNotAllowed",
+        ),
+        (
+            "tenant-a",
+            "write-other",
+            a_in.clone(),
+            "s3://tessera/tenant-b/out/stolen/".into(),
+            "AccessNotAllowed",
+        ),
+        (
+            "tenant-a",
+            "sibling-prefix",
+            "s3://tessera/tenant-ab/in.mp4".into(),
+            "s3://tessera/tenant-a/out/z/".into(),
+            "AccessNotAllowed",
+        ),
+        (
+            "outsider",
+            "not-served",
+            a_in.clone(),
+            "s3://tessera/outsider/out/x/".into(),
+            "PoolNotAllowed",
+        ),
+    ];
+    for (ns, name, input, output, _) in &cases {
+        kubectl_ok(
+            &["apply", "-f", "-"],
+            Some(&tenant_job(ns, name, input, output, pool)),
+        );
+    }
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&tenant_job(
+            "outsider",
+            "no-such-pool",
+            &a_in,
+            "s3://tessera/outsider/out/y/",
+            "tessera-system/nope",
+        )),
+    );
+    let mut rows = Vec::new();
+    for (ns, name, input, output, want) in &cases {
+        let (phase, f) = settle(ns, name, Duration::from_secs(180));
+        match (*want, &f) {
+            ("Succeeded", _) => assert_eq!(phase, "Succeeded", "{ns}/{name}: {f:?}"),
+            (reason, Some((r, m))) => {
+                assert_eq!(r, reason, "{ns}/{name}: {m}");
+                let st = status_in(ns, name);
+                assert!(
+                    st["progress"]["chunksDone"].as_u64().unwrap_or(0) == 0,
+                    "{ns}/{name} did work: {st}"
+                );
+                rows.push((
+                    format!("{ns} job: {name} ({input} → {output})"),
+                    r.clone(),
+                    m.clone(),
+                ));
+            }
+            (reason, None) => panic!("{ns}/{name}: {phase}, expected {reason}"),
+        }
+    }
+    let (_, f) = settle("outsider", "no-such-pool", Duration::from_secs(30));
+    let (r, missing) = f.expect("a Failed condition");
+    assert_eq!(r, "PoolNotAllowed");
+    let forbidden = failed(&status_in("outsider", "not-served")).unwrap().1;
+    assert_eq!(
+        missing.replace("tessera-system/nope", "P"),
+        forbidden.replace(pool, "P"),
+        "a missing pool reads as a forbidden one"
+    );
+    rows.push((
+        "outsider job: names a pool that does not exist".into(),
+        r,
+        missing,
+    ));
+    // Nothing was written outside the prefixes, and no worker named the other tenant's input for tenant-a.
+    let written = walk(&s3_dir().join("tessera/tenant-b/out"));
+    assert!(written.iter().all(|k| k.contains("/own/")), "{written:?}");
+    for (pod, log) in pod_logs("tessera-worker") {
+        assert!(
+            !(log.contains("tenant-b/in.mp4") && log.contains("tenant-a/out")),
+            "{pod} mixed the tenants' data"
+        );
+    }
+    // Labelled as a tenant, the outsider's namespace is served.
+    kubectl_ok(
+        &[
+            "label",
+            "namespace",
+            "outsider",
+            "tessera.dev/tenant=yes",
+            "--overwrite",
+        ],
+        None,
+    );
+    let outsider_in = upload(&clip, "outsider/in.mp4");
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&tenant_job(
+            "outsider",
+            "admitted",
+            &outsider_in,
+            "s3://tessera/outsider/out/ok/",
+            pool,
+        )),
+    );
+    assert_eq!(
+        settle("outsider", "admitted", Duration::from_secs(180)).0,
+        "Succeeded"
+    );
+    for (case, reason, msg) in rows {
+        tessera_e2e::jobs::reliability_row(
+            "tenancy",
+            "| case | reason | message |\n|---|---|---|",
+            &case,
+            &format!("`{reason}` | {}", msg.replace('|', "\\|")),
+        );
+    }
+    for ns in ["tenant-a", "tenant-b", "outsider"] {
+        kubectl_ok(&["delete", "tj", "--all", "-n", ns, "--wait=false"], None);
+    }
+    kubectl_ok(
+        &[
+            "delete",
+            "wp",
+            "shared",
+            "-n",
+            "tessera-system",
+            "--wait=false",
+        ],
         None,
     );
 }

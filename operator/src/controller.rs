@@ -242,7 +242,9 @@ pub fn admit(
     match spec {
         None if pool_ns == job_ns => Admission::PoolMissing,
         None => not_allowed(),
-        Some(p) if !namespaces_admit(&p.allowed_namespaces, pool_ns, job_ns, labels) => not_allowed(),
+        Some(p) if !namespaces_admit(&p.allowed_namespaces, pool_ns, job_ns, labels) => {
+            not_allowed()
+        }
         Some(p) => match check_access(
             &p.access,
             pool,
@@ -377,7 +379,14 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
             }
             _ => Default::default(),
         };
-        match admit(&pool, pns, &ns, found.as_ref().map(|p| &p.spec), &labels, &job.spec) {
+        match admit(
+            &pool,
+            pns,
+            &ns,
+            found.as_ref().map(|p| &p.spec),
+            &labels,
+            &job.spec,
+        ) {
             Admission::Admitted => {}
             Admission::PoolNotAllowed(msg) => {
                 write_failed_now(&ctx, &job, "PoolNotAllowed", &msg).await?;
@@ -1071,17 +1080,33 @@ mod tests {
         );
         // Own namespace: a missing pool is waited for; an existing one admits.
         assert_eq!(admit("a/p", "a", "a", None, &l, &j), Admission::PoolMissing);
-        assert_eq!(admit("a/p", "a", "a", Some(&same), &l, &j), Admission::Admitted);
+        assert_eq!(
+            admit("a/p", "a", "a", Some(&same), &l, &j),
+            Admission::Admitted
+        );
         // Another namespace: missing and forbidden read the same.
         let missing = admit("b/p", "b", "a", None, &l, &j);
         let forbidden = admit("b/p", "b", "a", Some(&same), &l, &j);
         assert_eq!(missing, forbidden);
-        assert!(matches!(&missing, Admission::PoolNotAllowed(m) if m.starts_with("WorkerPool b/p does not exist or does not serve namespace a")));
-        assert_eq!(admit("b/p", "b", "a", Some(&all), &l, &j), Admission::Admitted);
-        assert_eq!(admit("b/p", "b", "a", Some(&scoped), &l, &j), Admission::Admitted);
+        assert!(
+            matches!(&missing, Admission::PoolNotAllowed(m) if m.starts_with("WorkerPool b/p does not exist or does not serve namespace a"))
+        );
+        assert_eq!(
+            admit("b/p", "b", "a", Some(&all), &l, &j),
+            Admission::Admitted
+        );
+        assert_eq!(
+            admit("b/p", "b", "a", Some(&scoped), &l, &j),
+            Admission::Admitted
+        );
         let other = job("s3://m/c/in.mp4", "s3://m/a/out/");
-        assert!(matches!(admit("b/p", "b", "a", Some(&scoped), &l, &other), Admission::AccessNotAllowed(m) if m.contains("s3://m/c/in.mp4") && m.contains("WorkerPool b/p")));
+        assert!(
+            matches!(admit("b/p", "b", "a", Some(&scoped), &l, &other), Admission::AccessNotAllowed(m) if m.contains("s3://m/c/in.mp4") && m.contains("WorkerPool b/p"))
+        );
         assert!(!tenancy_needs_labels(&scoped));
-        assert!(tenancy_needs_labels(&pool(NamespacesFrom::Selector, vec![])));
+        assert!(tenancy_needs_labels(&pool(
+            NamespacesFrom::Selector,
+            vec![]
+        )));
     }
 }
