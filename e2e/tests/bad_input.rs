@@ -809,14 +809,20 @@ fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
             None,
         );
     }
+    let endpoint = env_file()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1;
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(
-            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: shared, namespace: tessera-system}\nspec:\n  \
+        Some(&format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: shared, namespace: tessera-system}}\nspec:\n  \
              maxWorkers: 2\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
-             allowedNamespaces: {from: Selector, selector: {matchLabels: {tessera.dev/tenant: \"yes\"}}}\n  \
-             access:\n  - {namespaces: {from: All}, read: [\"s3://tessera/{namespace}/\"], write: [\"s3://tessera/{namespace}/out/\"]}\n",
-        ),
+             s3: {{endpoint: \"{endpoint}\", region: us-east-1, credentialsSecret: tessera-s3}}\n  \
+             allowedNamespaces: {{from: Selector, selector: {{matchLabels: {{tessera.dev/tenant: \"yes\"}}}}}}\n  \
+             access:\n  - {{namespaces: {{from: All}}, read: [\"s3://tessera/{{namespace}}/\"], write: [\"s3://tessera/{{namespace}}/out/\"]}}\n",
+        )),
     );
     let a_in = upload(&clip, "tenant-a/in.mp4");
     let b_in = upload(&clip, "tenant-b/in.mp4");
