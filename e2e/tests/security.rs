@@ -17,10 +17,8 @@ fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Clus
 
 const HEADER: &str = "| check | result |\n|---|---|";
 
-/// `kubectl auth can-i` as a ServiceAccount. `resource` may be `kind.group/NAME` or `kind.group:SUBRESOURCE`;
-/// an empty `ns` asks cluster-wide.
-fn can(sa: &str, verb: &str, resource: &str, ns: &str) -> bool {
-    let who = format!("system:serviceaccount:tessera-system:{sa}");
+/// `kubectl auth can-i` as anyone (`system:serviceaccount:NS:NAME`).
+fn can_as(who: &str, verb: &str, resource: &str, ns: &str) -> bool {
     let mut args = vec!["auth", "can-i", verb];
     match resource.split_once(':') {
         Some((r, sub)) => args.extend([r, "--subresource", sub]),
@@ -31,9 +29,84 @@ fn can(sa: &str, verb: &str, resource: &str, ns: &str) -> bool {
     } else {
         args.extend(["-n", ns]);
     }
-    args.extend(["--as", &who]);
+    args.extend(["--as", who]);
     let out = kubectl(&args, None);
     String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+/// A tenant's ServiceAccount bound (RoleBinding, in its namespace) to the chart's `tessera-jobs-edit` role may
+/// run jobs there, and may not read or write pools, Secrets or jobs anywhere else (the API server's authorizer).
+#[test]
+fn a_tenant_runs_jobs_in_its_namespace_and_touches_nothing_else() {
+    let _c = cluster();
+    for ns in ["tenant-x", "tenant-y"] {
+        let _ = kubectl(&["create", "namespace", ns], None);
+    }
+    let _ = kubectl(
+        &["create", "serviceaccount", "author", "-n", "tenant-x"],
+        None,
+    );
+    let _ = kubectl(
+        &[
+            "create",
+            "rolebinding",
+            "author-jobs",
+            "-n",
+            "tenant-x",
+            "--clusterrole=tessera-jobs-edit",
+            "--serviceaccount=tenant-x:author",
+        ],
+        None,
+    );
+    let who = "system:serviceaccount:tenant-x:author";
+    for (verb, res, ns) in [
+        ("create", "transcodejobs.tessera.dev", "tenant-x"),
+        ("delete", "transcodejobs.tessera.dev", "tenant-x"),
+        ("watch", "transcodejobs.tessera.dev", "tenant-x"),
+    ] {
+        assert!(
+            can_as(who, verb, res, ns),
+            "a tenant needs {verb} {res} in {ns}"
+        );
+    }
+    for (verb, res, ns) in [
+        ("get", "transcodejobs.tessera.dev", "tenant-y"),
+        ("create", "transcodejobs.tessera.dev", "tenant-y"),
+        ("list", "transcodejobs.tessera.dev", ""),
+        ("get", "workerpools.tessera.dev", "tenant-x"),
+        ("create", "workerpools.tessera.dev", "tenant-x"),
+        ("patch", "workerpools.tessera.dev", "tessera-system"),
+        ("get", "secrets", "tenant-x"),
+        ("get", "secrets", "tenant-y"),
+        ("get", "secrets", "tessera-system"),
+        ("create", "pods", "tenant-x"),
+        ("patch", "transcodejobs.tessera.dev:status", "tenant-x"),
+    ] {
+        assert!(
+            !can_as(who, verb, res, ns),
+            "a tenant must not {verb} {res} in {ns:?}"
+        );
+    }
+    reliability_row(
+        "security",
+        HEADER,
+        "tenant RBAC (tessera-jobs-edit bound in its namespace)",
+        "creates, watches and deletes TranscodeJobs there; jobs of other namespaces, WorkerPools, Secrets, pods, job status: forbidden (the API server's authorizer)",
+    );
+    for ns in ["tenant-x", "tenant-y"] {
+        let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
+    }
+}
+
+/// `kubectl auth can-i` as a ServiceAccount. `resource` may be `kind.group/NAME` or `kind.group:SUBRESOURCE`;
+/// an empty `ns` asks cluster-wide.
+fn can(sa: &str, verb: &str, resource: &str, ns: &str) -> bool {
+    can_as(
+        &format!("system:serviceaccount:tessera-system:{sa}"),
+        verb,
+        resource,
+        ns,
+    )
 }
 
 #[test]
