@@ -18,6 +18,10 @@ pub use validate::{cluster_uri_problem, ignored_in_local_mode, validate_spec, Va
 
 /// The API group of every Tessera kind.
 pub const GROUP: &str = "tessera.dev";
+/// The label on every worker pod naming its WorkerPool.
+pub const POOL_LABEL: &str = "tessera.dev/pool";
+/// The annotation on the leader Lease where workers (and `tessera doctor`) find the queue API.
+pub const QUEUE_URL_ANNOTATION: &str = "tessera.dev/queue-url";
 
 /// A request to turn one input into a set of renditions.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

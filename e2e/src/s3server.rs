@@ -34,7 +34,8 @@ pub struct S3Server {
     pub secret_key: String,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on at the time of the call.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

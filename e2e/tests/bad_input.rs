@@ -64,6 +64,15 @@ fn failed(st: &Value) -> Option<(String, String)> {
         })
 }
 
+/// The local cluster's S3 endpoint (`cluster.sh up` wrote it).
+fn s3_endpoint() -> String {
+    env_file()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .expect("AWS_ENDPOINT_URL in target/e2e/env")
+        .1
+}
+
 fn s3_dir() -> std::path::PathBuf {
     tessera_e2e::cluster::e2e_dir().join("cluster/s3")
 }
@@ -173,11 +182,7 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
         ],
         None,
     );
-    let endpoint = env_file()
-        .into_iter()
-        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
-        .unwrap()
-        .1;
+    let endpoint = s3_endpoint();
     kubectl_ok(&["apply", "-f", "-"], Some(&format!(
         "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: badcreds, namespace: tessera-system}}\nspec:\n  allowedNamespaces: {{from: All}}\n  \
          maxWorkers: 1\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
@@ -809,11 +814,7 @@ fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
             None,
         );
     }
-    let endpoint = env_file()
-        .into_iter()
-        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
-        .unwrap()
-        .1;
+    let endpoint = s3_endpoint();
     kubectl_ok(
         &["apply", "-f", "-"],
         Some(&format!(

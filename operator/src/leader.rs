@@ -22,7 +22,7 @@ pub struct Settings {
     pub advertise: Option<String>,
 }
 
-pub const QUEUE_URL_ANNOTATION: &str = "tessera.dev/queue-url";
+pub use tessera_crds::QUEUE_URL_ANNOTATION;
 
 pub struct Elector {
     api: Api<Lease>,

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use tessera_crds::WorkerPoolSpec;
 
-pub const POOL_LABEL: &str = "tessera.dev/pool";
+pub use tessera_crds::POOL_LABEL;
 pub const DEFAULT_IMAGE: &str = "ghcr.io/tessera-dev/tessera-worker:0.1.0";
 /// Long enough for a worker to finish or release its lease on SIGTERM.
 pub const GRACE_SECONDS: i64 = 120;

@@ -426,7 +426,7 @@ async fn credentials_check(s3: &S3) -> Check {
             "storage",
             "credentials",
             Status::Fail,
-            classify::NO_CREDENTIALS,
+            classify::LOCAL.no_credentials(),
         );
     };
     match tokio::time::timeout(Duration::from_secs(5), provider.provide_credentials()).await {
@@ -437,7 +437,7 @@ async fn credentials_check(s3: &S3) -> Check {
             format!("from {}", credential_source(&provider_of(&c))),
         ),
         Ok(Err(e)) => {
-            let f = classify::credentials(&e);
+            let f = classify::credentials(&e, &classify::LOCAL);
             Check::new("storage", "credentials", Status::Fail, f.detail)
         }
         Err(_) => Check::new(
@@ -446,7 +446,7 @@ async fn credentials_check(s3: &S3) -> Check {
             Status::Fail,
             "the credential chain gave no answer in 5s (no instance metadata service answered)",
         )
-        .fix(&classify::NO_CREDENTIALS["no S3 credentials: ".len()..]),
+        .fix(classify::LOCAL.no_credentials_fix),
     }
 }
 
@@ -489,18 +489,22 @@ pub fn gpu_resources<'a>(allocatable: impl IntoIterator<Item = (&'a str, &'a str
 
 /// Why the API server did not answer, in words (the transport error's text classified as for S3).
 pub fn api_unreachable(server: &str, text: &str) -> String {
+    use classify::Transport;
     let t = text.to_ascii_lowercase();
-    if t.contains("connection refused") {
-        format!("cannot reach the API server: nothing accepts connections at {server}; is the cluster running?")
-    } else if t.contains("dns error") || t.contains("failed to lookup address") {
-        format!("cannot reach the API server: the name in {server} does not resolve")
-    } else if t.contains("401") || t.contains("unauthorized") {
-        format!("the API server at {server} does not accept the kubeconfig's credentials (401): log in again")
-    } else {
-        format!(
+    match classify::transport_cause(text) {
+        Transport::Refused => format!(
+            "cannot reach the API server: nothing accepts connections at {server}; is the cluster running?"
+        ),
+        Transport::Unresolvable => {
+            format!("cannot reach the API server: the name in {server} does not resolve")
+        }
+        _ if t.contains("401") || t.contains("unauthorized") => format!(
+            "the API server at {server} does not accept the kubeconfig's credentials (401): log in again"
+        ),
+        _ => format!(
             "cannot reach the API server at {server}: {}",
             text.rsplit(": ").next().unwrap_or(text)
-        )
+        ),
     }
 }
 
@@ -679,7 +683,7 @@ async fn cluster(ns: &str) -> Vec<Check> {
                 .metadata
                 .annotations
                 .unwrap_or_default()
-                .get("tessera.dev/queue-url")
+                .get(tessera_crds::QUEUE_URL_ANNOTATION)
                 .cloned();
             if let Some(q) = queue {
                 let hostport = q.split("://").nth(1).unwrap_or(&q).trim_end_matches('/').to_string();
@@ -758,7 +762,10 @@ async fn cluster(ns: &str) -> Vec<Check> {
                     );
                     let pods: Api<Pod> = Api::namespaced(client.clone(), &pns);
                     let pending = pods
-                        .list(&ListParams::default().labels(&format!("tessera.dev/pool={name}")))
+                        .list(
+                            &ListParams::default()
+                                .labels(&format!("{}={name}", tessera_crds::POOL_LABEL)),
+                        )
                         .await
                         .map(|l| l.items)
                         .unwrap_or_default()

@@ -201,7 +201,7 @@ impl Queue {
                     .metadata
                     .annotations
                     .as_ref()
-                    .and_then(|a| a.get("tessera.dev/queue-url"))
+                    .and_then(|a| a.get(tessera_crds::QUEUE_URL_ANNOTATION))
                 {
                     Some(u) => out.push(u.trim_end_matches('/').to_string()),
                     None => why = format!("lease {lease} names no leader yet"),

@@ -13,7 +13,7 @@ use std::time::Instant;
 use common::*;
 use tessera_e2e::faultproxy::{Fault, FaultProxy};
 use tessera_e2e::jobs::reliability_row;
-use tessera_e2e::s3server::S3Server;
+use tessera_e2e::s3server::{free_port, S3Server};
 
 const HEADER: &str = "| mistake | exit | seconds | first line of the message |\n|---|---|---|---|";
 
@@ -29,14 +29,6 @@ struct Case {
     emulated: bool,
     /// The message is on stdout (`tessera doctor`), not stderr.
     stdout: bool,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn job(input: &str, output: &str, renditions: &str, extra: &str) -> String {

@@ -36,11 +36,65 @@ pub struct Ctx<'a> {
     /// The bucket and key of the request, for hints.
     pub bucket: &'a str,
     pub key: &'a str,
+    /// A worker pod, whose S3 settings come from its WorkerPool's `spec.s3`: fixes name the pool's fields.
+    pub pool: bool,
 }
 
-/// The sentence for missing credentials (also used by `tessera doctor`).
-pub const NO_CREDENTIALS: &str = "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
-     AWS_PROFILE, or run where an IAM role is attached; for a local S3 server also set AWS_ENDPOINT_URL";
+impl Ctx<'_> {
+    fn knobs(&self) -> &'static Knobs {
+        if self.pool {
+            &POOL
+        } else {
+            &LOCAL
+        }
+    }
+}
+
+/// The settings a fix tells the user to change: environment variables for `tessera run` and `tessera cp`, the
+/// WorkerPool's fields for a worker pod.
+pub struct Knobs {
+    pub endpoint: &'static str,
+    pub region: &'static str,
+    pub key_id: &'static str,
+    pub secret: &'static str,
+    pub no_credentials_fix: &'static str,
+}
+
+pub const LOCAL: Knobs = Knobs {
+    endpoint: "AWS_ENDPOINT_URL",
+    region: "AWS_REGION",
+    key_id: "AWS_ACCESS_KEY_ID (or the profile in use)",
+    secret: "AWS_SECRET_ACCESS_KEY",
+    no_credentials_fix:
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an IAM role \
+         is attached; for a local S3 server also set AWS_ENDPOINT_URL",
+};
+
+pub const POOL: Knobs = Knobs {
+    endpoint: "the WorkerPool's spec.s3.endpoint",
+    region: "the WorkerPool's spec.s3.region",
+    key_id: "AWS_ACCESS_KEY_ID in the WorkerPool's spec.s3.credentialsSecret",
+    secret: "AWS_SECRET_ACCESS_KEY in the WorkerPool's spec.s3.credentialsSecret",
+    no_credentials_fix:
+        "set the WorkerPool's spec.s3.credentialsSecret, or give its service account an IAM role \
+         (IRSA or Pod Identity)",
+};
+
+impl Knobs {
+    /// "set AWS_REGION=eu-west-1", "set the WorkerPool's spec.s3.region to eu-west-1".
+    fn set_region(&self, r: &str) -> String {
+        if self.region.starts_with("AWS_") {
+            format!("set {}={r}", self.region)
+        } else {
+            format!("set {} to {r}", self.region)
+        }
+    }
+
+    /// The sentence for missing credentials.
+    pub fn no_credentials(&self) -> String {
+        format!("no S3 credentials: {}", self.no_credentials_fix)
+    }
+}
 
 /// Classify what the SDK returned.
 pub fn classify<E>(err: &SdkError<E, HttpResponse>, ctx: &Ctx<'_>) -> Failure
@@ -72,7 +126,7 @@ where
         ),
         _ => {
             if let Some(c) = find_in_chain::<CredentialsError>(err) {
-                return credentials(c);
+                return credentials(c, ctx.knobs());
             }
             classify_transport(&chain_text(err), ctx)
         }
@@ -80,10 +134,10 @@ where
 }
 
 /// A failure of the SDK's credential chain.
-pub fn credentials(c: &CredentialsError) -> Failure {
+pub fn credentials(c: &CredentialsError, k: &Knobs) -> Failure {
     let why = match c {
         CredentialsError::CredentialsNotLoaded(_) => {
-            return Failure::fatal(StorageKind::NoCredentials, NO_CREDENTIALS)
+            return Failure::fatal(StorageKind::NoCredentials, k.no_credentials())
         }
         CredentialsError::ProviderTimedOut(_) => {
             "the credential provider timed out (no instance metadata service answered)".to_string()
@@ -95,17 +149,14 @@ pub fn credentials(c: &CredentialsError) -> Failure {
                 .unwrap_or_else(|| c.to_string());
             if inner.contains("IMDS") || inner.contains("instance metadata") {
                 // The chain's last resort, the EC2 instance role, found nothing: nothing before it had keys.
-                return Failure::fatal(StorageKind::NoCredentials, NO_CREDENTIALS);
+                return Failure::fatal(StorageKind::NoCredentials, k.no_credentials());
             }
             format!("the AWS credential chain failed: {inner}")
         }
     };
     Failure::fatal(
         StorageKind::NoCredentials,
-        format!(
-            "no usable S3 credentials: {why}; {}",
-            &NO_CREDENTIALS["no S3 credentials: ".len()..]
-        ),
+        format!("no usable S3 credentials: {why}; {}", k.no_credentials_fix),
     )
 }
 
@@ -124,6 +175,7 @@ pub fn classify_reply(
     };
     let with = |s: String| format!("{s} (S3 said: {said})");
     let bucket = ctx.bucket;
+    let k = ctx.knobs();
     match (status, code) {
         (_, "SlowDown" | "Throttling" | "ThrottlingException") | (429 | 503, _) => Failure::transient(with(
             format!("{} is throttling requests", ctx.endpoint),
@@ -137,12 +189,13 @@ pub fn classify_reply(
                 .or_else(|| region_in_message(message));
             let msg = match right {
                 Some(r) => format!(
-                    "bucket {bucket:?} is in region {r}, but requests are signed for {}: set AWS_REGION={r}",
-                    ctx.region
+                    "bucket {bucket:?} is in region {r}, but requests are signed for {}: {}",
+                    ctx.region,
+                    k.set_region(&r)
                 ),
                 None => format!(
-                    "bucket {bucket:?} is not in region {}: set AWS_REGION to the bucket's region",
-                    ctx.region
+                    "bucket {bucket:?} is not in region {}: set {} to the bucket's region",
+                    ctx.region, k.region
                 ),
             };
             Failure::fatal(StorageKind::WrongRegion, with(msg))
@@ -152,7 +205,7 @@ pub fn classify_reply(
             with(format!(
                 "bucket {bucket:?} does not exist at {}: check the bucket name{}",
                 ctx.endpoint,
-                if ctx.custom_endpoint { ", or AWS_ENDPOINT_URL if it lives on another server" } else { ", or set AWS_ENDPOINT_URL if it lives on another S3 server" }
+                if ctx.custom_endpoint { format!(", or {} if it lives on another server", k.endpoint) } else { format!(", or set {} if it lives on another S3 server", k.endpoint) }
             )),
         ),
         (404, _) | (_, "NoSuchKey") => {
@@ -177,14 +230,15 @@ pub fn classify_reply(
         (_, "InvalidAccessKeyId" | "NotSignedUp") => Failure::fatal(
             StorageKind::BadCredentials,
             with(format!(
-                "the access key ID is not known to {}: check AWS_ACCESS_KEY_ID (or the profile in use){}",
+                "the access key ID is not known to {}: check {}{}",
                 ctx.endpoint,
-                if ctx.custom_endpoint { "" } else { "; for a local S3 server also set AWS_ENDPOINT_URL" }
+                k.key_id,
+                if ctx.custom_endpoint { String::new() } else { format!("; for a local S3 server also set {}", k.endpoint) }
             )),
         ),
         (_, "SignatureDoesNotMatch") => Failure::fatal(
             StorageKind::BadCredentials,
-            with("the secret key does not match the access key ID: check AWS_SECRET_ACCESS_KEY".into()),
+            with(format!("the secret key does not match the access key ID: check {}", k.secret)),
         ),
         (_, "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => Failure::fatal(
             StorageKind::BadCredentials,
@@ -211,22 +265,6 @@ pub fn classify_reply(
     }
 }
 
-/// The same sentence for a worker pod, whose S3 settings come from its WorkerPool's `spec.s3` rather than from
-/// the user's environment: the fix names the pool's fields.
-pub fn in_pool_words(detail: &str) -> String {
-    detail
-        .replace(
-            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an IAM role is attached; \
-             for a local S3 server also set AWS_ENDPOINT_URL",
-            "set the WorkerPool's spec.s3.credentialsSecret, or give its service account an IAM role (IRSA or Pod Identity)",
-        )
-        .replace("AWS_ACCESS_KEY_ID (or the profile in use)", "AWS_ACCESS_KEY_ID in the WorkerPool's spec.s3.credentialsSecret")
-        .replace("check AWS_SECRET_ACCESS_KEY", "check AWS_SECRET_ACCESS_KEY in the WorkerPool's spec.s3.credentialsSecret")
-        .replace("set AWS_REGION=", "set the WorkerPool's spec.s3.region to ")
-        .replace("set AWS_REGION to", "set the WorkerPool's spec.s3.region to")
-        .replace("AWS_ENDPOINT_URL", "the WorkerPool's spec.s3.endpoint")
-}
-
 /// `... the region 'us-east-1' is wrong; expecting 'eu-west-1'` (AuthorizationHeaderMalformed).
 fn region_in_message(message: &str) -> Option<String> {
     let rest = message.split("expecting '").nth(1)?;
@@ -238,28 +276,26 @@ fn region_in_message(message: &str) -> Option<String> {
 /// A name that does not resolve, a refused connection and a TLS failure are told apart; anything else (resets,
 /// closed connections) is transient.
 pub fn classify_transport(text: &str, ctx: &Ctx<'_>) -> Failure {
-    let t = text.to_ascii_lowercase();
     let host = host_of(ctx.endpoint);
-    if t.contains("dns error")
-        || t.contains("failed to lookup address")
-        || t.contains("name or service not known")
-        || t.contains("no address associated")
-        || t.contains("nodename nor servname")
-        || t.contains("temporary failure in name resolution")
-    {
+    let k = ctx.knobs();
+    let cause = transport_cause(text);
+    if cause == Transport::Unresolvable {
         Failure {
             kind: StorageKind::EndpointUnresolvable,
             retryable: true,
             detail: format!(
                 "the endpoint name {host:?} does not resolve{}",
                 if ctx.custom_endpoint {
-                    ": check AWS_ENDPOINT_URL"
+                    format!(": check {}", k.endpoint)
                 } else {
-                    ": check the network's DNS, or set AWS_ENDPOINT_URL for another S3 server"
+                    format!(
+                        ": check the network's DNS, or set {} for another S3 server",
+                        k.endpoint
+                    )
                 }
             ),
         }
-    } else if t.contains("connection refused") {
+    } else if cause == Transport::Refused {
         Failure {
             kind: StorageKind::Refused,
             retryable: true,
@@ -267,24 +303,20 @@ pub fn classify_transport(text: &str, ctx: &Ctx<'_>) -> Failure {
                 "nothing accepts connections at {}: start the S3 server or fix {}",
                 ctx.endpoint,
                 if ctx.custom_endpoint {
-                    "AWS_ENDPOINT_URL"
+                    k.endpoint.to_string()
                 } else {
-                    "the endpoint (AWS_ENDPOINT_URL)"
+                    format!("the endpoint ({})", k.endpoint)
                 }
             ),
         }
-    } else if t.contains("certificate")
-        || t.contains("invalidcontenttype")
-        || t.contains("corrupt message")
-        || t.contains("tls handshake")
-        || t.contains("ssl")
-        || t.contains("invalid peer")
-        || t.contains("peer is incompatible")
-    {
+    } else if cause == Transport::Tls {
         let plain = if ctx.endpoint.starts_with("https://") {
-            "; if the server speaks plain HTTP, write http:// in AWS_ENDPOINT_URL"
+            format!(
+                "; if the server speaks plain HTTP, write http:// in {}",
+                k.endpoint
+            )
         } else {
-            ""
+            String::new()
         };
         Failure::fatal(
             StorageKind::Tls,
@@ -300,6 +332,45 @@ pub fn classify_transport(text: &str, ctx: &Ctx<'_>) -> Failure {
             ctx.endpoint,
             last_clause(text)
         ))
+    }
+}
+
+/// What a transport error's text (the source chain, joined) says went wrong before any answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Unresolvable,
+    Refused,
+    Tls,
+    Other,
+}
+
+/// Shared by S3 requests and `tessera doctor`'s API-server check.
+pub fn transport_cause(text: &str) -> Transport {
+    let t = text.to_ascii_lowercase();
+    let any = |words: &[&str]| words.iter().any(|w| t.contains(w));
+    if any(&[
+        "dns error",
+        "failed to lookup address",
+        "name or service not known",
+        "no address associated",
+        "nodename nor servname",
+        "temporary failure in name resolution",
+    ]) {
+        Transport::Unresolvable
+    } else if t.contains("connection refused") {
+        Transport::Refused
+    } else if any(&[
+        "certificate",
+        "invalidcontenttype",
+        "corrupt message",
+        "tls handshake",
+        "ssl",
+        "invalid peer",
+        "peer is incompatible",
+    ]) {
+        Transport::Tls
+    } else {
+        Transport::Other
     }
 }
 
@@ -374,6 +445,7 @@ mod tests {
             endpoint: "http://127.0.0.1:9000",
             region: "us-east-1",
             custom_endpoint: true,
+            pool: false,
             bucket: "media",
             key: "in/a.mp4",
         }
@@ -555,22 +627,26 @@ mod tests {
     fn a_worker_pod_is_told_the_pool_fields() {
         let c = Ctx {
             custom_endpoint: false,
+            pool: true,
             ..ctx()
         };
-        let region = in_pool_words(&classify_reply(301, "", "", Some("eu-west-1"), &c).detail);
+        let region = classify_reply(301, "", "", Some("eu-west-1"), &c).detail;
         assert!(
             region.contains("set the WorkerPool's spec.s3.region to eu-west-1"),
             "{region}"
         );
-        let secret =
-            in_pool_words(&classify_reply(403, "SignatureDoesNotMatch", "", None, &c).detail);
+        let secret = classify_reply(403, "SignatureDoesNotMatch", "", None, &c).detail;
         assert!(secret.contains("spec.s3.credentialsSecret"), "{secret}");
-        let none = in_pool_words(NO_CREDENTIALS);
+        let none = POOL.no_credentials();
         assert!(
             none.contains("spec.s3.credentialsSecret") && !none.contains("AWS_PROFILE"),
             "{none}"
         );
-        let bucket = in_pool_words(&classify_reply(404, "NoSuchBucket", "", None, &ctx()).detail);
+        let pool_ctx = Ctx {
+            pool: true,
+            ..ctx()
+        };
+        let bucket = classify_reply(404, "NoSuchBucket", "", None, &pool_ctx).detail;
         assert!(
             bucket.contains("spec.s3.endpoint") && !bucket.contains("AWS_"),
             "{bucket}"

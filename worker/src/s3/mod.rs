@@ -378,6 +378,7 @@ impl S3 {
             custom_endpoint: self.custom_endpoint,
             bucket: &uri.bucket,
             key: &uri.key,
+            pool: POD_MODE.load(Ordering::Relaxed),
         }
     }
 
@@ -846,16 +847,11 @@ struct Retrier<'a> {
 
 impl Retrier<'_> {
     fn give_up(&self, f: &Failure, why: &str) -> Error {
-        let detail = if POD_MODE.load(Ordering::Relaxed) {
-            classify::in_pool_words(&f.detail)
-        } else {
-            f.detail.clone()
-        };
         Error::Storage {
             uri: self.uri.clone(),
             what: doing(self.op).to_string(),
             kind: f.kind,
-            detail: format!("{detail}{why}"),
+            detail: format!("{}{why}", f.detail),
         }
     }
 
