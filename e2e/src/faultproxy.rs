@@ -11,7 +11,9 @@
 //! * `WrongRegion(r)`: S3's region redirect (301, `x-amz-bucket-region: r`) without forwarding.
 //!
 //! Besides: `set_outage(true)` makes every request a `Drop`; `set_bandwidth` limits response bodies;
-//! `set_storm(p)` answers a random fraction `p` of requests with 503/500. Counters tell tests what passed.
+//! `set_storm(p)` answers a random fraction `p` of requests with 503/500. Counters tell tests what passed,
+//! and `seen()` lists every request (method, path, the SigV4 access key id) so a test can show a key was
+//! never asked for, or which credentials asked.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,9 +66,20 @@ pub struct Counters {
     pub puts: AtomicU64,
 }
 
+/// One request as the proxy saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, percent-encoded as sent.
+    pub path: String,
+    /// The access key id of the SigV4 `Authorization` header (`Credential=AKID/...`); empty when unsigned.
+    pub access_key: String,
+}
+
 #[derive(Default)]
 struct Shared {
     armed: Mutex<Vec<Armed>>,
+    seen: Mutex<Vec<Seen>>,
     outage: AtomicBool,
     /// Bytes per second for response bodies; 0 = unlimited.
     bandwidth: AtomicU64,
@@ -165,6 +178,20 @@ impl FaultProxy {
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
     }
+
+    /// Every request so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+}
+
+/// `AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/s3/aws4_request, ...` → `AKID`.
+fn access_key_id(authorization: &str) -> String {
+    authorization
+        .split_once("Credential=")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn s3_error(status: u16) -> Response<Body> {
@@ -224,6 +251,20 @@ async fn handle(
     } else if method == Method::PUT {
         sh.counters.puts.fetch_add(1, Ordering::Relaxed);
     }
+    sh.seen.lock().unwrap().push(Seen {
+        method: method.to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+        access_key: req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(access_key_id)
+            .unwrap_or_default(),
+    });
     let fault = pick(&sh, &method);
     let (parts, body) = req.into_parts();
     // Read the request body whole (parts are a few MiB) so a fault never leaves it half-sent upstream.
@@ -384,5 +425,20 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
             "timed out after {timeout:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn access_key_id_comes_from_the_sigv4_credential() {
+        assert_eq!(
+            super::access_key_id(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261202/us-east-1/s3/aws4_request, \
+                 SignedHeaders=host;x-amz-date, Signature=abc"
+            ),
+            "AKIDEXAMPLE"
+        );
+        assert_eq!(super::access_key_id("Bearer x"), "");
     }
 }

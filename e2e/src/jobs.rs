@@ -88,11 +88,17 @@ pub fn input(name: &str, seconds: u32) -> String {
 
 /// Upload a file to `s3://tessera/KEY` with `tessera-cp`; returns the URI.
 pub fn upload(file: &Path, key: &str) -> String {
-    let uri = format!("s3://tessera/{key}");
+    upload_with(file, &format!("s3://tessera/{key}"), env_file())
+}
+
+/// Upload a file to `uri` with `tessera-cp` and the store settings in `env` (another store than the
+/// cluster's); returns the URI.
+pub fn upload_with(file: &Path, uri: &str, env: Vec<(String, String)>) -> String {
+    let uri = uri.to_string();
     let out = Command::new(root().join("target/release/tessera-cp"))
         .arg(file)
         .arg(&uri)
-        .envs(env_file())
+        .envs(env)
         .output()
         .expect("tessera-cp runs");
     assert!(

@@ -814,7 +814,14 @@ fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
             None,
         );
     }
-    let endpoint = s3_endpoint();
+    // The shared pool reaches the store through a proxy that logs every request: a forbidden job's keys must
+    // never be asked for.
+    let upstream: std::net::SocketAddr = s3_endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("the cluster's S3 address");
+    let proxy = tessera_e2e::faultproxy::FaultProxy::start(upstream);
+    let endpoint = proxy.url();
     kubectl_ok(
         &["apply", "-f", "-"],
         Some(&format!(
@@ -827,6 +834,8 @@ fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
     );
     let a_in = upload(&clip, "tenant-a/in.mp4");
     let b_in = upload(&clip, "tenant-b/in.mp4");
+    // Only the forbidden job names it: no request may ever reach it.
+    let b_private = upload(&clip, "tenant-b/private.mp4");
     let pool = "tessera-system/shared";
     let cases: Vec<(&str, &str, String, String, &str)> = vec![
         (
@@ -846,7 +855,7 @@ fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
         (
             "tenant-a",
             "read-other",
-            b_in.clone(),
+            b_private.clone(),
             "s3://tessera/tenant-a/out/x/".into(),
             "AccessNotAllowed",
         ),
@@ -923,15 +932,43 @@ fn tenants_reach_only_the_pools_and_prefixes_they_are_allowed() {
         r,
         missing,
     ));
+    // The store never saw a request for what the refused jobs named (the proxy logs every request, and it
+    // did see the admitted jobs' work).
+    let seen = proxy.seen();
+    assert!(
+        seen.iter().any(|r| r.path.contains("/tenant-a/in.mp4")),
+        "the proxy saw the admitted jobs: {seen:?}"
+    );
+    for forbidden in ["tenant-b/private.mp4", "tenant-b/out/stolen", "tenant-ab/"] {
+        let hits: Vec<_> = seen
+            .iter()
+            .filter(|r| r.path.replace("%2F", "/").contains(forbidden))
+            .collect();
+        assert!(hits.is_empty(), "requests for {forbidden}: {hits:?}");
+    }
     // Nothing was written outside the prefixes, and no worker named the other tenant's input for tenant-a.
     let written = walk(&s3_dir().join("tessera/tenant-b/out"));
     assert!(written.iter().all(|k| k.contains("/own/")), "{written:?}");
-    for (pod, log) in pod_logs("tessera-worker") {
+    // A task's log lines carry its job (the task span): none of them names another tenant's objects.
+    let mut attributed = 0;
+    for (pod, log) in pod_logs("tessera-system_shared-worker-") {
         assert!(
-            !(log.contains("tenant-b/in.mp4") && log.contains("tenant-a/out")),
-            "{pod} mixed the tenants' data"
+            !log.contains("tenant-b/private.mp4"),
+            "{pod} named a refused job's input"
         );
+        for line in log.lines() {
+            for (me, other) in [("tenant-a", "tenant-b"), ("tenant-b", "tenant-a")] {
+                if line.contains(&format!("job={me}/")) {
+                    attributed += 1;
+                    assert!(
+                        !line.contains(&format!("tessera/{other}/")),
+                        "{pod}: a {me} task logged {other}'s objects: {line}"
+                    );
+                }
+            }
+        }
     }
+    assert!(attributed > 0, "the workers' task lines name their jobs");
     // Labelled as a tenant, the outsider's namespace is served.
     kubectl_ok(
         &[

@@ -98,6 +98,126 @@ fn a_tenant_runs_jobs_in_its_namespace_and_touches_nothing_else() {
     }
 }
 
+/// A pool per tenant, in the tenant's namespace, with its own ServiceAccount and its own credentials (a second
+/// S3 server with another key pair, behind a proxy that logs each request's access key id): the tenant's job
+/// completes, every request its store saw was signed with the tenant's key, and the shared credentials never
+/// touched the tenant's data.
+#[test]
+fn a_tenant_pool_runs_with_the_tenants_own_account_and_credentials() {
+    let _c = cluster();
+    let studio = tessera_e2e::s3server::S3Server::start(&["studio"]);
+    let proxy = tessera_e2e::faultproxy::FaultProxy::start(studio.addr);
+    // The clip, made once and read from the shared store's folder, then put into the tenant's own store.
+    input("tenant-own", 2);
+    let clip = tessera_e2e::jobs::s3_dir().join("tessera/inputs/tenant-own.mp4");
+    tessera_e2e::jobs::upload_with(&clip, "s3://studio/in/clip.mp4", studio.env(&studio.url()));
+    let _ = kubectl(&["create", "namespace", "studio"], None);
+    let _ = kubectl(
+        &["create", "serviceaccount", "studio-worker", "-n", "studio"],
+        None,
+    );
+    let _ = kubectl(&["delete", "secret", "studio-s3", "-n", "studio"], None);
+    kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "studio-s3",
+            "-n",
+            "studio",
+            &format!("--from-literal=AWS_ACCESS_KEY_ID={}", studio.access_key),
+            &format!("--from-literal=AWS_SECRET_ACCESS_KEY={}", studio.secret_key),
+        ],
+        None,
+    );
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: own, namespace: studio}}\nspec:\n  \
+             maxWorkers: 1\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
+             serviceAccountName: studio-worker\n  \
+             s3: {{endpoint: \"{}\", region: us-east-1, credentialsSecret: studio-s3}}\n",
+            proxy.url()
+        )),
+    );
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {name: own-keys, namespace: studio}\nspec:\n  \
+             pool: own\n  input: {uri: \"s3://studio/in/clip.mp4\"}\n  output: {uri: \"s3://studio/out/\"}\n  \
+             renditions:\n    - {name: small, video: {codec: h264, height: 180, crf: 30, preset: ultrafast}}\n  \
+             chunking: {targetSeconds: 1}\n",
+        ),
+    );
+    let mut last = Value::Null;
+    wait_until(
+        "the tenant's job to finish",
+        Duration::from_secs(180),
+        || {
+            last = json(&["get", "tj", "own-keys", "-n", "studio", "-o", "json"]);
+            matches!(
+                last["status"]["phase"].as_str(),
+                Some("Succeeded" | "Failed")
+            )
+        },
+    );
+    assert_eq!(last["status"]["phase"], "Succeeded", "{}", last["status"]);
+    assert!(
+        studio.object_path("studio", "out/small.mp4").exists(),
+        "the output is in the tenant's own store: {:?}",
+        studio.keys("studio")
+    );
+    // Every request the tenant's store saw was signed with the tenant's key pair.
+    let seen = proxy.seen();
+    assert!(seen.len() > 5, "{seen:?}");
+    let keys: std::collections::BTreeSet<&str> =
+        seen.iter().map(|r| r.access_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [studio.access_key.as_str()].into_iter().collect(),
+        "access keys seen by the tenant's store"
+    );
+    // The work ran as the tenant's account, in the tenant's namespace; the shared store holds none of it.
+    let accounts: std::collections::BTreeSet<String> =
+        json(&["get", "pods", "-n", "studio", "-o", "json"])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["spec"]["serviceAccountName"].as_str().map(String::from))
+            .collect();
+    assert!(
+        accounts.is_empty() || accounts == ["studio-worker".to_string()].into_iter().collect(),
+        "{accounts:?}"
+    );
+    assert!(!tessera_e2e::jobs::s3_dir().join("studio").exists());
+    reliability_row(
+        "security",
+        HEADER,
+        "a tenant's own pool (its namespace, ServiceAccount and credentials Secret)",
+        &format!(
+            "job completed; all {} requests to the tenant's store signed with the tenant's key; the shared credentials never used",
+            seen.len()
+        ),
+    );
+    let _ = kubectl(
+        &["delete", "tj", "own-keys", "-n", "studio", "--wait=false"],
+        None,
+    );
+    wait_until(
+        "the tenant's job to be deleted",
+        Duration::from_secs(60),
+        || {
+            !kubectl(&["get", "tj", "own-keys", "-n", "studio"], None)
+                .status
+                .success()
+        },
+    );
+    let _ = kubectl(
+        &["delete", "wp", "own", "-n", "studio", "--wait=false"],
+        None,
+    );
+}
+
 /// `kubectl auth can-i` as a ServiceAccount. `resource` may be `kind.group/NAME` or `kind.group:SUBRESOURCE`;
 /// an empty `ns` asks cluster-wide.
 fn can(sa: &str, verb: &str, resource: &str, ns: &str) -> bool {

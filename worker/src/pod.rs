@@ -424,11 +424,17 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
     let started = Instant::now();
     let cancel = Arc::new(AtomicBool::new(false));
     let frames = Arc::new(AtomicU64::new(0));
+    // Every line the engine logs for this task names its job (a worker runs several tasks at once, of
+    // different jobs and tenants): the span is entered on the blocking thread that runs it.
+    let span = tracing::info_span!("task", id, job = %format!("{}/{}", work.namespace, work.job));
     tracing::info!(task = id, kind = ?work.kind, job = %format!("{}/{}", work.namespace, work.job),
         chunk = ?work.chunk, "task leased");
     let mut handle = {
-        let (cancel, frames, work) = (cancel.clone(), frames.clone(), work.clone());
-        tokio::task::spawn_blocking(move || task::execute(&work, &cancel, &frames))
+        let (cancel, frames, work, span) = (cancel.clone(), frames.clone(), work.clone(), span);
+        tokio::task::spawn_blocking(move || {
+            let _in = span.enter();
+            task::execute(&work, &cancel, &frames)
+        })
     };
     let me = q.cfg.worker.clone();
     let mut tick = tokio::time::interval(q.cfg.heartbeat);
