@@ -11,6 +11,7 @@ use kube::CustomResource;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod protocol;
 pub mod tenancy;
 mod validate;
 pub mod work;
