@@ -16,7 +16,9 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::work::{ChunkResult, PlanResult, StitchResult, TaskFailure, TaskProgress, Work, WorkKind};
+use crate::work::{
+    ChunkResult, PlanResult, StitchResult, TaskFailure, TaskProgress, Work, WorkKind,
+};
 
 /// A task's id: unique across leaders (an epoch in the high bits).
 pub type TaskId = u64;
@@ -216,6 +218,17 @@ pub struct WorkerOnly {
     pub worker: String,
 }
 
+/// Only the task id of a lease reply whose instructions did not fit (so the worker can fail that task).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LeasedId {
+    pub task: TaskIdOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TaskIdOnly {
+    pub id: TaskId,
+}
+
 /// Read a message, or say which field did not fit and why.
 pub fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
@@ -355,8 +368,8 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("transmogrify"), "{e}");
         // An unknown field in a request (a newer worker's?) is named rather than ignored.
-        let e = decode::<LeaseRequest>("lease request", br#"{"worker":"w","waitMS":5}"#)
-            .unwrap_err();
+        let e =
+            decode::<LeaseRequest>("lease request", br#"{"worker":"w","waitMS":5}"#).unwrap_err();
         assert!(e.contains("waitMS"), "{e}");
         assert_eq!(
             decode::<WorkerOnly>("x", br#"{"worker":"w","result":1}"#)

@@ -18,6 +18,12 @@ use hyper_util::client::legacy::Client as Http;
 use hyper_util::rt::TokioExecutor;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use serde_json::{json, Value};
+use tessera_crds::protocol::{
+    decode, Call, CleanupResult, CompleteRequest, HeartbeatRequest, LeaseRequest, TaskResult,
+};
+use tessera_crds::work::{
+    ChunkResult, PlanRecord, PlanResult, StitchResult, TaskProgress, Work, WorkKind,
+};
 
 use crate::cluster::{e2e_dir, kubectl, kubectl_ok};
 
@@ -51,11 +57,19 @@ pub fn http() -> Client {
         .build(c)
 }
 
-async fn post(c: &Client, url: &str, token: &str, body: Value) -> Result<(u16, Value), String> {
+/// One queue API call with its protocol types: the HTTP status, and on 200 the reply read into its type
+/// (an unreadable reply is an error, never a default). Also used by `bench-operator`.
+pub async fn call<T: Call>(
+    c: &Client,
+    url: &str,
+    token: &str,
+    msg: &T,
+) -> Result<(u16, Option<T::Reply>), String> {
+    let body = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
     let req = hyper::Request::post(url)
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     let resp = c.request(req).await.map_err(|e| e.to_string())?;
     let s = resp.status().as_u16();
@@ -65,7 +79,57 @@ async fn post(c: &Client, url: &str, token: &str, body: Value) -> Result<(u16, V
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((s, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    if s != 200 {
+        return Ok((s, None));
+    }
+    decode::<T::Reply>("reply", &b).map(|r| (s, Some(r)))
+}
+
+/// A task's instructions for in-process queue benchmarks and tests (the queue does not look inside).
+pub fn sample_work(kind: WorkKind, job: &str, chunk: Option<u32>) -> Work {
+    serde_json::from_value(json!({
+        "kind": kind, "namespace": "ns", "job": job, "uid": "u", "ledger": "s3://b/o/.tessera/u/",
+        "chunk": chunk,
+        "spec": {"input": {"uri": "s3://b/in.mp4"}, "output": {"uri": "s3://b/o/"},
+                 "renditions": [{"name": "a", "video": {"codec": "h264"}}]},
+    }))
+    .expect("a sample Work")
+}
+
+/// A plan result for `chunks` chunks of 2 s at 25 fps, with audio when `audio`.
+pub fn sample_plan(chunks: u32, audio: bool) -> TaskResult {
+    TaskResult::Plan(PlanResult {
+        plan: PlanRecord {
+            input_etag: None,
+            target_seconds: 2.0,
+            chunks,
+            frames: u64::from(chunks) * 50,
+            duration_seconds: f64::from(chunks) * 2.0,
+            fps: 25.0,
+            encoders: vec!["libx264".into()],
+            encoder_reasons: vec!["software".into()],
+            audio,
+        },
+        done: vec![],
+        audio_done: false,
+        finished: None,
+    })
+}
+
+/// What a simulated worker answers for a task of `kind`.
+pub fn sample_result(kind: WorkKind, chunks: u32) -> TaskResult {
+    let encoded = ChunkResult {
+        frames: 50,
+        reused: false,
+        seconds: 0.05,
+    };
+    match kind {
+        WorkKind::Plan => sample_plan(chunks, true),
+        WorkKind::Chunk => TaskResult::Chunk(encoded),
+        WorkKind::Audio => TaskResult::Audio(encoded),
+        WorkKind::Stitch => TaskResult::Stitch(StitchResult::default()),
+        WorkKind::Cleanup => TaskResult::Cleanup(CleanupResult::default()),
+    }
 }
 
 /// The operator's `/metrics` text.
@@ -237,16 +301,14 @@ pub async fn wait_pool(base: &str, token: &str) {
     let url = format!("{base}/v1/pools/tessera-system/{POOL}/lease");
     let t = Instant::now();
     loop {
-        let r = post(
-            &c,
-            &url,
-            token,
-            json!({"worker": "load-probe", "waitMs": 0}),
-        )
-        .await;
+        let probe = LeaseRequest {
+            worker: "load-probe".into(),
+            wait_ms: 0,
+        };
+        let r = call(&c, &url, token, &probe).await;
         match r {
             Ok((204, _)) => return,
-            Ok((200, b)) => panic!("the load pool had a task before any job: {b}"),
+            Ok((200, b)) => panic!("the load pool had a task before any job: {b:?}"),
             _ => {}
         }
         assert!(
@@ -295,9 +357,12 @@ impl Fleet {
                     while !stop.load(Ordering::Relaxed) {
                         let base = leader.url();
                         let lease = format!("{base}/v1/pools/tessera-system/{POOL}/lease");
-                        let body = json!({"worker": name, "waitMs": 2000});
-                        let task = match post(&c, &lease, &token, body).await {
-                            Ok((200, b)) => b["task"].clone(),
+                        let body = LeaseRequest {
+                            worker: name.clone(),
+                            wait_ms: 2000,
+                        };
+                        let task = match call(&c, &lease, &token, &body).await {
+                            Ok((200, Some(b))) => b.task,
                             Ok((204, _)) => continue,
                             _ => {
                                 errors.fetch_add(1, Ordering::Relaxed);
@@ -305,38 +370,35 @@ impl Fleet {
                                 continue;
                             }
                         };
-                        let id = task["id"].as_u64().unwrap_or(0);
-                        let kind = task["work"]["kind"].as_str().unwrap_or("").to_string();
-                        if kind == "plan" {
-                            if let Some(job) = task["work"]["job"].as_str() {
-                                planned
-                                    .lock()
-                                    .unwrap()
-                                    .entry(job.to_string())
-                                    .or_insert_with(Instant::now);
-                            }
+                        let (id, kind) = (task.id, task.work.kind);
+                        if kind == WorkKind::Plan {
+                            planned
+                                .lock()
+                                .unwrap()
+                                .entry(task.job.clone())
+                                .or_insert_with(Instant::now);
                         }
                         tokio::time::sleep(Duration::from_millis(fastrand::u64(20..100))).await;
-                        let hb = json!({"worker": name, "progress": {"frames": 12}});
-                        let _ = post(&c, &format!("{base}/v1/tasks/{id}/heartbeat"), &token, hb).await;
-                        let result = match kind.as_str() {
-                            "plan" => json!({"plan": {"targetSeconds": 2.0, "chunks": chunks,
-                                "frames": u64::from(chunks) * 50, "durationSeconds": f64::from(chunks) * 2.0,
-                                "fps": 25.0, "encoders": ["libx264"], "encoderReasons": ["software"],
-                                "audio": true}, "done": [], "audioDone": false}),
-                            "chunk" | "audio" => json!({"frames": 50, "reused": false, "seconds": 0.05}),
-                            "stitch" => json!({"renditions": [], "seconds": 0.05}),
-                            _ => Value::Null,
+                        let hb = HeartbeatRequest {
+                            worker: name.clone(),
+                            progress: Some(TaskProgress { frames: 12 }),
                         };
-                        let body = json!({"worker": name, "result": result, "seconds": 0.05});
-                        match post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token, body).await
+                        let _ =
+                            call(&c, &format!("{base}/v1/tasks/{id}/heartbeat"), &token, &hb).await;
+                        let body = CompleteRequest {
+                            worker: name.clone(),
+                            result: sample_result(kind, chunks),
+                            seconds: 0.05,
+                        };
+                        match call(&c, &format!("{base}/v1/tasks/{id}/complete"), &token, &body)
+                            .await
                         {
-                            Ok((200 | 204, _)) => {
+                            Ok((200, _)) => {
                                 completed.fetch_add(1, Ordering::Relaxed);
                                 let key = (
-                                    task["work"]["job"].as_str().unwrap_or("").to_string(),
-                                    kind,
-                                    task["work"]["chunk"].as_u64().unwrap_or(0),
+                                    task.job.clone(),
+                                    format!("{kind:?}").to_lowercase(),
+                                    u64::from(task.work.chunk.unwrap_or(0)),
                                 );
                                 *done.lock().unwrap().entry(key).or_default() += 1;
                             }

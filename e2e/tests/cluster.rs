@@ -173,8 +173,9 @@ fn queue_api_checks_real_service_account_tokens() {
     use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt;
     use std::sync::Arc;
-    use tessera_operator::api::{router, ApiState, PoolAccess, TokenReviewer};
-    use tessera_operator::queue::{Queue, QueueConfig, Task};
+    use tessera_operator::api::{router, PoolAccess, QueueApi, TokenReviewer};
+    use tessera_operator::core::{Cmd, Core};
+    use tessera_operator::queue::{QueueConfig, Task};
     use tower::ServiceExt;
 
     let _c = cluster();
@@ -196,8 +197,8 @@ fn queue_api_checks_real_service_account_tokens() {
             .await
             .unwrap();
         let client = kube::Client::try_from(cfg).unwrap();
-        let mut q = Queue::new(QueueConfig::default());
-        q.enqueue(
+        let mut core = Core::new(QueueConfig::default());
+        core.queue_mut().enqueue(
             Task {
                 id: 7,
                 pool: "queue-test/gpu".into(),
@@ -205,7 +206,11 @@ fn queue_api_checks_real_service_account_tokens() {
                 job: "j".into(),
                 priority: 0,
                 coalesce: None,
-                work: serde_json::Value::Null,
+                work: tessera_e2e::load::sample_work(
+                    tessera_crds::work::WorkKind::Chunk,
+                    "j",
+                    Some(0),
+                ),
             },
             0,
         );
@@ -214,9 +219,15 @@ fn queue_api_checks_real_service_account_tokens() {
             "queue-test/gpu".into(),
             ("queue-test".into(), "gpu-worker".into()),
         );
-        let st = ApiState::new(q, Box::new(TokenReviewer::new(client)), None);
-        *st.access.lock().unwrap() = access;
-        let st = Arc::new(st);
+        core.apply(Cmd::SetAccess(access));
+        let core = core.spawn();
+        core.shared
+            .leader
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let st = Arc::new(QueueApi {
+            core,
+            auth: Box::new(TokenReviewer::new(client)),
+        });
         let call = |token: Option<String>| {
             let st = st.clone();
             async move {

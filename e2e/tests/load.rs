@@ -163,7 +163,10 @@ async fn storm(token: String) {
     let holder = |k: kube::Client| async move {
         let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
             kube::Api::namespaced(k, "tessera-system");
-        let l = leases.get("tessera-operator-leader").await.expect("leader Lease");
+        let l = leases
+            .get("tessera-operator-leader")
+            .await
+            .expect("leader Lease");
         let spec = l.spec.unwrap_or_default();
         (spec.holder_identity, spec.lease_transitions)
     };

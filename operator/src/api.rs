@@ -1,36 +1,30 @@
-//! The queue API workers call: lease, heartbeat, complete, fail, release. Every request carries the worker
-//! pod's ServiceAccount token (`Authorization: Bearer`), checked with the Kubernetes TokenReview API; a worker
-//! may act only on its own pool's tasks (the pool's namespace and worker ServiceAccount). Only the elected
-//! leader serves it; a standby answers 503 and the worker moves on to the leader.
-//!
-//! ```text
-//! POST /v1/pools/{ns}/{pool}/lease   {"worker", "waitMs"?}       → 200 {task, lease} | 204 nothing queued
-//! POST /v1/tasks/{id}/heartbeat      {"worker", "progress"?}     → 200 {expiresAt} | 409 not the holder
-//! POST /v1/tasks/{id}/complete       {"worker", "result"?}       → 200 {completed: [ids]}
-//! POST /v1/tasks/{id}/fail           {"worker", "failure"}       → 200 {requeued: bool}
-//! POST /v1/tasks/{id}/release        {"worker"}                  → 200
-//! 401 no or bad token · 403 another pool's task · 404 unknown task · 410 task cancelled (job deleted or
-//! suspended): stop it · 503 not the leader
-//! ```
+//! The queue API workers call: lease, heartbeat, complete, fail, release (the messages are
+//! `tessera_crds::protocol`'s). Every request carries the worker pod's ServiceAccount token
+//! (`Authorization: Bearer`), checked here with the Kubernetes TokenReview API; then the handler reads the
+//! body into its type and sends the state's owner (`core`) a command, which checks the worker may act on
+//! its own pool's tasks only (the pool's namespace and worker ServiceAccount). Only the elected leader
+//! serves it; a standby answers 503 and the worker moves on to the leader.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use tessera_crds::work::TaskFailure;
-use tokio::sync::{mpsc, Notify};
+use serde::Serialize;
+use tessera_crds::protocol::{
+    decode, ErrorReply, FailRequest, HeartbeatRequest, LeaseRequest, ReleaseRequest, TaskId,
+    WorkerOnly,
+};
 
-use crate::queue::{Queue, QueueError, Task, TaskId};
+use crate::core::{ApiError, Cmd, CoreHandle, Stopped};
 
 /// Who a token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +121,7 @@ pub struct PoolAccess {
 }
 
 impl PoolAccess {
-    fn allows(&self, who: &Identity, pool: &str) -> bool {
+    pub fn allows(&self, who: &Identity, pool: &str) -> bool {
         match (self.pools.get(pool), who.service_account()) {
             (Some((ns, sa)), Some((wns, wsa))) => ns == wns && sa == wsa,
             _ => false,
@@ -135,191 +129,79 @@ impl PoolAccess {
     }
 }
 
-/// What happened to tasks, for the job controller.
-#[derive(Debug, Clone)]
-pub enum TaskEvent {
-    /// The task and those coalesced onto it are done; `result` is the worker's answer.
-    Completed {
-        tasks: Vec<Task>,
-        result: Value,
-        worker_seconds: f64,
-    },
-    /// The task failed for good (or ran out of attempts).
-    Failed {
-        tasks: Vec<Task>,
-        failure: TaskFailure,
-        worker_seconds: f64,
-    },
-}
-
-/// A cancelled task whose worker has not yet acknowledged (by release) that it stopped.
-#[derive(Debug, Clone)]
-pub struct Cancelled {
-    pub namespace: String,
-    pub job: String,
-    pub until: Instant,
-}
-
-pub struct ApiState {
-    pub queue: Mutex<Queue>,
-    pub access: Mutex<PoolAccess>,
+/// What the queue API's handlers hold: the way to the state's owner, and the token checker.
+pub struct QueueApi {
+    pub core: CoreHandle,
     pub auth: Box<dyn Authenticator>,
-    pub started: Instant,
-    /// Serving only while this replica leads.
-    pub leader: AtomicBool,
-    /// Woken when tasks are queued (long-polling lease requests wait on it).
-    pub queued: Notify,
-    pub cancelled: Mutex<HashMap<TaskId, Cancelled>>,
-    /// Frames encoded so far by each leased task (from heartbeats).
-    pub progress: Mutex<HashMap<TaskId, u64>>,
-    /// Workers about to be deleted: they get no new task.
-    pub draining: Mutex<std::collections::HashSet<String>>,
-    pub events: Option<mpsc::UnboundedSender<TaskEvent>>,
-    /// Attempts before a retryable failure fails the job.
-    pub max_attempts: u32,
-    pub counters: Counters,
 }
 
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub leases: AtomicU64,
-    pub completed: AtomicU64,
-    pub failed: AtomicU64,
-    pub expired: AtomicU64,
-    pub rejected: AtomicU64,
-}
-
+/// The guard of the token cache (the one lock left: a leaf, held for a map lookup, never across an await).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl ApiState {
-    pub fn new(
-        queue: Queue,
-        auth: Box<dyn Authenticator>,
-        events: Option<mpsc::UnboundedSender<TaskEvent>>,
-    ) -> Self {
-        Self {
-            queue: Mutex::new(queue),
-            access: Mutex::default(),
-            auth,
-            started: Instant::now(),
-            leader: AtomicBool::new(true),
-            queued: Notify::new(),
-            cancelled: Mutex::default(),
-            progress: Mutex::default(),
-            draining: Mutex::default(),
-            events,
-            max_attempts: 3,
-            counters: Counters::default(),
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    fn emit(&self, ev: TaskEvent) {
-        if let Some(tx) = &self.events {
-            let _ = tx.send(ev);
-        }
-    }
-
-    /// Re-queue tasks whose lease ran out, and forget cancellations nobody acknowledged. Returns how many
-    /// leases expired.
-    pub fn expire(&self) -> usize {
-        let now = self.now_ms();
-        let gone = lock(&self.queue).expire(now);
-        if !gone.is_empty() {
-            let mut p = lock(&self.progress);
-            for id in &gone {
-                p.remove(id);
-            }
-            self.counters
-                .expired
-                .fetch_add(gone.len() as u64, Ordering::Relaxed);
-            tracing::warn!(tasks = ?gone, "leases expired; tasks queued again");
-            self.queued.notify_waiters();
-        }
-        let t = Instant::now();
-        lock(&self.cancelled).retain(|_, c| c.until > t);
-        gone.len()
-    }
-
-    /// Cancel every task of a job: queued ones vanish, leased ones are remembered until their workers
-    /// acknowledge (their next heartbeat gets 410) or the lease would have expired.
-    pub fn cancel_job(&self, namespace: &str, job: &str) -> usize {
-        let leases = lock(&self.queue).cancel_job(namespace, job);
-        let until = Instant::now() + Duration::from_millis(lock(&self.queue).lease_ms());
-        let mut c = lock(&self.cancelled);
-        let mut p = lock(&self.progress);
-        for l in &leases {
-            p.remove(&l.task);
-            c.insert(
-                l.task,
-                Cancelled {
-                    namespace: namespace.into(),
-                    job: job.into(),
-                    until,
-                },
-            );
-        }
-        leases.len()
-    }
-
-    /// Cancelled tasks of a job whose workers may still be running them.
-    pub fn unacknowledged(&self, namespace: &str, job: &str) -> usize {
-        lock(&self.cancelled)
-            .values()
-            .filter(|c| c.namespace == namespace && c.job == job)
-            .count()
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkerBody {
-    pub worker: String,
-    #[serde(default)]
-    pub wait_ms: Option<u64>,
-    #[serde(default)]
-    pub progress: Option<tessera_crds::work::TaskProgress>,
-    #[serde(default)]
-    pub result: Option<Value>,
-    #[serde(default)]
-    pub failure: Option<TaskFailure>,
-    #[serde(default)]
-    pub seconds: Option<f64>,
-}
-
 fn err(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(json!({"error": msg.into()}))).into_response()
+    (code, Json(ErrorReply { error: msg.into() })).into_response()
 }
 
-async fn identify(state: &ApiState, headers: &HeaderMap) -> Result<Identity, Response> {
-    if !state.leader.load(Ordering::Relaxed) {
+fn answer<T: Serialize>(r: Result<Result<T, ApiError>, Stopped>) -> Response {
+    match r {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => err(e.status, e.message),
+        Err(s) => err(StatusCode::SERVICE_UNAVAILABLE, s.to_string()),
+    }
+}
+
+async fn identify(api: &QueueApi, headers: &HeaderMap) -> Result<Identity, Response> {
+    if !api.core.is_leader() {
         return Err(err(StatusCode::SERVICE_UNAVAILABLE, "not the leader"));
     }
+    let rejected = || {
+        api.core
+            .shared
+            .counters
+            .rejected
+            .fetch_add(1, Ordering::Relaxed)
+    };
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            rejected();
             err(StatusCode::UNAUTHORIZED, "missing bearer token")
         })?;
-    state.auth.authenticate(token).await.map_err(|why| {
-        state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+    api.auth.authenticate(token).await.map_err(|why| {
+        rejected();
         tracing::info!(%why, "queue request with a rejected token");
         err(StatusCode::UNAUTHORIZED, "invalid token")
     })
 }
 
-fn queue_error(e: QueueError) -> Response {
-    match e {
-        QueueError::UnknownTask(_) => err(StatusCode::NOT_FOUND, e.to_string()),
-        QueueError::NotHolder { .. } => err(StatusCode::CONFLICT, e.to_string()),
+/// Authenticate, then read the body as `T` (400 naming what did not fit).
+async fn open<T: serde::de::DeserializeOwned>(
+    api: &QueueApi,
+    headers: &HeaderMap,
+    what: &str,
+    body: &[u8],
+) -> Result<(Identity, T), Response> {
+    let who = identify(api, headers).await?;
+    let req = decode::<T>(what, body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    Ok((who, req))
+}
+
+/// A call about a task the worker holds: authenticate, read the body as `T`, ask the owner, answer.
+async fn task_call<T: serde::de::DeserializeOwned, R: Serialize>(
+    api: &QueueApi,
+    headers: &HeaderMap,
+    what: &str,
+    body: &[u8],
+    make: impl FnOnce(Identity, T, tokio::sync::oneshot::Sender<Result<R, ApiError>>) -> Cmd,
+) -> Response {
+    match open::<T>(api, headers, what, body).await {
+        Ok((who, req)) => answer(api.core.ask(|reply| make(who, req, reply)).await),
+        Err(r) => r,
     }
 }
 
@@ -327,39 +209,39 @@ fn queue_error(e: QueueError) -> Response {
 const MAX_WAIT: Duration = Duration::from_secs(25);
 
 async fn lease(
-    State(st): State<Arc<ApiState>>,
+    State(api): State<Arc<QueueApi>>,
     Path((ns, name)): Path<(String, String)>,
     headers: HeaderMap,
-    Json(body): Json<WorkerBody>,
+    body: Bytes,
 ) -> Response {
-    let who = match identify(&st, &headers).await {
-        Ok(w) => w,
+    let (who, req) = match open::<LeaseRequest>(&api, &headers, "lease request", &body).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let pool = format!("{ns}/{name}");
-    if !lock(&st.access).allows(&who, &pool) {
-        st.counters.rejected.fetch_add(1, Ordering::Relaxed);
-        return err(
-            StatusCode::FORBIDDEN,
-            format!("{} may not work for pool {pool}", who.username),
-        );
-    }
-    let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        // Registered before looking, so a task queued in between is not missed.
-        let notified = st.queued.notified();
+        // Registered before asking, so a task queued in between is not missed.
+        let notified = api.core.shared.queued.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if !st.leader.load(Ordering::Relaxed) {
+        if !api.core.is_leader() {
             return err(StatusCode::SERVICE_UNAVAILABLE, "not the leader");
         }
-        if !lock(&st.draining).contains(&body.worker) {
-            let now = st.now_ms();
-            if let Some((task, lease)) = lock(&st.queue).lease(&pool, &body.worker, now) {
-                st.counters.leases.fetch_add(1, Ordering::Relaxed);
-                return Json(json!({"task": task, "lease": lease})).into_response();
-            }
+        let r = api
+            .core
+            .ask(|reply| Cmd::Lease {
+                pool: pool.clone(),
+                worker: req.worker.clone(),
+                who: who.clone(),
+                reply,
+            })
+            .await;
+        match r {
+            Ok(Ok(Some(lease))) => return Json(lease).into_response(),
+            Ok(Ok(None)) => {}
+            other => return answer(other.map(|r| r.map(|_| ()))),
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return StatusCode::NO_CONTENT.into_response();
@@ -367,151 +249,120 @@ async fn lease(
     }
 }
 
-/// Check the caller may act on task `id` (its pool's ServiceAccount), then run `f` on the queue. `ack`:
-/// this call (release, complete, fail) acknowledges a cancellation; a heartbeat only learns of it.
-async fn on_task(
-    st: &ApiState,
-    headers: &HeaderMap,
-    id: TaskId,
-    ack: bool,
-    f: impl FnOnce(&ApiState, &mut Queue, u64) -> Result<Value, QueueError>,
+async fn heartbeat(
+    State(api): State<Arc<QueueApi>>,
+    Path(id): Path<TaskId>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
-    let who = match identify(st, headers).await {
+    task_call(
+        &api,
+        &headers,
+        "heartbeat",
+        &body,
+        |who, req: HeartbeatRequest, reply| Cmd::Heartbeat {
+            id,
+            who,
+            req,
+            reply,
+        },
+    )
+    .await
+}
+
+/// A completion whose result is unreadable still names its worker: the task fails (`WorkerIncompatible`)
+/// instead of being tried again and again, and the worker gets 400 with the reason.
+async fn complete(
+    State(api): State<Arc<QueueApi>>,
+    Path(id): Path<TaskId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let who = match identify(&api, &headers).await {
         Ok(w) => w,
         Err(r) => return r,
     };
-    let now = st.now_ms();
-    let mut q = lock(&st.queue);
-    let Some(pool) = q.task(id).map(|t| t.pool.clone()) else {
-        drop(q);
-        // A cancelled task: tell the worker to stop (heartbeat), or take its acknowledgement (release,
-        // complete, fail). Only the pool's account may learn even that much.
-        let c = lock(&st.cancelled).get(&id).cloned();
-        return match c {
-            Some(_) => {
-                if ack {
-                    lock(&st.cancelled).remove(&id);
-                }
-                err(StatusCode::GONE, format!("task {id} was cancelled"))
-            }
-            None => queue_error(QueueError::UnknownTask(id)),
-        };
+    let req = decode::<tessera_crds::protocol::CompleteRequest>("complete request", &body);
+    let worker = match (&req, decode::<WorkerOnly>("complete request", &body)) {
+        (Ok(r), _) => r.worker.clone(),
+        (Err(_), Ok(w)) => w.worker,
+        (Err(e), Err(_)) => return err(StatusCode::BAD_REQUEST, e.clone()),
     };
-    if !lock(&st.access).allows(&who, &pool) {
-        st.counters.rejected.fetch_add(1, Ordering::Relaxed);
-        return err(
-            StatusCode::FORBIDDEN,
-            format!("{} may not act on pool {pool}", who.username),
-        );
-    }
-    match f(st, &mut q, now) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => queue_error(e),
-    }
-}
-
-async fn heartbeat(
-    State(st): State<Arc<ApiState>>,
-    Path(id): Path<TaskId>,
-    headers: HeaderMap,
-    Json(b): Json<WorkerBody>,
-) -> Response {
-    on_task(&st, &headers, id, false, |st, q, now| {
-        let exp = q.heartbeat(id, &b.worker, now)?;
-        if let Some(p) = &b.progress {
-            lock(&st.progress).insert(id, p.frames);
-        }
-        Ok(json!({"expiresAt": exp}))
-    })
-    .await
-}
-
-async fn complete(
-    State(st): State<Arc<ApiState>>,
-    Path(id): Path<TaskId>,
-    headers: HeaderMap,
-    Json(b): Json<WorkerBody>,
-) -> Response {
-    on_task(&st, &headers, id, true, |st, q, _| {
-        let c = q.complete(id, &b.worker)?;
-        lock(&st.progress).remove(&id);
-        st.counters.completed.fetch_add(1, Ordering::Relaxed);
-        let ids: Vec<TaskId> = c.tasks.iter().map(|t| t.id).collect();
-        st.emit(TaskEvent::Completed {
-            tasks: c.tasks,
-            result: b.result.unwrap_or(Value::Null),
-            worker_seconds: b.seconds.unwrap_or(0.0),
-        });
-        Ok(json!({"completed": ids}))
-    })
-    .await
+    answer(
+        api.core
+            .ask(|reply| Cmd::Complete {
+                id,
+                who,
+                worker,
+                req,
+                reply,
+            })
+            .await,
+    )
 }
 
 async fn fail(
-    State(st): State<Arc<ApiState>>,
+    State(api): State<Arc<QueueApi>>,
     Path(id): Path<TaskId>,
     headers: HeaderMap,
-    Json(b): Json<WorkerBody>,
+    body: Bytes,
 ) -> Response {
-    on_task(&st, &headers, id, true, |st, q, _| {
-        let failure = b.failure.clone().unwrap_or(TaskFailure {
-            reason: "WorkerError".into(),
-            message: "the worker reported a failure without details".into(),
-            retryable: true,
-        });
-        let attempt = q.attempts(id);
-        lock(&st.progress).remove(&id);
-        if failure.retryable && attempt < st.max_attempts {
-            q.release(id, &b.worker)?;
-            tracing::warn!(task = id, attempt, reason = %failure.reason, message = %failure.message,
-                "task failed; queued again");
-            st.queued.notify_waiters();
-            return Ok(json!({"requeued": true}));
-        }
-        let c = q.complete(id, &b.worker)?;
-        st.counters.failed.fetch_add(1, Ordering::Relaxed);
-        st.emit(TaskEvent::Failed {
-            tasks: c.tasks,
-            failure,
-            worker_seconds: b.seconds.unwrap_or(0.0),
-        });
-        Ok(json!({"requeued": false}))
-    })
+    task_call(
+        &api,
+        &headers,
+        "fail request",
+        &body,
+        |who, req: FailRequest, reply| Cmd::Fail {
+            id,
+            who,
+            req,
+            reply,
+        },
+    )
     .await
 }
 
 async fn release(
-    State(st): State<Arc<ApiState>>,
+    State(api): State<Arc<QueueApi>>,
     Path(id): Path<TaskId>,
     headers: HeaderMap,
-    Json(b): Json<WorkerBody>,
+    body: Bytes,
 ) -> Response {
-    on_task(&st, &headers, id, true, |st, q, _| {
-        q.release(id, &b.worker)?;
-        lock(&st.progress).remove(&id);
-        st.queued.notify_waiters();
-        Ok(json!({}))
-    })
+    task_call(
+        &api,
+        &headers,
+        "release request",
+        &body,
+        |who, req: ReleaseRequest, reply| Cmd::Release {
+            id,
+            who,
+            req,
+            reply,
+        },
+    )
     .await
 }
 
-pub fn router(state: Arc<ApiState>) -> Router {
+pub fn router(api: Arc<QueueApi>) -> Router {
     Router::new()
         .route("/v1/pools/{ns}/{pool}/lease", post(lease))
         .route("/v1/tasks/{id}/heartbeat", post(heartbeat))
         .route("/v1/tasks/{id}/complete", post(complete))
         .route("/v1/tasks/{id}/fail", post(fail))
         .route("/v1/tasks/{id}/release", post(release))
-        .with_state(state)
+        .with_state(api)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::Core;
     use crate::queue::{QueueConfig, Task};
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use tessera_crds::work::{Work, WorkKind};
     use tower::ServiceExt;
 
     /// Tokens of the form `sa:NS:NAME` stand for that ServiceAccount (unit tests only; the e2e tests use
@@ -530,18 +381,31 @@ mod tests {
         }
     }
 
-    fn state() -> Arc<ApiState> {
-        let mut q = Queue::new(QueueConfig::default());
-        for (id, pool) in [(1, "media/gpu"), (2, "media/cpu")] {
-            q.enqueue(
+    pub(crate) fn work(kind: WorkKind) -> Work {
+        serde_json::from_value(json!({
+            "kind": kind, "namespace": "media", "job": "j", "uid": "u", "ledger": "s3://b/o/.tessera/u/",
+            "spec": {"input": {"uri": "s3://b/in.mp4"}, "output": {"uri": "s3://b/o/"},
+                     "renditions": [{"name": "a", "video": {"codec": "h264"}}]},
+        }))
+        .unwrap()
+    }
+
+    fn state() -> Arc<QueueApi> {
+        let mut core = Core::new(QueueConfig::default());
+        for (id, pool, kind) in [
+            (1, "media/gpu", WorkKind::Chunk),
+            (2, "media/cpu", WorkKind::Chunk),
+            (3, "media/gpu", WorkKind::Stitch),
+        ] {
+            core.queue_mut().enqueue(
                 Task {
                     id,
                     pool: pool.into(),
                     namespace: "media".into(),
                     job: "j".into(),
-                    priority: 0,
+                    priority: 3 - id as i32,
                     coalesce: None,
-                    work: Value::Null,
+                    work: work(kind),
                 },
                 0,
             );
@@ -553,24 +417,26 @@ mod tests {
         access
             .pools
             .insert("media/cpu".into(), ("media".into(), "cpu-worker".into()));
-        let st = ApiState::new(q, Box::new(Static), None);
-        *lock(&st.access) = access;
-        Arc::new(st)
+        core.apply(crate::core::Cmd::SetAccess(access));
+        let core = core.spawn();
+        core.shared.leader.store(true, Ordering::Relaxed);
+        Arc::new(QueueApi {
+            core,
+            auth: Box::new(Static),
+        })
     }
 
-    async fn call(
-        st: &Arc<ApiState>,
+    async fn send(
+        st: &Arc<QueueApi>,
         path: &str,
         token: Option<&str>,
-        worker: &str,
-    ) -> (StatusCode, serde_json::Value) {
+        body: Value,
+    ) -> (StatusCode, Value) {
         let mut req = Request::post(path).header("content-type", "application/json");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req
-            .body(Body::from(json!({"worker": worker}).to_string()))
-            .unwrap();
+        let req = req.body(Body::from(body.to_string())).unwrap();
         let resp = router(st.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -578,6 +444,15 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(json!(null)),
         )
+    }
+
+    async fn call(
+        st: &Arc<QueueApi>,
+        path: &str,
+        token: Option<&str>,
+        worker: &str,
+    ) -> (StatusCode, Value) {
+        send(st, path, token, json!({"worker": worker})).await
     }
 
     #[tokio::test]
@@ -644,13 +519,9 @@ mod tests {
         let tok = Some("sa:media:gpu-worker");
         let (s, body) = call(&st, "/v1/pools/media/gpu/lease", tok, "w1").await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(body["task"]["id"], 1);
-        assert_eq!(body["lease"]["worker"], "w1");
-        // Nothing else queued for this pool.
-        assert_eq!(
-            call(&st, "/v1/pools/media/gpu/lease", tok, "w2").await.0,
-            StatusCode::NO_CONTENT
-        );
+        let lease: tessera_crds::protocol::LeaseReply = serde_json::from_value(body).unwrap();
+        assert_eq!((lease.task.id, lease.lease.worker.as_str()), (1, "w1"));
+        assert_eq!(lease.task.work.kind, WorkKind::Chunk);
         // Only the holder may heartbeat or complete.
         assert_eq!(
             call(&st, "/v1/tasks/1/heartbeat", tok, "w2").await.0,
@@ -659,15 +530,89 @@ mod tests {
         let (s, body) = call(&st, "/v1/tasks/1/heartbeat", tok, "w1").await;
         assert_eq!(s, StatusCode::OK);
         assert!(body["expiresAt"].as_u64().unwrap() >= 30_000);
-        let (s, body) = call(&st, "/v1/tasks/1/complete", tok, "w1").await;
+        let result = json!({"kind": "chunk", "frames": 25, "reused": false, "seconds": 0.5});
+        let (s, body) = send(
+            &st,
+            "/v1/tasks/1/complete",
+            tok,
+            json!({"worker": "w1", "result": result}),
+        )
+        .await;
         assert_eq!((s, body), (StatusCode::OK, json!({"completed": [1]})));
         assert_eq!(
-            call(&st, "/v1/tasks/1/complete", tok, "w1").await.0,
+            send(
+                &st,
+                "/v1/tasks/1/complete",
+                tok,
+                json!({"worker": "w1", "result": result})
+            )
+            .await
+            .0,
             StatusCode::NOT_FOUND
         );
         assert_eq!(
             call(&st, "/v1/tasks/99/release", tok, "w1").await.0,
             StatusCode::NOT_FOUND
+        );
+    }
+
+    /// A malformed message is an error with a reason, never a default: a request that does not fit its
+    /// type gets 400 naming the field, and an unreadable or mismatched result fails the task for good
+    /// (`WorkerIncompatible`) rather than marking it done with nothing in it.
+    #[tokio::test]
+    async fn malformed_messages_are_refused_with_the_reason() {
+        let st = state();
+        let tok = Some("sa:media:gpu-worker");
+        let (s, body) = send(
+            &st,
+            "/v1/pools/media/gpu/lease",
+            tok,
+            json!({"worker": "w1", "waitMS": 10}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().unwrap().contains("waitMS"), "{body}");
+        assert_eq!(
+            call(&st, "/v1/pools/media/gpu/lease", tok, "w1").await.0,
+            StatusCode::OK
+        );
+        // No result: refused, and the task fails rather than succeeding empty.
+        let (s, body) = call(&st, "/v1/tasks/1/complete", tok, "w1").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("missing field `result`"),
+            "{body}"
+        );
+        assert_eq!(
+            call(&st, "/v1/tasks/1/heartbeat", tok, "w1").await.0,
+            StatusCode::NOT_FOUND,
+            "the task is over"
+        );
+        // A stitch result for a chunk task is the wrong protocol, too.
+        let (s, _) = call(&st, "/v1/pools/media/gpu/lease", tok, "w2").await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, body) = send(
+            &st,
+            "/v1/tasks/3/complete",
+            tok,
+            json!({"worker": "w2", "result": {"kind": "chunk", "frames": 1, "reused": false, "seconds": 0}}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("a chunk result for a stitch task"),
+            "{body}"
+        );
+        // Not even a worker name: 400, nothing else happens.
+        assert_eq!(
+            send(&st, "/v1/tasks/2/fail", tok, json!([1, 2])).await.0,
+            StatusCode::BAD_REQUEST
         );
     }
 }

@@ -1,16 +1,16 @@
-//! The leader's controllers. Fetch, call the pure parts (`jobrun`, `scale`, `podspec`, `status`), apply,
-//! report.
+//! The leader's controllers: the I/O around the state's owner (`core`). Fetch, ask the owner (which calls
+//! the pure parts: `jobrun`, `queue`, `status`), apply what it answers, report.
 //!
 //! ```text
-//!  TranscodeJob watch ──▶ reconcile: finalizer, validate, pool, JobRun::start ──▶ queue (plan task)
-//!  queue API events ───▶ on_event: JobRun::on_plan / on_encoded / on_stitched ──▶ queue (next tasks)
-//!  every 200 ms ───────▶ status writer: Throttle (phase at once, progress ≤ 1/s) ──▶ PATCH status, Events
-//!  every second ───────▶ pools: depth + pods ──▶ scale::plan ──▶ create / delete worker pods, pool status
+//!  TranscodeJob watch ──▶ reconcile: finalizer, validate, pool, admit ──Observe/Accept──▶ core (plan task)
+//!  queue API ───────────▶ Complete/Fail ──▶ core: JobRun::on_plan / on_encoded / on_stitched (next tasks)
+//!  every 200 ms ────────▶ status writer ──Statuses──▶ core: Throttle ──▶ PATCH status, Events
+//!  every second ────────▶ pools: pods + PoolLoad ──▶ scale::plan ──▶ create / Drain+delete pods, pool status
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -23,21 +23,17 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde_json::json;
-use tessera_crds::work::{ChunkResult, PlanResult, StitchResult, Work, WorkKind};
 use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool, WorkerPoolStatus};
-use tokio::sync::mpsc;
 
-use crate::api::{lock, ApiState, TaskEvent};
-use crate::jobrun::{keep_transition_times, JobRun, Stage};
+use crate::api::PoolAccess;
+use crate::core::{Cmd, CoreHandle, FinalizeStep, Observation, Observed};
+use crate::jobrun::JobRun;
 use crate::podspec::{self, WorkerPodInput, POOL_LABEL};
-use crate::queue::{Task, TaskId};
 use crate::scale::{self, Load, PoolShape, Worker, WorkerState};
-use crate::status::{Decision, Throttle};
+use crate::status::Throttle;
 use crate::Error;
 
 pub const FINALIZER: &str = "tessera.dev/cleanup";
-/// How long a deleted job waits for a worker to delete its temporary objects before it goes anyway.
-const CLEANUP_PATIENCE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -53,34 +49,12 @@ pub struct Config {
     pub identity: String,
 }
 
-struct Entry {
-    run: JobRun,
-    tasks: HashSet<TaskId>,
-    started: Instant,
-    dirty: bool,
-    written: Option<TranscodeJobStatus>,
-    last_write: Option<Instant>,
-    cleanup: Option<TaskId>,
-    cleanup_done: bool,
-    /// Some task was handed to a worker (so the ledger may hold objects).
-    touched: bool,
-    cleanup_since: Option<Instant>,
-    events: Vec<(EventType, &'static str, String)>,
-}
-
+/// What the controllers share: the API client, the way to the state's owner, and counters.
 pub struct Ctx {
     pub client: Client,
-    pub api: Arc<ApiState>,
+    pub core: CoreHandle,
     pub cfg: Config,
-    jobs: Mutex<HashMap<(String, String), Entry>>,
     recorder: Recorder,
-    epoch: u64,
-    seq: AtomicU64,
-    idle_since: Mutex<HashMap<String, Instant>>,
-    /// Jobs (by uid) whose finalizer this leader removed, for a few minutes: the watch cache may still show
-    /// them with the finalizer, and finalizing them again would queue a second cleanup and leave an entry
-    /// behind for an object that is gone.
-    finalized: Mutex<HashMap<String, Instant>>,
     pub status_writes: AtomicU64,
     pub reconciles: AtomicU64,
     /// How long each TranscodeJob reconcile took, API calls included.
@@ -88,7 +62,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(client: Client, api: Arc<ApiState>, cfg: Config) -> Self {
+    pub fn new(client: Client, core: CoreHandle, cfg: Config) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -98,65 +72,21 @@ impl Ctx {
         );
         Self {
             client,
-            api,
+            core,
             cfg,
-            jobs: Mutex::default(),
             recorder,
-            // Task ids of different leaders never collide: a worker still holding an old leader's task gets
-            // 404 from the new one (keep going), never another task's answer.
-            epoch: fastrand::u64(1..(1 << 20)) << 32,
-            seq: AtomicU64::new(0),
-            idle_since: Mutex::default(),
-            finalized: Mutex::default(),
             status_writes: AtomicU64::new(0),
             reconciles: AtomicU64::new(0),
             reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         }
     }
 
-    pub fn jobs_by_phase(&self) -> HashMap<&'static str, u64> {
-        let mut out = HashMap::new();
-        for e in lock(&self.jobs).values() {
-            let p = match e.run.stage {
-                Stage::Planning => "Planning",
-                Stage::Encoding => "Encoding",
-                Stage::Stitching => "Stitching",
-                Stage::Succeeded => "Succeeded",
-                Stage::Failed => "Failed",
-            };
-            *out.entry(p).or_default() += 1;
-        }
-        out
-    }
-
-    fn enqueue(&self, e: &mut Entry, works: Vec<Work>) {
-        if works.is_empty() {
-            return;
-        }
-        let now = self.api.now_ms();
-        {
-            let mut q = lock(&self.api.queue);
-            for w in works {
-                let id = self.epoch | self.seq.fetch_add(1, Ordering::Relaxed);
-                let cleanup = w.kind == WorkKind::Cleanup;
-                let task = Task {
-                    id,
-                    pool: e.run.pool.clone(),
-                    namespace: e.run.namespace.clone(),
-                    job: e.run.name.clone(),
-                    priority: e.run.spec.priority,
-                    coalesce: None,
-                    work: serde_json::to_value(&w).unwrap_or_default(),
-                };
-                q.enqueue(task, now);
-                if cleanup {
-                    e.cleanup = Some(id);
-                } else {
-                    e.tasks.insert(id);
-                }
-            }
-        }
-        self.api.queued.notify_waiters();
+    /// Ask the state's owner; it is gone only when the process is ending.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Cmd,
+    ) -> Result<T, Error> {
+        self.core.ask(make).await.map_err(|_| Error::Stopped)
     }
 }
 
@@ -325,6 +255,22 @@ async fn reconcile(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Erro
     r
 }
 
+/// The job as the state's owner needs to see it.
+fn observed(job: &TranscodeJob) -> Observed {
+    let (namespace, name) = key(job);
+    Observed {
+        namespace,
+        name,
+        uid: job.uid().unwrap_or_default(),
+        generation: job.metadata.generation.unwrap_or(0),
+        spec: job.spec.clone(),
+        terminal: matches!(
+            job.status.as_ref().and_then(|s| s.phase),
+            Some(Phase::Succeeded | Phase::Failed)
+        ),
+    }
+}
+
 async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let (ns, name) = key(&job);
     let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
@@ -344,147 +290,82 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let status = job.status.clone().unwrap_or_default();
-    let terminal = matches!(status.phase, Some(Phase::Succeeded | Phase::Failed));
-    let known = lock(&ctx.jobs).contains_key(&(ns.clone(), name.clone()));
-    if terminal && !known
-        || lock(&ctx.jobs)
-            .get(&(ns.clone(), name.clone()))
-            .is_some_and(|e| e.run.finished() && !e.dirty)
-    {
-        return ttl(&job, &api, &status).await;
+    let seen = observed(&job);
+    match ctx.ask(|reply| Cmd::Observe { job: seen, reply }).await? {
+        Observation::Finished => return ttl(&job, &api, &status).await,
+        Observation::Following => return Ok(Action::requeue(Duration::from_secs(60))),
+        Observation::Replaced => return Ok(Action::requeue(Duration::from_millis(10))),
+        Observation::Unknown => {}
     }
     let uid = job.uid().unwrap_or_default();
     let generation = job.metadata.generation.unwrap_or(0);
-    if !known {
-        if let Err(msg) = cluster_validate(&job.spec) {
-            write_failed_now(&ctx, &job, "InvalidSpec", &msg).await?;
+    if let Err(msg) = cluster_validate(&job.spec) {
+        write_failed_now(&ctx, &job, "InvalidSpec", &msg).await?;
+        return Ok(Action::await_change());
+    }
+    let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
+    let (pns, pname) = pool.split_once('/').unwrap_or(("", &pool));
+    let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), pns);
+    let found = pools
+        .get_opt(pname)
+        .await
+        .map_err(|e| Error::kube(format!("pool {pool}"), e))?;
+    // The job namespace's labels, only where a selector needs them.
+    let labels = match &found {
+        Some(p) if tenancy_needs_labels(&p.spec) => {
+            let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+            nss.get_opt(&ns)
+                .await
+                .map_err(|e| Error::kube(format!("namespace {ns}"), e))?
+                .and_then(|n| n.metadata.labels)
+                .unwrap_or_default()
+        }
+        _ => Default::default(),
+    };
+    match admit(
+        &pool,
+        pns,
+        &ns,
+        found.as_ref().map(|p| &p.spec),
+        &labels,
+        &job.spec,
+    ) {
+        Admission::Admitted => {}
+        Admission::PoolNotAllowed(msg) => {
+            write_failed_now(&ctx, &job, "PoolNotAllowed", &msg).await?;
             return Ok(Action::await_change());
         }
-        let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
-        let (pns, pname) = pool.split_once('/').unwrap_or(("", &pool));
-        let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), pns);
-        let found = pools
-            .get_opt(pname)
-            .await
-            .map_err(|e| Error::kube(format!("pool {pool}"), e))?;
-        // The job namespace's labels, only where a selector needs them.
-        let labels = match &found {
-            Some(p) if tenancy_needs_labels(&p.spec) => {
-                let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
-                nss.get_opt(&ns)
+        Admission::AccessNotAllowed(msg) => {
+            write_failed_now(&ctx, &job, "AccessNotAllowed", &msg).await?;
+            return Ok(Action::await_change());
+        }
+        Admission::PoolMissing => {
+            let msg = format!(
+                "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
+                 spec.pool (kubectl get workerpools -n {ns})"
+            );
+            if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
+                let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
+                    "type": "Progressing", "status": "False", "reason": "PoolNotFound", "message": msg,
+                    "lastTransitionTime": now(), "observedGeneration": generation}]}});
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(st))
                     .await
-                    .map_err(|e| Error::kube(format!("namespace {ns}"), e))?
-                    .and_then(|n| n.metadata.labels)
-                    .unwrap_or_default()
+                    .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
+                publish(&ctx, &job, EventType::Warning, "PoolNotFound", msg).await;
             }
-            _ => Default::default(),
-        };
-        match admit(
-            &pool,
-            pns,
-            &ns,
-            found.as_ref().map(|p| &p.spec),
-            &labels,
-            &job.spec,
-        ) {
-            Admission::Admitted => {}
-            Admission::PoolNotAllowed(msg) => {
-                write_failed_now(&ctx, &job, "PoolNotAllowed", &msg).await?;
-                return Ok(Action::await_change());
-            }
-            Admission::AccessNotAllowed(msg) => {
-                write_failed_now(&ctx, &job, "AccessNotAllowed", &msg).await?;
-                return Ok(Action::await_change());
-            }
-            Admission::PoolMissing => {
-                let msg = format!(
-                    "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
-                     spec.pool (kubectl get workerpools -n {ns})"
-                );
-                if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
-                    let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
-                        "type": "Progressing", "status": "False", "reason": "PoolNotFound", "message": msg,
-                        "lastTransitionTime": now(), "observedGeneration": generation}]}});
-                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(st))
-                        .await
-                        .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
-                    publish(&ctx, &job, EventType::Warning, "PoolNotFound", msg).await;
-                }
-                return Ok(Action::requeue(Duration::from_secs(5)));
-            }
+            return Ok(Action::requeue(Duration::from_secs(5)));
         }
-        let mut run = JobRun::new(&ns, &name, &uid, generation, job.spec.clone(), pool.clone());
-        // A job already running before a restart or failover keeps its start time.
-        run.start_time = status.start_time.clone();
-        let mut e = Entry {
-            run,
-            tasks: HashSet::new(),
-            started: Instant::now(),
-            dirty: true,
-            written: job.status.clone(),
-            last_write: None,
-            cleanup: None,
-            cleanup_done: false,
-            touched: false,
-            cleanup_since: None,
-            events: Vec::new(),
-        };
-        if !job.spec.suspend {
-            if e.run.start_time.is_none() {
-                e.run.start_time = Some(now());
-            }
-            let w = e.run.start();
-            ctx.enqueue(&mut e, w);
-            e.events.push((
-                EventType::Normal,
-                "Queued",
-                format!("planning on pool {pool}"),
-            ));
-        }
-        tracing::info!(job = %format!("{ns}/{name}"), %pool, suspended = job.spec.suspend, "job accepted");
-        lock(&ctx.jobs).insert((ns, name), e);
-        return Ok(Action::requeue(Duration::from_secs(60)));
     }
-    // Known: follow spec changes that matter while running.
-    let mut jobs = lock(&ctx.jobs);
-    let e = jobs.get_mut(&(ns.clone(), name.clone())).expect("known");
-    if e.run.uid != uid {
-        // Deleted and re-created under the same name while we looked away.
-        jobs.remove(&(ns, name));
-        return Ok(Action::requeue(Duration::from_millis(10)));
-    }
-    if e.run.generation != generation {
-        e.run.generation = generation;
-        if e.run.spec.priority != job.spec.priority {
-            e.run.spec.priority = job.spec.priority;
-            lock(&ctx.api.queue).set_priority(&ns, &name, job.spec.priority);
-        }
-        if job.spec.suspend != e.run.suspended && !e.run.finished() {
-            e.run.suspended = job.spec.suspend;
-            e.run.spec.suspend = job.spec.suspend;
-            if job.spec.suspend {
-                let n = ctx.api.cancel_job(&ns, &name);
-                e.tasks.clear();
-                e.events.push((
-                    EventType::Normal,
-                    "Suspended",
-                    format!("{n} running tasks given back"),
-                ));
-            } else {
-                if e.run.start_time.is_none() {
-                    e.run.start_time = Some(now());
-                }
-                let w = e.run.start();
-                ctx.enqueue(e, w);
-                e.events.push((
-                    EventType::Normal,
-                    "Resumed",
-                    "re-planning from the ledger".into(),
-                ));
-            }
-        }
-        e.dirty = true;
-    }
+    let mut run = JobRun::new(&ns, &name, &uid, generation, job.spec.clone(), pool);
+    // A job already running before a restart or failover keeps its start time.
+    run.start_time = status.start_time.clone();
+    let status = job.status.clone();
+    ctx.ask(|reply| Cmd::Accept {
+        run: Box::new(run),
+        status,
+        reply,
+    })
+    .await?;
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
@@ -515,99 +396,26 @@ async fn ttl(
     }
 }
 
-/// How long a finalized job's uid is remembered (far longer than a watch cache lags).
-const FINALIZED_MEMORY: Duration = Duration::from_secs(600);
-
+/// A deleted job: its tasks are cancelled, its ledger deleted by a cleanup task (the owner decides the
+/// steps), then the finalizer goes. kube-runtime's `finalizer` helper is not used: it runs the cleanup
+/// inline in one reconcile, where this one waits across reconciles for workers to acknowledge and for a
+/// cleanup task to run on the job's pool.
 async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Result<Action, Error> {
     let (ns, name) = key(job);
-    let uid = job.uid().unwrap_or_default();
-    if !job.finalizers().iter().any(|f| f == FINALIZER) || lock(&ctx.finalized).contains_key(&uid) {
-        lock(&ctx.jobs).remove(&(ns, name));
-        return Ok(Action::await_change());
-    }
-    // Whether a worker may have written to the ledger: the plan came back, or some task was handed out.
-    let touched = lock(&ctx.api.queue).ever_leased(&ns, &name)
-        || lock(&ctx.jobs)
-            .get(&(ns.clone(), name.clone()))
-            .is_none_or(|e| e.run.plan.is_some() || e.touched);
-    if let Some(e) = lock(&ctx.jobs).get_mut(&(ns.clone(), name.clone())) {
-        e.touched |= touched;
-    }
-    // Cancel the job's work, once: the cleanup task queued below belongs to the job too.
-    let cleanup_queued = lock(&ctx.jobs)
-        .get(&(ns.clone(), name.clone()))
-        .is_some_and(|e| e.cleanup.is_some());
-    let stopped = if cleanup_queued {
-        0
-    } else {
-        ctx.api.cancel_job(&ns, &name)
-    };
-    if stopped > 0 {
-        tracing::info!(job = %format!("{ns}/{name}"), tasks = stopped, "job deleted: running tasks cancelled");
-    }
-    // Wait until the cancelled tasks' workers say they stopped (or their leases would have run out): a
-    // worker still uploading a chunk would otherwise leave it behind after the cleanup.
-    if ctx.api.unacknowledged(&ns, &name) > 0 {
-        return Ok(Action::requeue(Duration::from_millis(100)));
-    }
-    // The ledger outlives the stitch (its plan and result stay, so a lost report is recovered): it goes
-    // with the job.
-    let needs_cleanup = touched && cluster_validate(&job.spec).is_ok();
-    if needs_cleanup {
-        let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
-        let mut jobs = lock(&ctx.jobs);
-        let e = jobs
-            .entry((ns.clone(), name.clone()))
-            .or_insert_with(|| Entry {
-                run: JobRun::new(
-                    &ns,
-                    &name,
-                    &job.uid().unwrap_or_default(),
-                    0,
-                    job.spec.clone(),
-                    pool,
-                ),
-                tasks: HashSet::new(),
-                started: Instant::now(),
-                dirty: false,
-                written: None,
-                last_write: None,
-                cleanup: None,
-                cleanup_done: false,
-                touched: false,
-                cleanup_since: None,
-                events: Vec::new(),
-            });
-        e.tasks.clear();
-        e.dirty = false;
-        e.touched = true;
-        let waited = e.cleanup_since.get_or_insert_with(Instant::now).elapsed();
-        if !e.cleanup_done && waited > CLEANUP_PATIENCE {
-            // No worker ran the cleanup (the pool cannot schedule any): let the job go rather than hang.
-            tracing::warn!(job = %format!("{ns}/{name}"), ledger = %e.run.ledger,
-                "no worker cleaned the job's temporary objects in time; deleting the job anyway");
-            e.cleanup_done = true;
-            e.events.push((
-                EventType::Warning,
-                "CleanupAbandoned",
-                format!(
-                    "no worker of pool {} ran the cleanup within {} s; objects under {} may remain",
-                    e.run.pool,
-                    CLEANUP_PATIENCE.as_secs(),
-                    e.run.ledger
-                ),
-            ));
-        }
-        if !e.cleanup_done {
-            if e.cleanup.is_none() {
-                let w = Work {
-                    kind: WorkKind::Cleanup,
-                    ..e.run.start().remove(0)
-                };
-                ctx.enqueue(e, vec![w]);
-            }
-            return Ok(Action::requeue(Duration::from_millis(200)));
-        }
+    let seen = observed(job);
+    let step = ctx
+        .ask(|reply| Cmd::Finalize {
+            job: seen,
+            pool: resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool),
+            ours: job.finalizers().iter().any(|f| f == FINALIZER),
+            valid: cluster_validate(&job.spec).is_ok(),
+            reply,
+        })
+        .await?;
+    match step {
+        FinalizeStep::Forget => return Ok(Action::await_change()),
+        FinalizeStep::Wait(d) => return Ok(Action::requeue(d)),
+        FinalizeStep::RemoveFinalizer => {}
     }
     let left: Vec<String> = job
         .finalizers()
@@ -625,12 +433,13 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
         Err(e) if is_404(&e) => {}
         Err(e) => return Err(Error::kube(format!("finalizer of {ns}/{name}"), e)),
     }
-    lock(&ctx.jobs).remove(&(ns.clone(), name.clone()));
-    {
-        let mut done = lock(&ctx.finalized);
-        done.retain(|_, t| t.elapsed() < FINALIZED_MEMORY);
-        done.insert(uid, Instant::now());
-    }
+    ctx.core
+        .tell(Cmd::Finalized {
+            namespace: ns.clone(),
+            name: name.clone(),
+            uid: job.uid().unwrap_or_default(),
+        })
+        .await;
     tracing::info!(job = %format!("{ns}/{name}"), "job deleted; its temporary objects are gone");
     Ok(Action::await_change())
 }
@@ -640,153 +449,17 @@ fn error_policy(_job: Arc<TranscodeJob>, err: &Error, _ctx: Arc<Ctx>) -> Action 
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Apply a task event to its job.
-fn on_event(ctx: &Ctx, ev: TaskEvent) {
-    let mut jobs = lock(&ctx.jobs);
-    let (tasks, outcome) = match ev {
-        TaskEvent::Completed {
-            tasks,
-            result,
-            worker_seconds,
-        } => (tasks, Ok((result, worker_seconds))),
-        TaskEvent::Failed { tasks, failure, .. } => (tasks, Err(failure)),
-    };
-    for t in tasks {
-        let Ok(work) = serde_json::from_value::<Work>(t.work.clone()) else {
-            continue;
-        };
-        let Some(e) = jobs.get_mut(&(t.namespace.clone(), t.job.clone())) else {
-            continue;
-        };
-        if e.run.uid != work.uid {
-            continue;
-        }
-        e.tasks.remove(&t.id);
-        e.dirty = true;
-        match &outcome {
-            Ok((result, secs)) => match work.kind {
-                WorkKind::Plan => match serde_json::from_value::<PlanResult>(result.clone()) {
-                    Ok(r) => {
-                        let note = format!(
-                            "{} chunks of {:.1} s, encoders {}; {} already in the ledger",
-                            r.plan.chunks,
-                            r.plan.target_seconds,
-                            r.plan.encoders.join(","),
-                            r.done.len()
-                        );
-                        e.run.worker_seconds += secs;
-                        let next = e.run.on_plan(r);
-                        ctx.enqueue(e, next);
-                        e.events.push((EventType::Normal, "Planned", note));
-                    }
-                    Err(err) => {
-                        e.run.on_failed(
-                            "WorkerIncompatible",
-                            &format!("plan result unreadable: {err}"),
-                            now(),
-                        );
-                    }
-                },
-                WorkKind::Chunk | WorkKind::Audio => {
-                    let r: ChunkResult = serde_json::from_value(result.clone()).unwrap_or_default();
-                    let next = e.run.on_encoded(work.kind, work.chunk, &r, *secs);
-                    if !next.is_empty() {
-                        e.events.push((
-                            EventType::Normal,
-                            "Encoded",
-                            format!(
-                                "all chunks encoded ({} reused from the ledger)",
-                                e.run.reused
-                            ),
-                        ));
-                    }
-                    ctx.enqueue(e, next);
-                }
-                WorkKind::Stitch => {
-                    let r: StitchResult =
-                        serde_json::from_value(result.clone()).unwrap_or_default();
-                    let n = r.renditions.len();
-                    e.run.on_stitched(r, *secs, now());
-                    e.events.push((
-                        EventType::Normal,
-                        "Completed",
-                        format!("{n} renditions published to {}", e.run.spec.output.uri),
-                    ));
-                }
-                WorkKind::Cleanup => e.cleanup_done = true,
-            },
-            Err(f) => {
-                if work.kind == WorkKind::Cleanup {
-                    // Nothing more can be done about a ledger that cannot be deleted: say so and let go.
-                    tracing::warn!(ledger = %work.ledger, error = %f.message, "could not delete a job's temporary objects");
-                    e.cleanup_done = true;
-                    continue;
-                }
-                let what = match work.chunk {
-                    Some(c) => format!("chunk {c}: {}", f.message),
-                    None => format!(
-                        "{} task: {}",
-                        format!("{:?}", work.kind).to_lowercase(),
-                        f.message
-                    ),
-                };
-                e.run.on_failed(&f.reason, &what, now());
-                e.events.push((
-                    EventType::Warning,
-                    "Failed",
-                    format!("{}: {what}", f.reason),
-                ));
-                let (ns, job) = (t.namespace.clone(), t.job.clone());
-                drop(jobs);
-                ctx.api.cancel_job(&ns, &job);
-                jobs = lock(&ctx.jobs);
-            }
-        }
-    }
-}
-
-/// Write statuses that changed, coalesced: a phase change at once, progress at most once per interval.
-async fn write_statuses(ctx: &Ctx) {
+/// Write the statuses the owner says changed (a phase change at once, progress at most once per interval),
+/// and publish their events.
+async fn write_statuses(ctx: &Ctx) -> Result<(), Error> {
     let throttle = Throttle {
         interval: ctx.cfg.status_interval,
     };
-    let mut writes = Vec::new();
-    {
-        let progress = lock(&ctx.api.progress);
-        let mut jobs = lock(&ctx.jobs);
-        for (k, e) in jobs.iter_mut() {
-            if !e.dirty && e.events.is_empty() {
-                continue;
-            }
-            let in_flight: u64 = e.tasks.iter().filter_map(|t| progress.get(t)).sum();
-            let t = now();
-            let mut st = e.run.status(e.started.elapsed(), in_flight, &t);
-            let old = e.written.clone().unwrap_or_default();
-            keep_transition_times(&mut st.conditions, &old.conditions);
-            let phase_changed = old.phase != st.phase
-                || old
-                    .conditions
-                    .iter()
-                    .map(|c| (&c.type_, &c.status, &c.reason))
-                    .ne(st
-                        .conditions
-                        .iter()
-                        .map(|c| (&c.type_, &c.status, &c.reason)));
-            let d = throttle.decide(e.dirty, phase_changed, e.last_write.map(|w| w.elapsed()));
-            let events = std::mem::take(&mut e.events);
-            if d == Decision::WriteNow {
-                e.dirty = false;
-                e.last_write = Some(Instant::now());
-                e.written = Some(st.clone());
-                writes.push((k.clone(), Some(st), events));
-            } else if !events.is_empty() {
-                writes.push((k.clone(), None, events));
-            }
-        }
-    }
-    for ((ns, name), st, events) in writes {
+    let writes = ctx.ask(|reply| Cmd::Statuses { throttle, reply }).await?;
+    for w in writes {
+        let (ns, name) = (w.namespace, w.name);
         let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
-        if let Some(st) = st {
+        if let Some(st) = w.status {
             match api
                 .patch_status(
                     &name,
@@ -800,29 +473,30 @@ async fn write_statuses(ctx: &Ctx) {
                 }
                 Err(e) => {
                     tracing::warn!(job = %format!("{ns}/{name}"), error = %e, "status write failed; retrying");
-                    if let Some(en) = lock(&ctx.jobs).get_mut(&(ns.clone(), name.clone())) {
-                        en.dirty = true;
-                    }
+                    ctx.core
+                        .tell(Cmd::StatusFailed {
+                            namespace: ns.clone(),
+                            name: name.clone(),
+                        })
+                        .await;
                 }
             }
         }
-        if !events.is_empty() {
-            let uid = lock(&ctx.jobs)
-                .get(&(ns.clone(), name.clone()))
-                .map(|e| e.run.uid.clone());
+        if !w.events.is_empty() {
             let r = k8s_openapi::api::core::v1::ObjectReference {
                 api_version: Some(format!("{}/v1alpha1", tessera_crds::GROUP)),
                 kind: Some("TranscodeJob".into()),
                 name: Some(name.clone()),
                 namespace: Some(ns.clone()),
-                uid,
+                uid: Some(w.uid),
                 ..Default::default()
             };
-            for (t, reason, note) in events {
+            for (t, reason, note) in w.events {
                 publish_ref(ctx, &r, t, reason, note).await;
             }
         }
     }
+    Ok(())
 }
 
 fn pod_state(p: &Pod) -> WorkerState {
@@ -845,16 +519,19 @@ fn pod_state(p: &Pod) -> WorkerState {
     }
 }
 
-/// One pass over every WorkerPool: access for the queue API, then scale.
-async fn reconcile_pools(ctx: &Ctx) -> Result<(), Error> {
+/// One pass over every WorkerPool: access for the queue API, then scale. `idle_since`: when each ready
+/// worker was last seen idle (the pool pass's own memory).
+async fn reconcile_pools(
+    ctx: &Ctx,
+    idle_since: &mut HashMap<String, Instant>,
+) -> Result<(), Error> {
     let pools: Api<WorkerPool> = Api::all(ctx.client.clone());
     let list = pools
         .list(&ListParams::default())
         .await
         .map_err(|e| Error::kube("list WorkerPools".into(), e))?;
-    {
-        let mut access = lock(&ctx.api.access);
-        access.pools = list
+    let access = PoolAccess {
+        pools: list
             .items
             .iter()
             .map(|p| {
@@ -864,17 +541,22 @@ async fn reconcile_pools(ctx: &Ctx) -> Result<(), Error> {
                     (ns, p.spec.service_account_name.clone()),
                 )
             })
-            .collect();
-    }
+            .collect(),
+    };
+    ctx.core.tell(Cmd::SetAccess(access)).await;
     for pool in list.items {
-        if let Err(e) = scale_pool(ctx, &pool).await {
+        if let Err(e) = scale_pool(ctx, &pool, idle_since).await {
             tracing::warn!(pool = %pool.name_any(), error = %e, "scaling failed; retrying");
         }
     }
     Ok(())
 }
 
-async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
+async fn scale_pool(
+    ctx: &Ctx,
+    pool: &WorkerPool,
+    idle: &mut HashMap<String, Instant>,
+) -> Result<(), Error> {
     let ns = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
     let key = format!("{ns}/{name}");
@@ -883,34 +565,34 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
         .list(&ListParams::default().labels(&format!("{POOL_LABEL}={name}")))
         .await
         .map_err(|e| Error::kube(format!("pods of pool {key}"), e))?;
-    let (depth, leases) = {
-        let q = lock(&ctx.api.queue);
-        (q.depth(&key), q.leases_by_worker(&key))
-    };
+    let (depth, leases) = ctx
+        .ask(|reply| Cmd::PoolLoad {
+            pool: key.clone(),
+            reply,
+        })
+        .await?;
     let t = Instant::now();
-    let workers: Vec<Worker> = {
-        let mut idle = lock(&ctx.idle_since);
-        pods.items
-            .iter()
-            .map(|p| {
-                let pname = p.name_any();
-                let busy = leases.get(&pname).copied().unwrap_or(0) > 0;
-                let state = pod_state(p);
-                let idle_for = if busy || state != WorkerState::Ready {
-                    idle.remove(&pname);
-                    Duration::ZERO
-                } else {
-                    t - *idle.entry(pname.clone()).or_insert(t)
-                };
-                Worker {
-                    name: pname,
-                    state,
-                    busy,
-                    idle_for,
-                }
-            })
-            .collect()
-    };
+    let workers: Vec<Worker> = pods
+        .items
+        .iter()
+        .map(|p| {
+            let pname = p.name_any();
+            let busy = leases.get(&pname).copied().unwrap_or(0) > 0;
+            let state = pod_state(p);
+            let idle_for = if busy || state != WorkerState::Ready {
+                idle.remove(&pname);
+                Duration::ZERO
+            } else {
+                t - *idle.entry(pname.clone()).or_insert(t)
+            };
+            Worker {
+                name: pname,
+                state,
+                busy,
+                idle_for,
+            }
+        })
+        .collect();
     let shape = PoolShape {
         min: pool.spec.min_workers,
         max: pool.spec.max_workers,
@@ -946,13 +628,15 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
         tracing::info!(pool = %key, pod = %pod.name_any(), desired = plan.desired, "worker created");
     }
     for victim in &plan.delete {
-        // No new lease for it from here on; then make sure it did not take one meanwhile.
-        lock(&ctx.api.draining).insert(victim.clone());
-        let busy = lock(&ctx.api.queue)
-            .leases_by_worker(&key)
-            .contains_key(victim);
-        if busy {
-            lock(&ctx.api.draining).remove(victim);
+        // No new lease for it from here on, unless it took one meanwhile (then it stays).
+        let idle_now = ctx
+            .ask(|reply| Cmd::Drain {
+                pool: key.clone(),
+                worker: victim.clone(),
+                reply,
+            })
+            .await?;
+        if !idle_now {
             continue;
         }
         match pods_api.delete(victim, &DeleteParams::default()).await {
@@ -961,17 +645,23 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
             }
             Err(e) if is_404(&e) => {}
             Err(e) => {
-                lock(&ctx.api.draining).remove(victim);
+                ctx.core
+                    .tell(Cmd::Undrain {
+                        worker: victim.clone(),
+                    })
+                    .await;
                 return Err(Error::kube(format!("delete worker {victim}"), e));
             }
         }
-        lock(&ctx.idle_since).remove(victim);
+        idle.remove(victim);
     }
     // Forget draining marks of pods that are gone.
-    {
-        let live: HashSet<String> = pods.items.iter().map(|p| p.name_any()).collect();
-        lock(&ctx.api.draining).retain(|w| live.contains(w));
-    }
+    ctx.core
+        .tell(Cmd::KeepDrains {
+            pool: key.clone(),
+            live: pods.items.iter().map(|p| p.name_any()).collect(),
+        })
+        .await;
     let status = WorkerPoolStatus {
         desired: plan.desired,
         pending: plan.pending + plan.create,
@@ -993,40 +683,29 @@ async fn scale_pool(ctx: &Ctx, pool: &WorkerPool) -> Result<(), Error> {
 }
 
 /// Run every controller until the process ends (called once this replica leads).
-pub async fn run(ctx: Arc<Ctx>, mut events: mpsc::UnboundedReceiver<TaskEvent>) {
-    let c = ctx.clone();
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            on_event(&c, ev);
-        }
-    });
+pub async fn run(ctx: Arc<Ctx>) {
     let c = ctx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            write_statuses(&c).await;
-        }
-    });
-    let c = ctx.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tick.tick().await;
-            c.api.expire();
+            if let Err(e) = write_statuses(&c).await {
+                tracing::warn!(error = %e, "status pass failed");
+            }
         }
     });
     let c = ctx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle_since = HashMap::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = c.api.queued.notified() => {}
+                () = c.core.shared.queued.notified() => {}
             }
-            if let Err(e) = reconcile_pools(&c).await {
+            if let Err(e) = reconcile_pools(&c, &mut idle_since).await {
                 tracing::warn!(error = %e, "pool pass failed");
             }
         }

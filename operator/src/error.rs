@@ -10,6 +10,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Config(String),
+    /// The task that owns the leader's state has stopped (the process is ending).
+    #[error("the operator's state owner has stopped")]
+    Stopped,
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -1,9 +1,12 @@
 //! Fuzz entry points: the `fuzz/` targets (`make fuzz`, cargo fuzz) and the corpus replay test in `make test`
 //! call these, so a crash the fuzzer found stays fixed.
 
-use tessera_crds::work::{ChunkResult, PlanResult, StitchResult, TaskFailure, Work};
+use tessera_crds::protocol::{
+    decode, CompleteRequest, FailRequest, HeartbeatRequest, LeaseReply, LeaseRequest,
+    ReleaseRequest,
+};
+use tessera_crds::work::{TaskFailure, Work};
 
-use crate::api::WorkerBody;
 use crate::queue::{Queue, QueueConfig, Task};
 
 /// Untrusted bytes as every message the queue API reads (request bodies, and the results inside them):
@@ -11,18 +14,24 @@ use crate::queue::{Queue, QueueConfig, Task};
 /// lease / heartbeat / complete / release / expire / cancel calls from several workers, and its books must
 /// balance after each step.
 pub fn queue_messages(data: &[u8]) {
-    if let Ok(b) = serde_json::from_slice::<WorkerBody>(data) {
-        if let Some(r) = b.result {
-            let _ = serde_json::from_value::<PlanResult>(r.clone());
-            let _ = serde_json::from_value::<ChunkResult>(r.clone());
-            let _ = serde_json::from_value::<StitchResult>(r);
+    // Each message type of the protocol, as the server and the worker read them: a value, or an error
+    // with words in it.
+    fn read<T: serde::de::DeserializeOwned>(data: &[u8]) {
+        if let Err(e) = decode::<T>("message", data) {
+            assert!(!e.is_empty());
         }
     }
+    read::<LeaseRequest>(data);
+    read::<LeaseReply>(data);
+    read::<HeartbeatRequest>(data);
+    read::<CompleteRequest>(data);
+    read::<FailRequest>(data);
+    read::<ReleaseRequest>(data);
     let _ = serde_json::from_slice::<Work>(data);
     let _ = serde_json::from_slice::<TaskFailure>(data);
 
     let pools = ["ns/a", "ns/b"];
-    let mut q = Queue::new(QueueConfig {
+    let mut q: Queue = Queue::new(QueueConfig {
         lease_ms: 1000,
         aging_ms: 5000,
     });

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod core;
 pub mod error;
 pub mod fuzzing;
 pub mod jobrun;

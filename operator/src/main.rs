@@ -15,12 +15,13 @@ use axum::routing::get;
 use axum::Router;
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
-use tessera_operator::api::{self, ApiState, TokenReviewer};
+use tessera_operator::api::{self, QueueApi, TokenReviewer};
 use tessera_operator::controller::{self, Ctx};
+use tessera_operator::core::{Cmd, Core, CoreHandle, Snapshot};
 use tessera_operator::leader::{self, Elector};
-use tessera_operator::queue::{Queue, QueueConfig};
+use tessera_operator::queue::QueueConfig;
 use tessera_operator::Error;
-use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::sync::{watch, OnceCell};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,7 +69,7 @@ struct Args {
 }
 
 struct App {
-    api: Arc<ApiState>,
+    core: CoreHandle,
     ctx: OnceCell<Arc<Ctx>>,
 }
 
@@ -79,7 +80,7 @@ async fn livez() -> &'static str {
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     // Ready once serving; the standby is ready too (it answers probes and waits for the Lease). Workers
     // skip it: it answers queue calls with 503.
-    let role = if app.api.leader.load(Ordering::Relaxed) {
+    let role = if app.core.is_leader() {
         "leader"
     } else {
         "standby"
@@ -93,7 +94,18 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "content-type",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        tessera_operator::metrics::render(&app.api, app.ctx.get().map(|c| c.as_ref())),
+        {
+            let snap = app
+                .core
+                .ask(|reply| Cmd::Snapshot { reply })
+                .await
+                .unwrap_or_else(|_| Snapshot::default());
+            tessera_operator::metrics::render(
+                &app.core.shared,
+                &snap,
+                app.ctx.get().map(|c| c.as_ref()),
+            )
+        },
     )
 }
 
@@ -121,19 +133,19 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| Error::kube("connect to the Kubernetes API".into(), e))?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queue = Queue::new(QueueConfig {
+    // The leader's state has one owner, started now (a standby's stays empty): everything else sends it
+    // commands.
+    let core = Core::new(QueueConfig {
         lease_ms: args.task_lease_seconds.max(1) * 1000,
         ..QueueConfig::default()
+    })
+    .spawn();
+    let api = Arc::new(QueueApi {
+        core: core.clone(),
+        auth: Box::new(TokenReviewer::new(client.clone())),
     });
-    let api = Arc::new(ApiState::new(
-        queue,
-        Box::new(TokenReviewer::new(client.clone())),
-        Some(tx),
-    ));
-    api.leader.store(false, Ordering::Relaxed);
     let app = Arc::new(App {
-        api: api.clone(),
+        core: core.clone(),
         ctx: OnceCell::new(),
     });
     let router = api::router(api.clone()).merge(
@@ -201,7 +213,7 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
             format!("{}/{s}", args.namespace)
         }
     };
-    let mut rx = Some(rx);
+    let mut started = false;
     loop {
         tokio::select! {
             changed = lead_rx.changed() => {
@@ -209,8 +221,8 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
                     return Ok(ExitCode::FAILURE);
                 }
                 if *lead_rx.borrow() {
-                    api.leader.store(true, Ordering::Relaxed);
-                    let ctx = Arc::new(Ctx::new(client.clone(), api.clone(), controller::Config {
+                    core.shared.leader.store(true, Ordering::Relaxed);
+                    let ctx = Arc::new(Ctx::new(client.clone(), core.clone(), controller::Config {
                         namespace: args.namespace.clone(),
                         lease: with_ns(&args.lease_name),
                         default_pool: with_ns(&args.default_pool),
@@ -219,23 +231,23 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
                         identity: args.identity.clone(),
                     }));
                     let _ = app.ctx.set(ctx.clone());
-                    if let Some(rx) = rx.take() {
-                        tokio::spawn(controller::run(ctx, rx));
+                    if !std::mem::replace(&mut started, true) {
+                        tokio::spawn(controller::run(ctx));
                     }
                 } else {
-                    api.leader.store(false, Ordering::Relaxed);
+                    core.shared.leader.store(false, Ordering::Relaxed);
                     tracing::error!("no longer the leader; exiting so a clean replica takes over");
                     return Ok(ExitCode::FAILURE);
                 }
             }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: giving up the leader lease");
-                api.leader.store(false, Ordering::Relaxed);
+                core.shared.leader.store(false, Ordering::Relaxed);
                 Elector::new(leases.clone(), settings.clone()).release().await;
                 return Ok(ExitCode::SUCCESS);
             }
             _ = tokio::signal::ctrl_c() => {
-                api.leader.store(false, Ordering::Relaxed);
+                core.shared.leader.store(false, Ordering::Relaxed);
                 Elector::new(leases.clone(), settings.clone()).release().await;
                 return Ok(ExitCode::SUCCESS);
             }

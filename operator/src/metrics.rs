@@ -11,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::api::{lock, ApiState};
 use crate::controller::Ctx;
+use crate::core::{Shared, Snapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolPriority {
@@ -30,15 +30,13 @@ struct StageLabel {
     stage: String,
 }
 
-pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
+/// `snap` is what the state's owner answered (`Cmd::Snapshot`); `shared` its lock-free counters.
+pub fn render(shared: &Shared, snap: &Snapshot, ctx: Option<&Ctx>) -> String {
     let mut reg = Registry::with_prefix("tessera");
     let queued = Family::<PoolPriority, Gauge>::default();
     let leased = Family::<PoolLabel, Gauge>::default();
     {
-        let pools: Vec<String> = lock(&api.access).pools.keys().cloned().collect();
-        let q = lock(&api.queue);
-        for pool in pools {
-            let d = q.depth(&pool);
+        for (pool, d) in snap.pools.iter().cloned() {
             leased
                 .get_or_create(&PoolLabel { pool: pool.clone() })
                 .set(d.leased as i64);
@@ -67,7 +65,7 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
         c.inc_by(v);
         c
     };
-    let c = &api.counters;
+    let c = &shared.counters;
     reg.register(
         "leases",
         "Tasks leased",
@@ -103,7 +101,7 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
         );
     }
     let leader = Gauge::<i64>::default();
-    leader.set(i64::from(api.leader.load(Ordering::Relaxed)));
+    leader.set(i64::from(shared.leader.load(Ordering::Relaxed)));
     reg.register("leader", "1 while this replica leads", leader);
     if let Some(ctx) = ctx {
         reg.register(
@@ -122,11 +120,11 @@ pub fn render(api: &ApiState, ctx: Option<&Ctx>) -> String {
             ctx.reconcile_seconds.clone(),
         );
         let jobs = Family::<StageLabel, Gauge>::default();
-        for (stage, n) in ctx.jobs_by_phase() {
+        for (stage, n) in &snap.jobs_by_stage {
             jobs.get_or_create(&StageLabel {
-                stage: stage.into(),
+                stage: (*stage).into(),
             })
-            .set(n as i64);
+            .set(*n as i64);
         }
         reg.register("jobs", "Jobs the leader tracks, by stage", jobs);
     }

@@ -16,7 +16,7 @@ pub type TaskId = u64;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Task {
+pub struct Task<W = serde_json::Value> {
     pub id: TaskId,
     pub pool: String,
     pub namespace: String,
@@ -24,9 +24,8 @@ pub struct Task {
     pub priority: i32,
     /// Tasks with the same key do the same work.
     pub coalesce: Option<String>,
-    /// The worker's instructions (`tessera_crds::work::Work` as JSON); opaque to the queue.
-    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
-    pub work: serde_json::Value,
+    /// The worker's instructions (the operator's `tessera_crds::work::Work`); opaque to the queue.
+    pub work: W,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -79,8 +78,8 @@ impl Default for QueueConfig {
 type Key = (Reverse<i128>, u64);
 
 #[derive(Debug)]
-struct Entry {
-    task: Task,
+struct Entry<W> {
+    task: Task<W>,
     enqueued_at: u64,
     key: Option<Key>,
     lease: Option<Lease>,
@@ -91,11 +90,11 @@ struct Entry {
     leader: Option<TaskId>,
 }
 
-#[derive(Debug, Default)]
-pub struct Queue {
+#[derive(Debug)]
+pub struct Queue<W = serde_json::Value> {
     cfg: QueueConfig,
     seq: u64,
-    tasks: HashMap<TaskId, Entry>,
+    tasks: HashMap<TaskId, Entry<W>>,
     /// pool → namespace → ordering key → task.
     ready: BTreeMap<String, BTreeMap<String, BTreeMap<Key, TaskId>>>,
     leased_per_ns: HashMap<(String, String), u32>,
@@ -104,8 +103,8 @@ pub struct Queue {
 
 /// What completing a task finished: the task and those coalesced onto it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Completed {
-    pub tasks: Vec<Task>,
+pub struct Completed<W = serde_json::Value> {
+    pub tasks: Vec<Task<W>>,
 }
 
 /// Queue depth for one pool, by priority (for metrics and autoscaling).
@@ -116,7 +115,20 @@ pub struct Depth {
     pub queued_by_priority: BTreeMap<i32, u64>,
 }
 
-impl Queue {
+impl<W> Default for Queue<W> {
+    fn default() -> Self {
+        Self {
+            cfg: QueueConfig::default(),
+            seq: 0,
+            tasks: HashMap::new(),
+            ready: BTreeMap::new(),
+            leased_per_ns: HashMap::new(),
+            coalesce: HashMap::new(),
+        }
+    }
+}
+
+impl<W: Clone> Queue<W> {
     pub fn new(cfg: QueueConfig) -> Self {
         Self {
             cfg,
@@ -171,7 +183,7 @@ impl Queue {
     }
 
     /// Add a task. Returns `false` when it was coalesced onto identical work already queued or leased.
-    pub fn enqueue(&mut self, task: Task, now: u64) -> bool {
+    pub fn enqueue(&mut self, task: Task<W>, now: u64) -> bool {
         let id = task.id;
         let leader = task
             .coalesce
@@ -231,7 +243,7 @@ impl Queue {
     }
 
     /// Give the best task of `pool` to `worker`.
-    pub fn lease(&mut self, pool: &str, worker: &str, now: u64) -> Option<(Task, Lease)> {
+    pub fn lease(&mut self, pool: &str, worker: &str, now: u64) -> Option<(Task<W>, Lease)> {
         let namespaces = self.ready.get(pool)?;
         let (ns, id) = namespaces
             .iter()
@@ -306,7 +318,7 @@ impl Queue {
     }
 
     /// The holder finished the task: it and every task coalesced onto it are done.
-    pub fn complete(&mut self, id: TaskId, worker: &str) -> Result<Completed, QueueError> {
+    pub fn complete(&mut self, id: TaskId, worker: &str) -> Result<Completed<W>, QueueError> {
         self.holder_check(id, worker)?;
         self.unlease(id);
         let e = self.tasks.remove(&id).expect("checked");
@@ -430,7 +442,7 @@ impl Queue {
         self.tasks.is_empty()
     }
 
-    pub fn task(&self, id: TaskId) -> Option<&Task> {
+    pub fn task(&self, id: TaskId) -> Option<&Task<W>> {
         self.tasks.get(&id).map(|e| &e.task)
     }
 

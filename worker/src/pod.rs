@@ -23,8 +23,11 @@ use hyper::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
-use tessera_crds::work::{TaskFailure, Work};
+use tessera_crds::protocol::{
+    decode, lease_path, task_path, CompleteRequest, ErrorReply, FailRequest, HeartbeatRequest,
+    LeaseReply, LeaseRequest, ReleaseRequest, TaskOp,
+};
+use tessera_crds::work::{TaskFailure, TaskProgress, Work};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -140,7 +143,8 @@ impl Token {
 /// How a queue call ended.
 #[derive(Debug)]
 enum Reply {
-    Ok(Value),
+    /// 200, with the reply's bytes (read into the call's reply type by the caller).
+    Ok(Bytes),
     NoContent,
     /// The task was cancelled (its job deleted or suspended): stop.
     Gone,
@@ -224,13 +228,13 @@ impl Queue {
         &self,
         base: &str,
         path: &str,
-        body: &Value,
+        body: &Bytes,
         timeout: Duration,
-    ) -> Result<(StatusCode, Value)> {
+    ) -> Result<(StatusCode, Bytes)> {
         let req = hyper::Request::post(format!("{base}{path}"))
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {}", self.token.get()?))
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(body.clone()))
             .map_err(|e| queue_err(e.to_string()))?;
         let resp = tokio::time::timeout(timeout, self.http.request(req))
             .await
@@ -242,14 +246,24 @@ impl Queue {
             .map_err(|_| queue_err(format!("{base}: body timed out")))?
             .map_err(|e| queue_err(format!("{base}: {e}")))?
             .to_bytes();
-        Ok((
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
+        Ok((status, bytes))
     }
 
     /// POST to the leader, finding it first where needed.
-    async fn post(&self, path: &str, body: Value, timeout: Duration) -> Result<Reply> {
+    /// POST a protocol message to the leader, finding it first where needed.
+    async fn post<T: serde::Serialize>(
+        &self,
+        path: &str,
+        msg: &T,
+        timeout: Duration,
+    ) -> Result<Reply> {
+        let body = Bytes::from(
+            serde_json::to_vec(msg).map_err(|e| queue_err(format!("encode {path}: {e}")))?,
+        );
+        self.post_bytes(path, body, timeout).await
+    }
+
+    async fn post_bytes(&self, path: &str, body: Bytes, timeout: Duration) -> Result<Reply> {
         let known = self.base.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut tried = Vec::new();
         if let Some(b) = known {
@@ -266,7 +280,7 @@ impl Queue {
             for base in &tried {
                 match self.post_to(base, path, &body, timeout).await {
                     Ok((StatusCode::SERVICE_UNAVAILABLE, v)) => {
-                        last = format!("{base}: {}", v["error"].as_str().unwrap_or("unavailable"));
+                        last = format!("{base}: {}", error_text(&v));
                     }
                     Ok((status, v)) => {
                         *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.clone());
@@ -276,9 +290,7 @@ impl Queue {
                             StatusCode::GONE => Reply::Gone,
                             StatusCode::CONFLICT => Reply::Conflict,
                             StatusCode::NOT_FOUND => Reply::Unknown,
-                            s => {
-                                Reply::Other(s, v["error"].as_str().unwrap_or_default().to_string())
-                            }
+                            s => Reply::Other(s, error_text(&v)),
                         });
                     }
                     Err(e) => last = e.to_string(),
@@ -287,6 +299,14 @@ impl Queue {
             *self.base.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         Err(queue_err(format!("no queue leader answered: {last}")))
+    }
+}
+
+/// The words of an error reply (or its raw text, if it is not one).
+fn error_text(body: &[u8]) -> String {
+    match decode::<ErrorReply>("error reply", body) {
+        Ok(e) => e.error,
+        Err(_) => String::from_utf8_lossy(body).chars().take(200).collect(),
     }
 }
 
@@ -334,7 +354,7 @@ async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
         .pool
         .split_once('/')
         .unwrap_or(("default", &q.cfg.pool));
-    let path = format!("/v1/pools/{ns}/{name}/lease");
+    let path = lease_path(&format!("{ns}/{name}"));
     let mut backoff = Duration::from_millis(200);
     let mut full = false;
     while !stop.is_cancelled() {
@@ -358,30 +378,42 @@ async fn slot(q: Arc<Queue>, stop: CancellationToken, n: usize) {
                 full = false;
             }
         }
-        let body = json!({"worker": q.cfg.worker, "waitMs": 20_000});
+        let body = LeaseRequest {
+            worker: q.cfg.worker.clone(),
+            wait_ms: 20_000,
+        };
         let reply = tokio::select! {
-            r = q.post(&path, body, Duration::from_secs(30)) => r,
+            r = q.post(&path, &body, Duration::from_secs(30)) => r,
             () = stop.cancelled() => break,
         };
         match reply {
             Ok(Reply::Ok(v)) => {
                 backoff = Duration::from_millis(200);
-                let id = v["task"]["id"].as_u64().unwrap_or_default();
-                match serde_json::from_value::<Work>(v["task"]["work"].clone()) {
-                    Ok(work) => run_task(&q, &stop, id, work).await,
+                match decode::<LeaseReply>("lease reply", &v) {
+                    Ok(lease) => run_task(&q, &stop, lease.task.id, lease.task.work).await,
                     Err(e) => {
-                        let f = TaskFailure {
-                            reason: "WorkerIncompatible".into(),
-                            message: format!("task {id}: cannot read its instructions: {e}"),
-                            retryable: false,
-                        };
-                        let _ = q
-                            .post(
-                                &format!("/v1/tasks/{id}/fail"),
-                                json!({"worker": q.cfg.worker, "failure": f}),
-                                Duration::from_secs(10),
-                            )
-                            .await;
+                        // Instructions this worker cannot read (an operator of another version): fail the
+                        // task for good, with the reason, rather than leave it to be leased again and again.
+                        tracing::error!(slot = n, error = %e, "cannot read a leased task");
+                        if let Ok(t) = decode::<tessera_crds::protocol::LeasedId>("lease reply", &v)
+                        {
+                            let f = FailRequest {
+                                worker: q.cfg.worker.clone(),
+                                failure: TaskFailure {
+                                    reason: "WorkerIncompatible".into(),
+                                    message: format!("task {}: {e}", t.task.id),
+                                    retryable: false,
+                                },
+                                seconds: 0.0,
+                            };
+                            let _ = q
+                                .post(
+                                    &task_path(t.task.id, TaskOp::Fail),
+                                    &f,
+                                    Duration::from_secs(10),
+                                )
+                                .await;
+                        }
                     }
                 }
             }
@@ -453,8 +485,11 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
         tokio::select! {
             res = &mut handle => break res.unwrap_or_else(|e| Err(Error::Queue(format!("task panicked: {e}")))),
             _ = tick.tick() => {
-                let body = json!({"worker": me, "progress": {"frames": frames.load(Ordering::Relaxed)}});
-                match q.post(&format!("/v1/tasks/{id}/heartbeat"), body, Duration::from_secs(5)).await {
+                let body = HeartbeatRequest {
+                    worker: me.clone(),
+                    progress: Some(TaskProgress { frames: frames.load(Ordering::Relaxed) }),
+                };
+                match q.post(&task_path(id, TaskOp::Heartbeat), &body, Duration::from_secs(5)).await {
                     Ok(Reply::Gone) => {
                         tracing::info!(task = id, "task cancelled by the operator; stopping it");
                         abandoned = true;
@@ -481,31 +516,52 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
         }
     };
     let secs = started.elapsed().as_secs_f64();
+    let worker = me.clone();
+    let encoded = |v: serde_json::Result<Vec<u8>>| v.map(Bytes::from);
     let (path, body) = match (outcome, abandoned) {
         // Stopped early: release, which also tells the operator this worker has stopped it.
-        (_, true) | (Err(Error::Cancelled), false) => {
-            (format!("/v1/tasks/{id}/release"), json!({"worker": me}))
-        }
+        (_, true) | (Err(Error::Cancelled), false) => (
+            task_path(id, TaskOp::Release),
+            encoded(serde_json::to_vec(&ReleaseRequest { worker })),
+        ),
         (Ok(result), false) => {
             tracing::info!(task = id, kind = ?work.kind, chunk = ?work.chunk, seconds = secs, "task done");
             (
-                format!("/v1/tasks/{id}/complete"),
-                json!({"worker": me, "result": result, "seconds": secs}),
+                task_path(id, TaskOp::Complete),
+                encoded(serde_json::to_vec(&CompleteRequest {
+                    worker,
+                    result,
+                    seconds: secs,
+                })),
             )
         }
         (Err(e), false) => {
-            let f = task::failure(&e);
-            tracing::warn!(task = id, kind = ?work.kind, reason = %f.reason, error = %f.message, "task failed");
+            let failure = task::failure(&e);
+            tracing::warn!(task = id, kind = ?work.kind, reason = %failure.reason, error = %failure.message, "task failed");
             (
-                format!("/v1/tasks/{id}/fail"),
-                json!({"worker": me, "failure": f, "seconds": secs}),
+                task_path(id, TaskOp::Fail),
+                encoded(serde_json::to_vec(&FailRequest {
+                    worker,
+                    failure,
+                    seconds: secs,
+                })),
             )
+        }
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(task = id, error = %e, "cannot encode the task's verdict; its lease will expire");
+            return;
         }
     };
     // The verdict must reach the queue: retry through a failover for a while.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match q.post(&path, body.clone(), Duration::from_secs(10)).await {
+        match q
+            .post_bytes(&path, body.clone(), Duration::from_secs(10))
+            .await
+        {
             Ok(Reply::Other(s, e)) if s.is_server_error() && Instant::now() < deadline => {
                 tracing::warn!(task = id, status = %s, error = %e, "queue error; retrying the verdict")
             }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use serde_json::Value;
+use tessera_crds::protocol::{CleanupResult, TaskResult};
 use tessera_crds::work::{
     ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind,
 };
@@ -52,27 +52,26 @@ pub fn failure(e: &Error) -> TaskFailure {
 }
 
 /// Run `work`; `frames` counts encoded frames for heartbeats. Returns the task's result for the queue.
-pub fn execute(work: &Work, cancel: &AtomicBool, frames: &AtomicU64) -> Result<Value> {
+pub fn execute(work: &Work, cancel: &AtomicBool, frames: &AtomicU64) -> Result<TaskResult> {
     let s3 = s3::global();
     let ledger = S3Uri::parse(&work.ledger)
         .ok_or_else(|| field("ledger", format!("{:?} is not an s3:// URI", work.ledger)))?;
     let started = Instant::now();
     let out = match work.kind {
-        WorkKind::Plan => serde_json::to_value(plan(work, &s3, &ledger)?),
+        WorkKind::Plan => plan(work, &s3, &ledger).map(TaskResult::Plan),
         WorkKind::Chunk => {
-            serde_json::to_value(chunk(work, &s3, &ledger, cancel, frames, started)?)
+            chunk(work, &s3, &ledger, cancel, frames, started).map(TaskResult::Chunk)
         }
-        WorkKind::Audio => serde_json::to_value(audio(work, &s3, &ledger, cancel, started)?),
-        WorkKind::Stitch => serde_json::to_value(stitch(work, &s3, &ledger, cancel, started)?),
-        WorkKind::Cleanup => {
-            let n = s3::block_on(s3.delete_prefix(&ledger))?;
+        WorkKind::Audio => audio(work, &s3, &ledger, cancel, started).map(TaskResult::Audio),
+        WorkKind::Stitch => stitch(work, &s3, &ledger, cancel, started).map(TaskResult::Stitch),
+        WorkKind::Cleanup => s3::block_on(s3.delete_prefix(&ledger)).map(|n| {
             forget(work);
             tracing::info!(ledger = %ledger, objects = n, "ledger deleted");
-            Ok(serde_json::json!({"deleted": n}))
-        }
+            TaskResult::Cleanup(CleanupResult { deleted: n as u64 })
+        }),
     };
     s3.unpin_prefix(&ledger);
-    out.map_err(|e| Error::Queue(format!("result: {e}")))
+    out
 }
 
 fn input_uri(work: &Work) -> Option<S3Uri> {

@@ -13,25 +13,50 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
-use http_body_util::{BodyExt, Full};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{json, Value};
+use tessera_crds::protocol::{
+    Call, CompleteRequest, FailRequest, LeaseRequest, LeasedTask, TaskResult,
+};
+use tessera_crds::work::{ChunkResult, StitchResult, TaskFailure, WorkKind};
 use tessera_e2e::cluster::{kubectl_ok, root};
 
-use tessera_e2e::load::{http, pct, Client};
+use tessera_e2e::load::{http, pct, sample_plan, sample_work, Client};
 
-async fn post(c: &Client, url: &str, token: &str, body: Value) -> (u16, Value) {
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = c.request(req).await.expect("queue reachable");
-    let s = resp.status().as_u16();
-    let b = resp.into_body().collect().await.unwrap().to_bytes();
-    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+/// A queue call with its protocol types; the benchmark stops on an unreachable queue or unreadable reply.
+async fn post<T: Call>(c: &Client, url: &str, token: &str, msg: &T) -> (u16, Option<T::Reply>) {
+    tessera_e2e::load::call(c, url, token, msg)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+fn lease(wait_ms: u64) -> LeaseRequest {
+    LeaseRequest {
+        worker: "bench".into(),
+        wait_ms,
+    }
+}
+
+/// End a task this benchmark does not run.
+fn benchmark_failure(message: &str) -> FailRequest {
+    FailRequest {
+        worker: "bench".into(),
+        failure: TaskFailure {
+            reason: "Benchmark".into(),
+            message: message.into(),
+            retryable: false,
+        },
+        seconds: 0.0,
+    }
+}
+
+fn completion(result: TaskResult) -> CompleteRequest {
+    CompleteRequest {
+        worker: "bench".into(),
+        result,
+        seconds: 0.01,
+    }
 }
 
 fn job(name: &str) -> Value {
@@ -99,13 +124,7 @@ async fn main() {
     // The pool is known to the queue API after the operator's next pool pass.
     let t = Instant::now();
     loop {
-        let (s, _) = post(
-            &c,
-            &lease_url,
-            &token,
-            json!({"worker": "bench", "waitMs": 0}),
-        )
-        .await;
+        let (s, _) = post(&c, &lease_url, &token, &lease(0)).await;
         if s == 204 || s == 200 {
             break;
         }
@@ -160,26 +179,21 @@ async fn main() {
     for i in 0..50 {
         let c2 = c.clone();
         let (u, t2) = (lease_url.clone(), token.clone());
-        let waiter = tokio::spawn(async move {
-            post(&c2, &u, &t2, json!({"worker": "bench", "waitMs": 20000})).await
-        });
+        let waiter = tokio::spawn(async move { post(&c2, &u, &t2, &lease(20_000)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let t0 = Instant::now();
         create(format!("lat-{i:02}")).await;
         let (s, body) = waiter.await.unwrap();
         let dt = t0.elapsed().as_secs_f64() * 1000.0;
-        assert_eq!(s, 200, "{body}");
-        assert_eq!(body["task"]["work"]["job"], format!("lat-{i:02}"));
+        let task = body.unwrap_or_else(|| panic!("lease answered {s}")).task;
+        assert_eq!(task.job, format!("lat-{i:02}"));
         lat.push(dt);
-        let id = body["task"]["id"].as_u64().unwrap();
         // Nothing to plan here: end the job so its task is not handed out again.
-        let failure =
-            json!({"reason": "Benchmark", "message": "benchmark job", "retryable": false});
         post(
             &c,
-            &format!("{base}/v1/tasks/{id}/fail"),
+            &format!("{base}/v1/tasks/{}/fail", task.id),
             &token,
-            json!({"worker": "bench", "failure": failure}),
+            &benchmark_failure("benchmark job"),
         )
         .await;
     }
@@ -216,7 +230,7 @@ async fn main() {
         let writes0 = metric(&base, "tessera_status_writes_total", "").await;
         create(name.clone()).await;
         // Lease the next task of this job (anything else left over is ended).
-        let next = |kind: &'static str| {
+        let next = |kind: WorkKind| {
             let (c, lease_url, token, base, name) = (
                 c.clone(),
                 lease_url.clone(),
@@ -226,40 +240,29 @@ async fn main() {
             );
             async move {
                 loop {
-                    let (s, body) = post(
-                        &c,
-                        &lease_url,
-                        &token,
-                        json!({"worker": "bench", "waitMs": 20000}),
-                    )
-                    .await;
-                    assert_eq!(s, 200, "a {kind} task for {name}");
-                    let id = body["task"]["id"].as_u64().unwrap();
-                    if body["task"]["work"]["job"] == name.as_str()
-                        && body["task"]["work"]["kind"] == kind
-                    {
-                        return id;
+                    let (s, body) = post(&c, &lease_url, &token, &lease(20_000)).await;
+                    let task: LeasedTask = body
+                        .unwrap_or_else(|| panic!("a {kind:?} task for {name}: {s}"))
+                        .task;
+                    if task.job == name && task.work.kind == kind {
+                        return task.id;
                     }
-                    let failure = json!({"reason": "Benchmark", "message": "not this benchmark's task", "retryable": false});
                     post(
                         &c,
-                        &format!("{base}/v1/tasks/{id}/fail"),
+                        &format!("{base}/v1/tasks/{}/fail", task.id),
                         &token,
-                        json!({"worker": "bench", "failure": failure}),
+                        &benchmark_failure("not this benchmark's task"),
                     )
                     .await;
                 }
             }
         };
-        let id = next("plan").await;
-        let plan = json!({"plan": {"targetSeconds": 1.0, "chunks": chunks, "frames": chunks * 25,
-            "durationSeconds": chunks, "fps": 25.0, "encoders": ["libx264"], "encoderReasons": [], "audio": false},
-            "done": [], "audioDone": false});
+        let id = next(WorkKind::Plan).await;
         post(
             &c,
             &format!("{base}/v1/tasks/{id}/complete"),
             &token,
-            json!({"worker": "bench", "result": plan}),
+            &completion(sample_plan(chunks, false)),
         )
         .await;
         // Chunks complete evenly over about 5 s, as they would on a busy pool.
@@ -267,17 +270,27 @@ async fn main() {
         let pace = Duration::from_secs(5) / chunks;
         for i in 0..chunks {
             tokio::time::sleep_until((t0 + pace * i).into()).await;
-            let id = next("chunk").await;
-            post(&c, &format!("{base}/v1/tasks/{id}/complete"), &token,
-                json!({"worker": "bench", "result": {"frames": 25, "reused": false, "seconds": 0.01}})).await;
+            let id = next(WorkKind::Chunk).await;
+            let encoded = ChunkResult {
+                frames: 25,
+                reused: false,
+                seconds: 0.01,
+            };
+            post(
+                &c,
+                &format!("{base}/v1/tasks/{id}/complete"),
+                &token,
+                &completion(TaskResult::Chunk(encoded)),
+            )
+            .await;
         }
         let encode_secs = t0.elapsed().as_secs_f64();
-        let id = next("stitch").await;
+        let id = next(WorkKind::Stitch).await;
         post(
             &c,
             &format!("{base}/v1/tasks/{id}/complete"),
             &token,
-            json!({"worker": "bench", "result": {"renditions": [], "seconds": 0.0}}),
+            &completion(TaskResult::Stitch(StitchResult::default())),
         )
         .await;
         let t = Instant::now();
@@ -335,12 +348,14 @@ impl tessera_operator::api::Authenticator for Fixed {
 }
 
 async fn queue_api_bench() -> Value {
-    use tessera_operator::api::{router, ApiState};
-    use tessera_operator::queue::{Queue, QueueConfig, Task};
-    let mut q = Queue::new(QueueConfig::default());
+    use tessera_operator::api::{router, PoolAccess, QueueApi};
+    use tessera_operator::core::{Cmd, Core};
+    use tessera_operator::queue::{QueueConfig, Task};
+    let mut core = Core::new(QueueConfig::default());
     let n_tasks = 400_000u64;
+    let work = sample_work(WorkKind::Chunk, "j", Some(1));
     for id in 1..=n_tasks {
-        q.enqueue(
+        core.queue_mut().enqueue(
             Task {
                 id,
                 pool: "ns/p".into(),
@@ -348,18 +363,24 @@ async fn queue_api_bench() -> Value {
                 job: format!("j{}", id % 1000),
                 priority: (id % 3) as i32,
                 coalesce: None,
-                work: json!({"kind": "chunk", "chunk": id}),
+                work: work.clone(),
             },
             0,
         );
     }
-    let st = ApiState::new(q, Box::new(Fixed), None);
-    st.access
-        .lock()
-        .unwrap()
+    let mut access = PoolAccess::default();
+    access
         .pools
         .insert("ns/p".into(), ("ns".into(), "w".into()));
-    let app = router(Arc::new(st));
+    core.apply(Cmd::SetAccess(access));
+    let core = core.spawn();
+    core.shared
+        .leader
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let app = router(Arc::new(QueueApi {
+        core,
+        auth: Box::new(Fixed),
+    }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -405,17 +426,25 @@ async fn run_workers(
                         due += e;
                     }
                     let t = Instant::now();
-                    let (s, body) = post(&c, &lease, "bench-token", json!({"worker": name})).await;
+                    let ask = LeaseRequest {
+                        worker: name.clone(),
+                        wait_ms: 0,
+                    };
+                    let (s, body) = post(&c, &lease, "bench-token", &ask).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    if s != 200 {
+                    let Some(reply) = body.filter(|_| s == 200) else {
                         break;
-                    }
-                    let id = body["task"]["id"].as_u64().unwrap();
+                    };
+                    let done = CompleteRequest {
+                        worker: name.clone(),
+                        result: TaskResult::Chunk(ChunkResult::default()),
+                        seconds: 0.0,
+                    };
                     post(
                         &c,
-                        &format!("http://{addr}/v1/tasks/{id}/complete"),
+                        &format!("http://{addr}/v1/tasks/{}/complete", reply.task.id),
                         "bench-token",
-                        json!({"worker": name}),
+                        &done,
                     )
                     .await;
                 }

@@ -1,0 +1,1048 @@
+//! The leader's state, with one owner: a task that holds the queue, the pools' access rules, the jobs it
+//! runs and their bookkeeping, and applies one command at a time. The queue API's handlers (after
+//! authenticating the caller), the job reconciler, the status writer, the pool scaler and `/metrics` send it
+//! typed commands and await the answer on a reply channel; none of them holds any of this state, so there
+//! is no lock to order and none to deadlock on.
+//!
+//! ```text
+//!  queue API handlers ──Lease/Heartbeat/Complete/Fail/Release──┐
+//!  job reconciler ──────Observe/Accept/Finalize/Finalized──────┤
+//!  status writer ───────Statuses/StatusFailed──────────────────┼──▶ Core (one task) ──▶ replies
+//!  pool scaler ─────────SetAccess/PoolLoad/Drain/KeepDrains────┤        │ every 500 ms: expire leases
+//!  /metrics ────────────Snapshot───────────────────────────────┘        └─▶ Shared: Notify (queued), counters
+//! ```
+//! Nothing here awaits I/O: the callers do the Kubernetes and HTTP calls with the answers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::EventType;
+use tessera_crds::protocol::{
+    CompleteReply, CompleteRequest, FailReply, FailRequest, HeartbeatReply, HeartbeatRequest,
+    LeaseGrant, LeaseReply, LeasedTask, ReleaseReply, ReleaseRequest, TaskId, TaskResult,
+};
+use tessera_crds::work::{TaskFailure, Work, WorkKind};
+use tessera_crds::{TranscodeJobSpec, TranscodeJobStatus};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::api::{Identity, PoolAccess};
+use crate::jobrun::{keep_transition_times, JobRun, Stage};
+use crate::queue::{Depth, Queue, QueueConfig, QueueError, Task};
+use crate::status::{Decision, Throttle};
+
+/// How long a deleted job waits for a worker to delete its temporary objects before it goes anyway.
+pub const CLEANUP_PATIENCE: Duration = Duration::from_secs(300);
+/// How long a finalized job's uid is remembered (far longer than a watch cache lags).
+const FINALIZED_MEMORY: Duration = Duration::from_secs(600);
+
+/// Signals and counters shared without locks: the lease long-poll's wake-up, leadership, and counts.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Woken when tasks are queued (long-polling lease requests wait on it, and the pool scaler).
+    pub queued: Notify,
+    /// Serving the queue only while this replica leads.
+    pub leader: AtomicBool,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub leases: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub expired: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// An answer to a queue request that is not a success: its HTTP status and words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::UnknownTask(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+        QueueError::NotHolder { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+/// A job as the watch saw it, for `Observe`.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+    pub spec: TranscodeJobSpec,
+    /// Its status says Succeeded or Failed.
+    pub terminal: bool,
+}
+
+/// What the reconciler does next with an observed job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// Not run by this leader: validate and admit it, then `Accept`.
+    Unknown,
+    /// Finished and its status written: only the TTL is left.
+    Finished,
+    /// Running; spec changes (priority, suspend) applied.
+    Following,
+    /// Deleted and re-created under the same name: the old run is forgotten; look again.
+    Replaced,
+}
+
+/// What the finalizer does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinalizeStep {
+    /// The finalizer is gone already, or this leader removed it: nothing to do.
+    Forget,
+    /// Cancelled tasks not yet acknowledged, or the cleanup task still running: look again then.
+    Wait(Duration),
+    /// Remove the finalizer, then send `Finalized`.
+    RemoveFinalizer,
+}
+
+/// One job's status to write and events to publish.
+#[derive(Debug, Clone)]
+pub struct StatusWrite {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub status: Option<TranscodeJobStatus>,
+    pub events: Vec<(EventType, &'static str, String)>,
+}
+
+/// What `/metrics` shows of the state.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Each pool the queue serves, and its depth.
+    pub pools: Vec<(String, Depth)>,
+    pub jobs_by_stage: HashMap<&'static str, u64>,
+}
+
+/// A request to the owner.
+pub enum Cmd {
+    Lease {
+        pool: String,
+        worker: String,
+        who: Identity,
+        reply: Reply<Result<Option<LeaseReply>, ApiError>>,
+    },
+    Heartbeat {
+        id: TaskId,
+        who: Identity,
+        req: HeartbeatRequest,
+        reply: Reply<Result<HeartbeatReply, ApiError>>,
+    },
+    /// `req` is the worker's name and either its readable request or why it is unreadable.
+    Complete {
+        id: TaskId,
+        who: Identity,
+        worker: String,
+        req: Result<CompleteRequest, String>,
+        reply: Reply<Result<CompleteReply, ApiError>>,
+    },
+    Fail {
+        id: TaskId,
+        who: Identity,
+        req: FailRequest,
+        reply: Reply<Result<FailReply, ApiError>>,
+    },
+    Release {
+        id: TaskId,
+        who: Identity,
+        req: ReleaseRequest,
+        reply: Reply<Result<ReleaseReply, ApiError>>,
+    },
+    Observe {
+        job: Observed,
+        reply: Reply<Observation>,
+    },
+    /// Admitted: run it (`status` as the watch last saw it).
+    Accept {
+        run: Box<JobRun>,
+        status: Option<TranscodeJobStatus>,
+        reply: Reply<()>,
+    },
+    Finalize {
+        job: Observed,
+        /// The job's pool (`ns/name`), resolved by the reconciler.
+        pool: String,
+        /// The job has a finalizer of ours.
+        ours: bool,
+        /// Its spec passes the cluster's checks (else nothing can have been written for it).
+        valid: bool,
+        reply: Reply<FinalizeStep>,
+    },
+    Finalized {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+    Statuses {
+        throttle: Throttle,
+        reply: Reply<Vec<StatusWrite>>,
+    },
+    StatusFailed {
+        namespace: String,
+        name: String,
+    },
+    SetAccess(PoolAccess),
+    PoolLoad {
+        pool: String,
+        reply: Reply<(Depth, HashMap<String, u32>)>,
+    },
+    /// Take no new lease for `worker` from here on; answers whether it is idle (may be deleted). A busy
+    /// worker is not marked.
+    Drain {
+        pool: String,
+        worker: String,
+        reply: Reply<bool>,
+    },
+    Undrain {
+        worker: String,
+    },
+    /// Forget the drain marks of `pool`'s workers that are gone.
+    KeepDrains {
+        pool: String,
+        live: HashSet<String>,
+    },
+    Snapshot {
+        reply: Reply<Snapshot>,
+    },
+}
+
+/// The handle every caller holds: sends commands, awaits answers.
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<Cmd>,
+    pub shared: Arc<Shared>,
+}
+
+/// The owner has stopped (the process is ending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the operator's state owner has stopped")
+    }
+}
+
+impl CoreHandle {
+    /// Send a command built around a fresh reply channel, and await the answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Send a command that needs no answer.
+    pub async fn tell(&self, cmd: Cmd) {
+        let _ = self.tx.send(cmd).await;
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::Relaxed)
+    }
+}
+
+/// A cancelled task whose worker has not yet acknowledged (by release, complete or fail) that it stopped.
+#[derive(Debug, Clone)]
+struct Cancelled {
+    namespace: String,
+    job: String,
+    until: Instant,
+}
+
+/// One job this leader runs.
+struct Entry {
+    run: JobRun,
+    tasks: HashSet<TaskId>,
+    started: Instant,
+    dirty: bool,
+    written: Option<TranscodeJobStatus>,
+    last_write: Option<Instant>,
+    cleanup: Option<TaskId>,
+    cleanup_done: bool,
+    /// Some task was handed to a worker (so the ledger may hold objects).
+    touched: bool,
+    cleanup_since: Option<Instant>,
+    events: Vec<(EventType, &'static str, String)>,
+}
+
+impl Entry {
+    fn new(run: JobRun, written: Option<TranscodeJobStatus>, dirty: bool) -> Self {
+        Self {
+            run,
+            tasks: HashSet::new(),
+            started: Instant::now(),
+            dirty,
+            written,
+            last_write: None,
+            cleanup: None,
+            cleanup_done: false,
+            touched: false,
+            cleanup_since: None,
+            events: Vec::new(),
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// The state. Only `run` touches it, one command at a time.
+pub struct Core {
+    shared: Arc<Shared>,
+    started: Instant,
+    queue: Queue<Work>,
+    access: PoolAccess,
+    cancelled: HashMap<TaskId, Cancelled>,
+    /// Frames encoded so far by each leased task (from heartbeats).
+    progress: HashMap<TaskId, u64>,
+    /// Workers about to be deleted (worker → pool): they get no new task.
+    draining: HashMap<String, String>,
+    jobs: HashMap<Key, Entry>,
+    /// Jobs (by uid) whose finalizer this leader removed, for a few minutes: the watch cache may still show
+    /// them with the finalizer, and finalizing them again would queue a second cleanup and leave an entry
+    /// behind for an object that is gone.
+    finalized: HashMap<String, Instant>,
+    /// Task ids of different leaders never collide: a worker still holding an old leader's task gets 404
+    /// from the new one (keep going), never another task's answer.
+    epoch: u64,
+    seq: u64,
+    /// Attempts before a retryable failure fails the job.
+    pub max_attempts: u32,
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+impl Core {
+    pub fn new(cfg: QueueConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared::default()),
+            started: Instant::now(),
+            queue: Queue::new(cfg),
+            access: PoolAccess::default(),
+            cancelled: HashMap::new(),
+            progress: HashMap::new(),
+            draining: HashMap::new(),
+            jobs: HashMap::new(),
+            finalized: HashMap::new(),
+            epoch: fastrand::u64(1..(1 << 20)) << 32,
+            seq: 0,
+            max_attempts: 3,
+        }
+    }
+
+    /// Start the owner task; the handle is how everyone else reaches the state.
+    pub fn spawn(self) -> CoreHandle {
+        let (tx, rx) = mpsc::channel(4096);
+        let handle = CoreHandle {
+            tx,
+            shared: self.shared.clone(),
+        };
+        tokio::spawn(self.run(rx));
+        handle
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut expire = tokio::time::interval(Duration::from_millis(500));
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.apply(cmd),
+                    None => return,
+                },
+                _ = expire.tick() => self.expire(),
+            }
+        }
+    }
+
+    /// The queue, before the owner starts (tests and tools seed it).
+    pub fn queue_mut(&mut self) -> &mut Queue<Work> {
+        &mut self.queue
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// One command. A reply whose asker went away (a timed-out request) is dropped.
+    pub fn apply(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Lease {
+                pool,
+                worker,
+                who,
+                reply,
+            } => {
+                let _ = reply.send(self.lease(&pool, &worker, &who));
+            }
+            Cmd::Heartbeat {
+                id,
+                who,
+                req,
+                reply,
+            } => {
+                let r = self.on_task(id, &who, false).and_then(|()| {
+                    let exp = self
+                        .queue
+                        .heartbeat(id, &req.worker, self.now_ms())
+                        .map_err(queue_error)?;
+                    if let Some(p) = &req.progress {
+                        self.progress.insert(id, p.frames);
+                    }
+                    Ok(HeartbeatReply { expires_at: exp })
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Complete {
+                id,
+                who,
+                worker,
+                req,
+                reply,
+            } => {
+                let r = self
+                    .on_task(id, &who, true)
+                    .and_then(|()| self.complete(id, &worker, req));
+                let _ = reply.send(r);
+            }
+            Cmd::Fail {
+                id,
+                who,
+                req,
+                reply,
+            } => {
+                let r = self
+                    .on_task(id, &who, true)
+                    .and_then(|()| self.fail(id, &req.worker, req.failure));
+                let _ = reply.send(r);
+            }
+            Cmd::Release {
+                id,
+                who,
+                req,
+                reply,
+            } => {
+                let r = self.on_task(id, &who, true).and_then(|()| {
+                    self.queue.release(id, &req.worker).map_err(queue_error)?;
+                    self.progress.remove(&id);
+                    self.shared.queued.notify_waiters();
+                    Ok(ReleaseReply {})
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Observe { job, reply } => {
+                let _ = reply.send(self.observe(job));
+            }
+            Cmd::Accept { run, status, reply } => {
+                self.accept(*run, status);
+                let _ = reply.send(());
+            }
+            Cmd::Finalize {
+                job,
+                pool,
+                ours,
+                valid,
+                reply,
+            } => {
+                let _ = reply.send(self.finalize(job, pool, ours, valid));
+            }
+            Cmd::Finalized {
+                namespace,
+                name,
+                uid,
+            } => {
+                self.jobs.remove(&(namespace, name));
+                self.finalized.retain(|_, t| t.elapsed() < FINALIZED_MEMORY);
+                self.finalized.insert(uid, Instant::now());
+            }
+            Cmd::Statuses { throttle, reply } => {
+                let _ = reply.send(self.statuses(throttle));
+            }
+            Cmd::StatusFailed { namespace, name } => {
+                if let Some(e) = self.jobs.get_mut(&(namespace, name)) {
+                    e.dirty = true;
+                }
+            }
+            Cmd::SetAccess(access) => self.access = access,
+            Cmd::PoolLoad { pool, reply } => {
+                let _ = reply.send((self.queue.depth(&pool), self.queue.leases_by_worker(&pool)));
+            }
+            Cmd::Drain {
+                pool,
+                worker,
+                reply,
+            } => {
+                let busy = self
+                    .queue
+                    .leases_by_worker(&pool)
+                    .get(&worker)
+                    .is_some_and(|n| *n > 0);
+                if !busy {
+                    self.draining.insert(worker, pool);
+                }
+                let _ = reply.send(!busy);
+            }
+            Cmd::Undrain { worker } => {
+                self.draining.remove(&worker);
+            }
+            Cmd::KeepDrains { pool, live } => {
+                self.draining.retain(|w, p| *p != pool || live.contains(w));
+            }
+            Cmd::Snapshot { reply } => {
+                let mut pools: Vec<String> = self.access.pools.keys().cloned().collect();
+                pools.sort();
+                let _ = reply.send(Snapshot {
+                    pools: pools
+                        .into_iter()
+                        .map(|p| {
+                            let d = self.queue.depth(&p);
+                            (p, d)
+                        })
+                        .collect(),
+                    jobs_by_stage: self.jobs_by_stage(),
+                });
+            }
+        }
+    }
+
+    // ---- the queue API -------------------------------------------------------------------------------
+
+    fn lease(
+        &mut self,
+        pool: &str,
+        worker: &str,
+        who: &Identity,
+    ) -> Result<Option<LeaseReply>, ApiError> {
+        self.check_pool(who, pool, "work for")?;
+        if self.draining.contains_key(worker) {
+            return Ok(None);
+        }
+        let now = self.now_ms();
+        let Some((task, lease)) = self.queue.lease(pool, worker, now) else {
+            return Ok(None);
+        };
+        self.shared.counters.leases.fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = self
+            .jobs
+            .get_mut(&(task.namespace.clone(), task.job.clone()))
+        {
+            e.touched = true;
+        }
+        Ok(Some(LeaseReply {
+            lease: LeaseGrant {
+                task: lease.task,
+                worker: lease.worker,
+                expires_at: lease.expires_at,
+                attempt: lease.attempt,
+            },
+            task: LeasedTask {
+                id: task.id,
+                pool: task.pool,
+                namespace: task.namespace,
+                job: task.job,
+                priority: task.priority,
+                work: task.work,
+            },
+        }))
+    }
+
+    /// May the caller act on task `id`? A cancelled task answers 410 (and `ack`, a release, complete or
+    /// fail, takes the acknowledgement); only the task's pool's account may learn even that much.
+    fn on_task(&mut self, id: TaskId, who: &Identity, ack: bool) -> Result<(), ApiError> {
+        let Some(pool) = self.queue.task(id).map(|t| t.pool.clone()) else {
+            return match self.cancelled.get(&id) {
+                Some(_) => {
+                    if ack {
+                        self.cancelled.remove(&id);
+                    }
+                    Err(ApiError::new(
+                        StatusCode::GONE,
+                        format!("task {id} was cancelled"),
+                    ))
+                }
+                None => Err(queue_error(QueueError::UnknownTask(id))),
+            };
+        };
+        self.check_pool(who, &pool, "act on")
+    }
+
+    /// Only the pool's own ServiceAccount may lease its tasks or act on them.
+    fn check_pool(&self, who: &Identity, pool: &str, verb: &str) -> Result<(), ApiError> {
+        if self.access.allows(who, pool) {
+            return Ok(());
+        }
+        self.shared
+            .counters
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{} may not {verb} pool {pool}", who.username),
+        ))
+    }
+
+    fn complete(
+        &mut self,
+        id: TaskId,
+        worker: &str,
+        req: Result<CompleteRequest, String>,
+    ) -> Result<CompleteReply, ApiError> {
+        let kind = self.queue.task(id).map(|t| t.work.kind);
+        // The result must be readable and answer this task's kind of work; otherwise the worker and this
+        // operator do not speak the same protocol, and trying again would not help.
+        let req = req.and_then(|r| match Some(r.result.kind()) == kind {
+            true => Ok(r),
+            false => Err(format!(
+                "a {:?} result for a {:?} task",
+                r.result.kind(),
+                kind.unwrap_or(WorkKind::Plan)
+            )
+            .to_lowercase()),
+        });
+        let req = match req {
+            Ok(r) => r,
+            Err(why) => {
+                let failure = TaskFailure {
+                    reason: "WorkerIncompatible".into(),
+                    message: format!("the worker's result is unreadable: {why}"),
+                    retryable: false,
+                };
+                tracing::warn!(task = id, %worker, error = %why, "unreadable task result; the task fails");
+                self.fail(id, worker, failure)?;
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, why));
+            }
+        };
+        let c = self.queue.complete(id, worker).map_err(queue_error)?;
+        self.progress.remove(&id);
+        self.shared
+            .counters
+            .completed
+            .fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<TaskId> = c.tasks.iter().map(|t| t.id).collect();
+        self.on_completed(c.tasks, req.result, req.seconds);
+        Ok(CompleteReply { completed: ids })
+    }
+
+    fn fail(
+        &mut self,
+        id: TaskId,
+        worker: &str,
+        failure: TaskFailure,
+    ) -> Result<FailReply, ApiError> {
+        let attempt = self.queue.attempts(id);
+        if failure.retryable && attempt < self.max_attempts {
+            self.queue.release(id, worker).map_err(queue_error)?;
+            self.progress.remove(&id);
+            tracing::warn!(task = id, attempt, reason = %failure.reason, message = %failure.message,
+                "task failed; queued again");
+            self.shared.queued.notify_waiters();
+            return Ok(FailReply { requeued: true });
+        }
+        let c = self.queue.complete(id, worker).map_err(queue_error)?;
+        self.progress.remove(&id);
+        self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+        self.on_failed(c.tasks, failure);
+        Ok(FailReply { requeued: false })
+    }
+
+    /// Re-queue tasks whose lease ran out, and forget cancellations nobody acknowledged.
+    fn expire(&mut self) {
+        let gone = self.queue.expire(self.now_ms());
+        if !gone.is_empty() {
+            for id in &gone {
+                self.progress.remove(id);
+            }
+            self.shared
+                .counters
+                .expired
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            tracing::warn!(tasks = ?gone, "leases expired; tasks queued again");
+            self.shared.queued.notify_waiters();
+        }
+        let t = Instant::now();
+        self.cancelled.retain(|_, c| c.until > t);
+    }
+
+    /// Cancel every task of a job: queued ones vanish, leased ones are remembered until their workers
+    /// acknowledge (their next heartbeat gets 410) or the lease would have expired.
+    fn cancel_job(&mut self, namespace: &str, job: &str) -> usize {
+        let leases = self.queue.cancel_job(namespace, job);
+        let until = Instant::now() + Duration::from_millis(self.queue.lease_ms());
+        for l in &leases {
+            self.progress.remove(&l.task);
+            self.cancelled.insert(
+                l.task,
+                Cancelled {
+                    namespace: namespace.into(),
+                    job: job.into(),
+                    until,
+                },
+            );
+        }
+        leases.len()
+    }
+
+    fn unacknowledged(&self, namespace: &str, job: &str) -> usize {
+        self.cancelled
+            .values()
+            .filter(|c| c.namespace == namespace && c.job == job)
+            .count()
+    }
+
+    // ---- jobs ----------------------------------------------------------------------------------------
+
+    fn enqueue(&mut self, key: &Key, works: Vec<Work>) {
+        if works.is_empty() {
+            return;
+        }
+        let now = self.now_ms();
+        let Some(e) = self.jobs.get_mut(key) else {
+            return;
+        };
+        for w in works {
+            let id = self.epoch | self.seq;
+            self.seq += 1;
+            if w.kind == WorkKind::Cleanup {
+                e.cleanup = Some(id);
+            } else {
+                e.tasks.insert(id);
+            }
+            self.queue.enqueue(
+                Task {
+                    id,
+                    pool: e.run.pool.clone(),
+                    namespace: e.run.namespace.clone(),
+                    job: e.run.name.clone(),
+                    priority: e.run.spec.priority,
+                    coalesce: None,
+                    work: w,
+                },
+                now,
+            );
+        }
+        self.shared.queued.notify_waiters();
+    }
+
+    fn observe(&mut self, job: Observed) -> Observation {
+        let key = (job.namespace.clone(), job.name.clone());
+        let Some(e) = self.jobs.get_mut(&key) else {
+            return match job.terminal {
+                true => Observation::Finished,
+                false => Observation::Unknown,
+            };
+        };
+        if e.run.finished() && !e.dirty {
+            return Observation::Finished;
+        }
+        if e.run.uid != job.uid {
+            self.jobs.remove(&key);
+            return Observation::Replaced;
+        }
+        if e.run.generation == job.generation {
+            return Observation::Following;
+        }
+        e.run.generation = job.generation;
+        e.dirty = true;
+        if e.run.spec.priority != job.spec.priority {
+            e.run.spec.priority = job.spec.priority;
+            self.queue
+                .set_priority(&job.namespace, &job.name, job.spec.priority);
+        }
+        let e = self.jobs.get_mut(&key).expect("known");
+        if job.spec.suspend == e.run.suspended || e.run.finished() {
+            return Observation::Following;
+        }
+        e.run.suspended = job.spec.suspend;
+        e.run.spec.suspend = job.spec.suspend;
+        if job.spec.suspend {
+            e.tasks.clear();
+            let n = self.cancel_job(&job.namespace, &job.name);
+            let e = self.jobs.get_mut(&key).expect("known");
+            e.events.push((
+                EventType::Normal,
+                "Suspended",
+                format!("{n} running tasks given back"),
+            ));
+        } else {
+            if e.run.start_time.is_none() {
+                e.run.start_time = Some(now());
+            }
+            let w = e.run.start();
+            e.events.push((
+                EventType::Normal,
+                "Resumed",
+                "re-planning from the ledger".into(),
+            ));
+            self.enqueue(&key, w);
+        }
+        Observation::Following
+    }
+
+    fn accept(&mut self, run: JobRun, status: Option<TranscodeJobStatus>) {
+        let key = (run.namespace.clone(), run.name.clone());
+        let suspended = run.spec.suspend;
+        let pool = run.pool.clone();
+        let mut e = Entry::new(run, status, true);
+        let mut first = Vec::new();
+        if !suspended {
+            if e.run.start_time.is_none() {
+                e.run.start_time = Some(now());
+            }
+            first = e.run.start();
+            e.events.push((
+                EventType::Normal,
+                "Queued",
+                format!("planning on pool {pool}"),
+            ));
+        }
+        tracing::info!(job = %format!("{}/{}", key.0, key.1), %pool, suspended, "job accepted");
+        self.jobs.insert(key.clone(), e);
+        self.enqueue(&key, first);
+    }
+
+    fn finalize(&mut self, job: Observed, pool: String, ours: bool, valid: bool) -> FinalizeStep {
+        let key = (job.namespace.clone(), job.name.clone());
+        let (ns, name) = (&job.namespace, &job.name);
+        if !ours || self.finalized.contains_key(&job.uid) {
+            self.jobs.remove(&key);
+            return FinalizeStep::Forget;
+        }
+        // Whether a worker may have written to the ledger: the plan came back, or some task was handed out.
+        let touched = self.queue.ever_leased(ns, name)
+            || self
+                .jobs
+                .get(&key)
+                .is_none_or(|e| e.run.plan.is_some() || e.touched);
+        if let Some(e) = self.jobs.get_mut(&key) {
+            e.touched |= touched;
+        }
+        // Cancel the job's work, once: the cleanup task queued below belongs to the job too.
+        let cleanup_queued = self.jobs.get(&key).is_some_and(|e| e.cleanup.is_some());
+        if !cleanup_queued {
+            let stopped = self.cancel_job(ns, name);
+            if stopped > 0 {
+                tracing::info!(job = %format!("{ns}/{name}"), tasks = stopped, "job deleted: running tasks cancelled");
+            }
+        }
+        // Wait until the cancelled tasks' workers say they stopped (or their leases would have run out): a
+        // worker still uploading a chunk would otherwise leave it behind after the cleanup.
+        if self.unacknowledged(ns, name) > 0 {
+            return FinalizeStep::Wait(Duration::from_millis(100));
+        }
+        // The ledger outlives the stitch (its plan and result stay, so a lost report is recovered): it goes
+        // with the job.
+        if !(touched && valid) {
+            return FinalizeStep::RemoveFinalizer;
+        }
+        let e = self.jobs.entry(key.clone()).or_insert_with(|| {
+            Entry::new(
+                JobRun::new(ns, name, &job.uid, 0, job.spec.clone(), pool),
+                None,
+                false,
+            )
+        });
+        e.tasks.clear();
+        e.dirty = false;
+        e.touched = true;
+        let waited = e.cleanup_since.get_or_insert_with(Instant::now).elapsed();
+        if !e.cleanup_done && waited > CLEANUP_PATIENCE {
+            // No worker ran the cleanup (the pool cannot schedule any): let the job go rather than hang.
+            tracing::warn!(job = %format!("{ns}/{name}"), ledger = %e.run.ledger,
+                "no worker cleaned the job's temporary objects in time; deleting the job anyway");
+            e.cleanup_done = true;
+            let note = format!(
+                "no worker of pool {} ran the cleanup within {} s; objects under {} may remain",
+                e.run.pool,
+                CLEANUP_PATIENCE.as_secs(),
+                e.run.ledger
+            );
+            e.events
+                .push((EventType::Warning, "CleanupAbandoned", note));
+        }
+        if e.cleanup_done {
+            return FinalizeStep::RemoveFinalizer;
+        }
+        if e.cleanup.is_none() {
+            let w = Work {
+                kind: WorkKind::Cleanup,
+                ..e.run.start().remove(0)
+            };
+            self.enqueue(&key, vec![w]);
+        }
+        FinalizeStep::Wait(Duration::from_millis(200))
+    }
+
+    /// The jobs of `tasks` whose uid matches the work's: (key, task id, work).
+    fn owners(&self, tasks: Vec<Task<Work>>) -> Vec<(Key, TaskId, Work)> {
+        tasks
+            .into_iter()
+            .filter_map(|t| {
+                let key = (t.namespace, t.job);
+                let e = self.jobs.get(&key)?;
+                (e.run.uid == t.work.uid).then_some((key, t.id, t.work))
+            })
+            .collect()
+    }
+
+    fn on_completed(&mut self, tasks: Vec<Task<Work>>, result: TaskResult, secs: f64) {
+        for (key, id, work) in self.owners(tasks) {
+            let Some(e) = self.jobs.get_mut(&key) else {
+                continue;
+            };
+            e.tasks.remove(&id);
+            e.dirty = true;
+            let next = match result.clone() {
+                TaskResult::Plan(r) => {
+                    let note = format!(
+                        "{} chunks of {:.1} s, encoders {}; {} already in the ledger",
+                        r.plan.chunks,
+                        r.plan.target_seconds,
+                        r.plan.encoders.join(","),
+                        r.done.len()
+                    );
+                    e.run.worker_seconds += secs;
+                    let next = e.run.on_plan(r);
+                    e.events.push((EventType::Normal, "Planned", note));
+                    next
+                }
+                TaskResult::Chunk(r) | TaskResult::Audio(r) => {
+                    let next = e.run.on_encoded(work.kind, work.chunk, &r, secs);
+                    if !next.is_empty() {
+                        let note = format!(
+                            "all chunks encoded ({} reused from the ledger)",
+                            e.run.reused
+                        );
+                        e.events.push((EventType::Normal, "Encoded", note));
+                    }
+                    next
+                }
+                TaskResult::Stitch(r) => {
+                    let n = r.renditions.len();
+                    e.run.on_stitched(r, secs, now());
+                    let note = format!("{n} renditions published to {}", e.run.spec.output.uri);
+                    e.events.push((EventType::Normal, "Completed", note));
+                    Vec::new()
+                }
+                TaskResult::Cleanup(_) => {
+                    e.cleanup_done = true;
+                    Vec::new()
+                }
+            };
+            self.enqueue(&key, next);
+        }
+    }
+
+    fn on_failed(&mut self, tasks: Vec<Task<Work>>, f: TaskFailure) {
+        for (key, id, work) in self.owners(tasks) {
+            let Some(e) = self.jobs.get_mut(&key) else {
+                continue;
+            };
+            e.tasks.remove(&id);
+            e.dirty = true;
+            if work.kind == WorkKind::Cleanup {
+                // Nothing more can be done about a ledger that cannot be deleted: say so and let go.
+                tracing::warn!(ledger = %work.ledger, error = %f.message, "could not delete a job's temporary objects");
+                e.cleanup_done = true;
+                continue;
+            }
+            let what = match work.chunk {
+                Some(c) => format!("chunk {c}: {}", f.message),
+                None => format!(
+                    "{} task: {}",
+                    format!("{:?}", work.kind).to_lowercase(),
+                    f.message
+                ),
+            };
+            e.run.on_failed(&f.reason, &what, now());
+            e.events.push((
+                EventType::Warning,
+                "Failed",
+                format!("{}: {what}", f.reason),
+            ));
+            self.cancel_job(&key.0, &key.1);
+        }
+    }
+
+    /// Statuses that changed, coalesced: a phase change at once, progress at most once per interval.
+    fn statuses(&mut self, throttle: Throttle) -> Vec<StatusWrite> {
+        let mut writes = Vec::new();
+        for ((ns, name), e) in self.jobs.iter_mut() {
+            if !e.dirty && e.events.is_empty() {
+                continue;
+            }
+            let in_flight: u64 = e.tasks.iter().filter_map(|t| self.progress.get(t)).sum();
+            let t = now();
+            let mut st = e.run.status(e.started.elapsed(), in_flight, &t);
+            let old = e.written.clone().unwrap_or_default();
+            keep_transition_times(&mut st.conditions, &old.conditions);
+            let phase_changed = old.phase != st.phase
+                || old
+                    .conditions
+                    .iter()
+                    .map(|c| (&c.type_, &c.status, &c.reason))
+                    .ne(st
+                        .conditions
+                        .iter()
+                        .map(|c| (&c.type_, &c.status, &c.reason)));
+            let d = throttle.decide(e.dirty, phase_changed, e.last_write.map(|w| w.elapsed()));
+            let events = std::mem::take(&mut e.events);
+            let status = if d == Decision::WriteNow {
+                e.dirty = false;
+                e.last_write = Some(Instant::now());
+                e.written = Some(st.clone());
+                Some(st)
+            } else {
+                None
+            };
+            if status.is_some() || !events.is_empty() {
+                writes.push(StatusWrite {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    uid: e.run.uid.clone(),
+                    status,
+                    events,
+                });
+            }
+        }
+        writes
+    }
+
+    fn jobs_by_stage(&self) -> HashMap<&'static str, u64> {
+        let mut out = HashMap::new();
+        for e in self.jobs.values() {
+            let p = match e.run.stage {
+                Stage::Planning => "Planning",
+                Stage::Encoding => "Encoding",
+                Stage::Stitching => "Stitching",
+                Stage::Succeeded => "Succeeded",
+                Stage::Failed => "Failed",
+            };
+            *out.entry(p).or_default() += 1;
+        }
+        out
+    }
+}
