@@ -266,7 +266,7 @@ async fn storm(token: String) {
         HEADER,
         "storm: 20 jobs, each suspended and resumed 10 times while chunks complete",
         &format!(
-            "all Succeeded {all_done:.0} s after the first create; /livez worst {:.0} ms ({probes} probes, none missed);              same leader, no restart | {jobs} | {workers} | {completed} | — | — | — | 0",
+            "all Succeeded {all_done:.0} s after the first create; /livez worst {:.0} ms ({probes} probes, none missed); same leader, no restart | {jobs} | {workers} | {completed} | — | — | — | 0",
             worst * 1000.0
         ),
     );
