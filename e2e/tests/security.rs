@@ -239,6 +239,8 @@ fn the_operator_may_do_what_it_needs_and_nothing_else() {
         ("delete", "transcodejobs.tessera.dev", "default"),
         ("patch", "transcodejobs.tessera.dev:status", "default"),
         ("list", "workerpools.tessera.dev", "tessera-system"),
+        ("watch", "workerpools.tessera.dev", "tessera-system"),
+        ("watch", "pods", "tessera-system"),
         ("patch", "workerpools.tessera.dev:status", "tessera-system"),
         ("create", "pods", "tessera-system"),
         ("delete", "pods", "tessera-system"),
@@ -312,7 +314,7 @@ fn without_permission_to_create_pods_the_pool_cannot_scale_and_says_so() {
     let rules = cut["rules"].as_array_mut().unwrap();
     for r in rules.iter_mut() {
         if r["resources"] == serde_json::json!(["pods"]) {
-            r["verbs"] = serde_json::json!(["list", "delete"]);
+            r["verbs"] = serde_json::json!(["list", "watch", "delete"]);
         }
     }
     cut["metadata"] = serde_json::json!({"name": "tessera-operator"});

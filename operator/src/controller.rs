@@ -5,10 +5,10 @@
 //!  TranscodeJob watch ──▶ reconcile: finalizer, validate, pool, admit ──Observe/Accept──▶ core (plan task)
 //!  queue API ───────────▶ Complete/Fail ──▶ core: JobRun::on_plan / on_encoded / on_stitched (next tasks)
 //!  every 200 ms ────────▶ status writer ──Statuses──▶ core: Throttle ──▶ PATCH status, Events
-//!  every second ────────▶ pools: pods + PoolLoad ──▶ scale::plan ──▶ create / Drain+delete pods, pool status
+//!  WorkerPool watch, its pods' watch (reflector), every second ──▶ pool controller: PoolLoad ──▶ scale::plan
+//!                       ──▶ create / Drain+delete pods, pool status
 //! ```
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde_json::json;
@@ -29,7 +30,7 @@ use crate::api::PoolAccess;
 use crate::core::{Cmd, CoreHandle, FinalizeStep, Observation, Observed};
 use crate::jobrun::JobRun;
 use crate::podspec::{self, WorkerPodInput, POOL_LABEL};
-use crate::scale::{self, Load, PoolShape, Worker, WorkerState};
+use crate::scale::{self, Load, PoolShape, WorkerState};
 use crate::status::Throttle;
 use crate::Error;
 
@@ -55,6 +56,8 @@ pub struct Ctx {
     pub core: CoreHandle,
     pub cfg: Config,
     recorder: Recorder,
+    /// The WorkerPool controller's watched cache, once it runs.
+    pools: std::sync::OnceLock<Store<WorkerPool>>,
     pub status_writes: AtomicU64,
     pub reconciles: AtomicU64,
     /// How long each TranscodeJob reconcile took, API calls included.
@@ -75,6 +78,7 @@ impl Ctx {
             core,
             cfg,
             recorder,
+            pools: std::sync::OnceLock::new(),
             status_writes: AtomicU64::new(0),
             reconciles: AtomicU64::new(0),
             reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -305,11 +309,7 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
     }
     let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
     let (pns, pname) = pool.split_once('/').unwrap_or(("", &pool));
-    let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), pns);
-    let found = pools
-        .get_opt(pname)
-        .await
-        .map_err(|e| Error::kube(format!("pool {pool}"), e))?;
+    let found = find_pool(&ctx, pns, pname).await?;
     // The job namespace's labels, only where a selector needs them.
     let labels = match &found {
         Some(p) if tenancy_needs_labels(&p.spec) => {
@@ -519,80 +519,53 @@ fn pod_state(p: &Pod) -> WorkerState {
     }
 }
 
-/// One pass over every WorkerPool: access for the queue API, then scale. `idle_since`: when each ready
-/// worker was last seen idle (the pool pass's own memory).
-async fn reconcile_pools(
-    ctx: &Ctx,
-    idle_since: &mut HashMap<String, Instant>,
-) -> Result<(), Error> {
-    let pools: Api<WorkerPool> = Api::all(ctx.client.clone());
-    let list = pools
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| Error::kube("list WorkerPools".into(), e))?;
+/// What the WorkerPool controller reads: the controllers' context, and the watched caches of pools and of
+/// worker pods (labelled with their pool).
+struct PoolCtx {
+    ctx: Arc<Ctx>,
+    pools: Store<WorkerPool>,
+    pods: Store<Pod>,
+}
+
+/// One pool: the queue API's access rules from every pool, then scale this one from its queue depth and
+/// its pods (both from caches), and write its status when it changed.
+async fn reconcile_pool(pool: Arc<WorkerPool>, p: Arc<PoolCtx>) -> Result<Action, Error> {
+    let ctx = &p.ctx;
     let access = PoolAccess {
-        pools: list
-            .items
+        pools: p
+            .pools
+            .state()
             .iter()
-            .map(|p| {
-                let ns = p.namespace().unwrap_or_default();
+            .map(|wp| {
+                let ns = wp.namespace().unwrap_or_default();
                 (
-                    format!("{ns}/{}", p.name_any()),
-                    (ns, p.spec.service_account_name.clone()),
+                    format!("{ns}/{}", wp.name_any()),
+                    (ns, wp.spec.service_account_name.clone()),
                 )
             })
             .collect(),
     };
     ctx.core.tell(Cmd::SetAccess(access)).await;
-    for pool in list.items {
-        if let Err(e) = scale_pool(ctx, &pool, idle_since).await {
-            tracing::warn!(pool = %pool.name_any(), error = %e, "scaling failed; retrying");
-        }
-    }
-    Ok(())
-}
-
-async fn scale_pool(
-    ctx: &Ctx,
-    pool: &WorkerPool,
-    idle: &mut HashMap<String, Instant>,
-) -> Result<(), Error> {
     let ns = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
     let key = format!("{ns}/{name}");
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = pods_api
-        .list(&ListParams::default().labels(&format!("{POOL_LABEL}={name}")))
-        .await
-        .map_err(|e| Error::kube(format!("pods of pool {key}"), e))?;
-    let (depth, leases) = ctx
+    let pods: Vec<(String, WorkerState)> = p
+        .pods
+        .state()
+        .iter()
+        .filter(|pod| {
+            pod.namespace().as_deref() == Some(ns.as_str())
+                && pod.labels().get(POOL_LABEL) == Some(&name)
+        })
+        .map(|pod| (pod.name_any(), pod_state(pod)))
+        .collect();
+    let (depth, workers) = ctx
         .ask(|reply| Cmd::PoolLoad {
             pool: key.clone(),
+            pods,
             reply,
         })
         .await?;
-    let t = Instant::now();
-    let workers: Vec<Worker> = pods
-        .items
-        .iter()
-        .map(|p| {
-            let pname = p.name_any();
-            let busy = leases.get(&pname).copied().unwrap_or(0) > 0;
-            let state = pod_state(p);
-            let idle_for = if busy || state != WorkerState::Ready {
-                idle.remove(&pname);
-                Duration::ZERO
-            } else {
-                t - *idle.entry(pname.clone()).or_insert(t)
-            };
-            Worker {
-                name: pname,
-                state,
-                busy,
-                idle_for,
-            }
-        })
-        .collect();
     let shape = PoolShape {
         min: pool.spec.min_workers,
         max: pool.spec.max_workers,
@@ -607,6 +580,7 @@ async fn scale_pool(
         shape,
         &workers,
     );
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for _ in 0..plan.create {
         let suffix: String = (0..5)
             .map(|_| fastrand::alphanumeric().to_ascii_lowercase())
@@ -653,15 +627,7 @@ async fn scale_pool(
                 return Err(Error::kube(format!("delete worker {victim}"), e));
             }
         }
-        idle.remove(victim);
     }
-    // Forget draining marks of pods that are gone.
-    ctx.core
-        .tell(Cmd::KeepDrains {
-            pool: key.clone(),
-            live: pods.items.iter().map(|p| p.name_any()).collect(),
-        })
-        .await;
     let status = WorkerPoolStatus {
         desired: plan.desired,
         pending: plan.pending + plan.create,
@@ -679,7 +645,37 @@ async fn scale_pool(
         .await
         .map_err(|e| Error::kube(format!("status of pool {key}"), e))?;
     }
-    Ok(())
+    Ok(Action::await_change())
+}
+
+fn pool_error_policy(pool: Arc<WorkerPool>, err: &Error, _p: Arc<PoolCtx>) -> Action {
+    tracing::warn!(pool = %pool.name_any(), error = %err, "scaling failed; retrying");
+    Action::requeue(Duration::from_secs(1))
+}
+
+/// Every second, and whenever tasks are queued: the queue's depth changes without any watch event.
+fn pool_ticks(core: CoreHandle) -> impl futures_util::Stream<Item = ()> + Send {
+    futures_util::stream::unfold(core, |core| async move {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = core.shared.queued.notified() => {}
+        }
+        Some(((), core))
+    })
+}
+
+/// A job's pool: from the watched cache, or (not there yet: created a moment ago) from the API server.
+async fn find_pool(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<WorkerPool>, Error> {
+    if let Some(store) = ctx.pools.get() {
+        if let Some(p) = store.get(&ObjectRef::new(name).within(ns)) {
+            return Ok(Some((*p).clone()));
+        }
+    }
+    let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), ns);
+    pools
+        .get_opt(name)
+        .await
+        .map_err(|e| Error::kube(format!("pool {ns}/{name}"), e))
 }
 
 /// Run every controller until the process ends (called once this replica leads).
@@ -695,21 +691,33 @@ pub async fn run(ctx: Arc<Ctx>) {
             }
         }
     });
-    let c = ctx.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut idle_since = HashMap::new();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = c.core.shared.queued.notified() => {}
-            }
-            if let Err(e) = reconcile_pools(&c, &mut idle_since).await {
-                tracing::warn!(error = %e, "pool pass failed");
-            }
-        }
+    // WorkerPools, watched, with the worker pods they own (a reflector cache of the labelled pods).
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let pod_events = watcher(
+        Api::<Pod>::all(ctx.client.clone()),
+        watcher::Config::default().labels(POOL_LABEL),
+    )
+    .default_backoff()
+    .reflect(pods_writer)
+    .touched_objects();
+    let pools_ctl = Controller::new(
+        Api::<WorkerPool>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .owns_stream(pod_events)
+    .reconcile_all_on(pool_ticks(ctx.core.clone()));
+    let pools = pools_ctl.store();
+    let _ = ctx.pools.set(pools.clone());
+    let pctx = Arc::new(PoolCtx {
+        ctx: ctx.clone(),
+        pools: pools.clone(),
+        pods,
     });
+    tokio::spawn(
+        pools_ctl
+            .run(reconcile_pool, pool_error_policy, pctx)
+            .for_each(|_| async {}),
+    );
     let jobs: Api<TranscodeJob> = Api::all(ctx.client.clone());
     Controller::new(jobs, watcher::Config::default())
         .run(reconcile, error_policy, ctx)

@@ -8,7 +8,7 @@
 //!  queue API handlers ──Lease/Heartbeat/Complete/Fail/Release──┐
 //!  job reconciler ──────Observe/Accept/Finalize/Finalized──────┤
 //!  status writer ───────Statuses/StatusFailed──────────────────┼──▶ Core (one task) ──▶ replies
-//!  pool scaler ─────────SetAccess/PoolLoad/Drain/KeepDrains────┤        │ every 500 ms: expire leases
+//!  pool controller ─────SetAccess/PoolLoad/Drain/Undrain────────┤        │ every 500 ms: expire leases
 //!  /metrics ────────────Snapshot───────────────────────────────┘        └─▶ Shared: Notify (queued), counters
 //! ```
 //! Nothing here awaits I/O: the callers do the Kubernetes and HTTP calls with the answers.
@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::api::{Identity, PoolAccess};
 use crate::jobrun::{keep_transition_times, JobRun, Stage};
 use crate::queue::{Depth, Queue, QueueConfig, QueueError, Task};
+use crate::scale::{Worker, WorkerState};
 use crate::status::{Decision, Throttle};
 
 /// How long a deleted job waits for a worker to delete its temporary objects before it goes anyway.
@@ -205,9 +206,13 @@ pub enum Cmd {
         name: String,
     },
     SetAccess(PoolAccess),
+    /// A pool's queue depth and its workers as the scaler sees them (busy from the leases, idle time
+    /// from the owner's memory), given its pods' names and states. Drain marks and idle times of pods
+    /// no longer listed are forgotten.
     PoolLoad {
         pool: String,
-        reply: Reply<(Depth, HashMap<String, u32>)>,
+        pods: Vec<(String, WorkerState)>,
+        reply: Reply<(Depth, Vec<Worker>)>,
     },
     /// Take no new lease for `worker` from here on; answers whether it is idle (may be deleted). A busy
     /// worker is not marked.
@@ -218,11 +223,6 @@ pub enum Cmd {
     },
     Undrain {
         worker: String,
-    },
-    /// Forget the drain marks of `pool`'s workers that are gone.
-    KeepDrains {
-        pool: String,
-        live: HashSet<String>,
     },
     Snapshot {
         reply: Reply<Snapshot>,
@@ -319,6 +319,8 @@ pub struct Core {
     progress: HashMap<TaskId, u64>,
     /// Workers about to be deleted (worker → pool): they get no new task.
     draining: HashMap<String, String>,
+    /// Since when each ready worker (pool, pod) has had nothing to do.
+    idle_since: HashMap<(String, String), Instant>,
     jobs: HashMap<Key, Entry>,
     /// Jobs (by uid) whose finalizer this leader removed, for a few minutes: the watch cache may still show
     /// them with the finalizer, and finalizing them again would queue a second cleanup and leave an entry
@@ -346,6 +348,7 @@ impl Core {
             cancelled: HashMap::new(),
             progress: HashMap::new(),
             draining: HashMap::new(),
+            idle_since: HashMap::new(),
             jobs: HashMap::new(),
             finalized: HashMap::new(),
             epoch: fastrand::u64(1..(1 << 20)) << 32,
@@ -488,8 +491,8 @@ impl Core {
                 }
             }
             Cmd::SetAccess(access) => self.access = access,
-            Cmd::PoolLoad { pool, reply } => {
-                let _ = reply.send((self.queue.depth(&pool), self.queue.leases_by_worker(&pool)));
+            Cmd::PoolLoad { pool, pods, reply } => {
+                let _ = reply.send(self.pool_load(&pool, pods));
             }
             Cmd::Drain {
                 pool,
@@ -508,9 +511,6 @@ impl Core {
             }
             Cmd::Undrain { worker } => {
                 self.draining.remove(&worker);
-            }
-            Cmd::KeepDrains { pool, live } => {
-                self.draining.retain(|w, p| *p != pool || live.contains(w));
             }
             Cmd::Snapshot { reply } => {
                 let mut pools: Vec<String> = self.access.pools.keys().cloned().collect();
@@ -711,6 +711,36 @@ impl Core {
             .values()
             .filter(|c| c.namespace == namespace && c.job == job)
             .count()
+    }
+
+    fn pool_load(&mut self, pool: &str, pods: Vec<(String, WorkerState)>) -> (Depth, Vec<Worker>) {
+        let leases = self.queue.leases_by_worker(pool);
+        let live: HashSet<&str> = pods.iter().map(|(n, _)| n.as_str()).collect();
+        self.draining
+            .retain(|w, p| p != pool || live.contains(w.as_str()));
+        self.idle_since
+            .retain(|(p, w), _| p != pool || live.contains(w.as_str()));
+        let t = Instant::now();
+        let workers = pods
+            .into_iter()
+            .map(|(name, state)| {
+                let busy = leases.get(&name).copied().unwrap_or(0) > 0;
+                let key = (pool.to_string(), name.clone());
+                let idle_for = if busy || state != WorkerState::Ready {
+                    self.idle_since.remove(&key);
+                    Duration::ZERO
+                } else {
+                    t - *self.idle_since.entry(key).or_insert(t)
+                };
+                Worker {
+                    name,
+                    state,
+                    busy,
+                    idle_for,
+                }
+            })
+            .collect();
+        (self.queue.depth(pool), workers)
     }
 
     // ---- jobs ----------------------------------------------------------------------------------------
