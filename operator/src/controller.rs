@@ -35,6 +35,8 @@ use crate::status::Throttle;
 use crate::Error;
 
 pub const FINALIZER: &str = "tessera.dev/cleanup";
+/// The field manager of everything the operator applies.
+pub const FIELD_MANAGER: &str = "tessera-operator";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -228,7 +230,6 @@ async fn write_failed_now(
     message: &str,
 ) -> Result<(), Error> {
     let (ns, name) = key(job);
-    let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
     let mut run = JobRun::new(
         &ns,
         &name,
@@ -238,16 +239,34 @@ async fn write_failed_now(
         String::new(),
     );
     run.on_failed(reason, message, now());
-    let st = run.status(Duration::ZERO, 0, &now());
+    apply_status(ctx, &ns, &name, &run.status(Duration::ZERO, 0, &now())).await?;
+    publish(ctx, job, EventType::Warning, reason, message.to_string()).await;
+    Ok(())
+}
+
+/// The one way a job's status is written: server-side apply of the whole status under the operator's field
+/// manager, so a field the new status no longer has (an ETA, a condition) is removed, never left stale as
+/// a merge patch would leave it.
+async fn apply_status(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    status: &TranscodeJobStatus,
+) -> Result<(), Error> {
+    let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), ns);
+    let body = json!({
+        "apiVersion": format!("{}/v1alpha1", tessera_crds::GROUP),
+        "kind": "TranscodeJob",
+        "status": status,
+    });
     api.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": st})),
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
     )
     .await
     .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
     ctx.status_writes.fetch_add(1, Ordering::Relaxed);
-    publish(ctx, job, EventType::Warning, reason, message.to_string()).await;
     Ok(())
 }
 
@@ -345,12 +364,20 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
                  spec.pool (kubectl get workerpools -n {ns})"
             );
             if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
-                let st = json!({"status": {"phase": "Pending", "observedGeneration": generation, "conditions": [{
-                    "type": "Progressing", "status": "False", "reason": "PoolNotFound", "message": msg,
-                    "lastTransitionTime": now(), "observedGeneration": generation}]}});
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(st))
-                    .await
-                    .map_err(|e| Error::kube(format!("status of {ns}/{name}"), e))?;
+                let st = TranscodeJobStatus {
+                    phase: Some(Phase::Pending),
+                    observed_generation: Some(generation),
+                    conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                        type_: "Progressing".into(),
+                        status: "False".into(),
+                        reason: "PoolNotFound".into(),
+                        message: msg.clone(),
+                        last_transition_time: now(),
+                        observed_generation: Some(generation),
+                    }],
+                    ..TranscodeJobStatus::default()
+                };
+                apply_status(&ctx, &ns, &name, &st).await?;
                 publish(&ctx, &job, EventType::Warning, "PoolNotFound", msg).await;
             }
             return Ok(Action::requeue(Duration::from_secs(5)));
@@ -458,19 +485,9 @@ async fn write_statuses(ctx: &Ctx) -> Result<(), Error> {
     let writes = ctx.ask(|reply| Cmd::Statuses { throttle, reply }).await?;
     for w in writes {
         let (ns, name) = (w.namespace, w.name);
-        let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
         if let Some(st) = w.status {
-            match api
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"status": st})),
-                )
-                .await
-            {
-                Ok(_) => {
-                    ctx.status_writes.fetch_add(1, Ordering::Relaxed);
-                }
+            match apply_status(ctx, &ns, &name, &st).await {
+                Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(job = %format!("{ns}/{name}"), error = %e, "status write failed; retrying");
                     ctx.core

@@ -546,12 +546,6 @@ impl Core {
             return Ok(None);
         };
         self.shared.counters.leases.fetch_add(1, Ordering::Relaxed);
-        if let Some(e) = self
-            .jobs
-            .get_mut(&(task.namespace.clone(), task.job.clone()))
-        {
-            e.touched = true;
-        }
         Ok(Some(LeaseReply {
             lease: LeaseGrant {
                 task: lease.task,
