@@ -132,6 +132,33 @@ fn a_tenant_pool_runs_with_the_tenants_own_account_and_credentials() {
     );
     kubectl_ok(
         &["apply", "-f", "-"],
+        Some(
+            "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {name: own-keys, namespace: studio}\nspec:\n  \
+             pool: own\n  input: {uri: \"s3://studio/in/clip.mp4\"}\n  output: {uri: \"s3://studio/out/\"}\n  \
+             renditions:\n    - {name: small, video: {codec: h264, height: 180, crf: 30, preset: ultrafast}}\n  \
+             chunking: {targetSeconds: 1}\n",
+        ),
+    );
+    // The job came first: it waits for its pool (its own namespace, so saying so leaks nothing), Pending,
+    // with the reason; then the pool is created and the same job runs.
+    let mut waiting = Value::Null;
+    wait_until(
+        "the job to wait for its pool",
+        Duration::from_secs(30),
+        || {
+            waiting = json(&["get", "tj", "own-keys", "-n", "studio", "-o", "json"]);
+            waiting["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["reason"] == "PoolNotFound"))
+        },
+    );
+    assert_eq!(
+        waiting["status"]["phase"], "Pending",
+        "{}",
+        waiting["status"]
+    );
+    kubectl_ok(
+        &["apply", "-f", "-"],
         Some(&format!(
             "apiVersion: tessera.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: own, namespace: studio}}\nspec:\n  \
              maxWorkers: 1\n  cooldownSeconds: 5\n  image: ghcr.io/tessera-dev/tessera-worker:0.1.0\n  \
@@ -139,15 +166,6 @@ fn a_tenant_pool_runs_with_the_tenants_own_account_and_credentials() {
              s3: {{endpoint: \"{}\", region: us-east-1, credentialsSecret: studio-s3}}\n",
             proxy.url()
         )),
-    );
-    kubectl_ok(
-        &["apply", "-f", "-"],
-        Some(
-            "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {name: own-keys, namespace: studio}\nspec:\n  \
-             pool: own\n  input: {uri: \"s3://studio/in/clip.mp4\"}\n  output: {uri: \"s3://studio/out/\"}\n  \
-             renditions:\n    - {name: small, video: {codec: h264, height: 180, crf: 30, preset: ultrafast}}\n  \
-             chunking: {targetSeconds: 1}\n",
-        ),
     );
     let mut last = Value::Null;
     wait_until(

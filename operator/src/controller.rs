@@ -2,8 +2,8 @@
 //! the pure parts: `jobrun`, `queue`, `status`), apply what it answers, report.
 //!
 //! ```text
-//!  TranscodeJob watch ──▶ reconcile: finalizer, validate, pool, admit ──Observe/Accept──▶ core (plan task)
-//!  queue API ───────────▶ Complete/Fail ──▶ core: JobRun::on_plan / on_encoded / on_stitched (next tasks)
+//!  TranscodeJob watch ──▶ reconcile: finalizer, validate, pool, admit ──Observe/Accept(Run|Wait|Refuse)──▶ core
+//!  queue API ───────────▶ Complete/Fail ──▶ core: JobRun::on(Planned / Encoded / Stitched / Failed) (next tasks)
 //!  every 200 ms ────────▶ status writer ──Statuses──▶ core: Throttle ──▶ PATCH status, Events
 //!  WorkerPool watch, its pods' watch (reflector), every second ──▶ pool controller: PoolLoad ──▶ scale::plan
 //!                       ──▶ create / Drain+delete pods, pool status
@@ -15,19 +15,18 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde_json::json;
 use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool, WorkerPoolStatus};
 
 use crate::api::PoolAccess;
-use crate::core::{Cmd, CoreHandle, FinalizeStep, Observation, Observed};
+use crate::core::{Admit, Cmd, CoreHandle, FinalizeStep, Observation, Observed};
 use crate::jobrun::JobRun;
 use crate::podspec::{self, WorkerPodInput, POOL_LABEL};
 use crate::scale::{self, Load, PoolShape, WorkerState};
@@ -94,10 +93,6 @@ impl Ctx {
     ) -> Result<T, Error> {
         self.core.ask(make).await.map_err(|_| Error::Stopped)
     }
-}
-
-fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
 }
 
 fn key(job: &TranscodeJob) -> (String, String) {
@@ -200,10 +195,6 @@ fn is_404(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
-async fn publish(ctx: &Ctx, job: &TranscodeJob, type_: EventType, reason: &str, note: String) {
-    publish_ref(ctx, &job.object_ref(&()), type_, reason, note).await;
-}
-
 async fn publish_ref(
     ctx: &Ctx,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
@@ -221,27 +212,6 @@ async fn publish_ref(
     if let Err(e) = ctx.recorder.publish(&ev, reference).await {
         tracing::warn!(error = %e, "could not record an event");
     }
-}
-
-async fn write_failed_now(
-    ctx: &Ctx,
-    job: &TranscodeJob,
-    reason: &str,
-    message: &str,
-) -> Result<(), Error> {
-    let (ns, name) = key(job);
-    let mut run = JobRun::new(
-        &ns,
-        &name,
-        &job.uid().unwrap_or_default(),
-        job.metadata.generation.unwrap_or(0),
-        job.spec.clone(),
-        String::new(),
-    );
-    run.on_failed(reason, message, now());
-    apply_status(ctx, &ns, &name, &run.status(Duration::ZERO, 0, &now())).await?;
-    publish(ctx, job, EventType::Warning, reason, message.to_string()).await;
-    Ok(())
 }
 
 /// The one way a job's status is written: server-side apply of the whole status under the operator's field
@@ -322,67 +292,19 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
     }
     let uid = job.uid().unwrap_or_default();
     let generation = job.metadata.generation.unwrap_or(0);
-    if let Err(msg) = cluster_validate(&job.spec) {
-        write_failed_now(&ctx, &job, "InvalidSpec", &msg).await?;
-        return Ok(Action::await_change());
-    }
     let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
-    let (pns, pname) = pool.split_once('/').unwrap_or(("", &pool));
-    let found = find_pool(&ctx, pns, pname).await?;
-    // The job namespace's labels, only where a selector needs them.
-    let labels = match &found {
-        Some(p) if tenancy_needs_labels(&p.spec) => {
-            let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
-            nss.get_opt(&ns)
-                .await
-                .map_err(|e| Error::kube(format!("namespace {ns}"), e))?
-                .and_then(|n| n.metadata.labels)
-                .unwrap_or_default()
-        }
-        _ => Default::default(),
+    let admission = match cluster_validate(&job.spec) {
+        Err(message) => Admit::Refuse {
+            reason: "InvalidSpec",
+            message,
+        },
+        Ok(()) => admission(&ctx, &pool, &ns, &job.spec).await?,
     };
-    match admit(
-        &pool,
-        pns,
-        &ns,
-        found.as_ref().map(|p| &p.spec),
-        &labels,
-        &job.spec,
-    ) {
-        Admission::Admitted => {}
-        Admission::PoolNotAllowed(msg) => {
-            write_failed_now(&ctx, &job, "PoolNotAllowed", &msg).await?;
-            return Ok(Action::await_change());
-        }
-        Admission::AccessNotAllowed(msg) => {
-            write_failed_now(&ctx, &job, "AccessNotAllowed", &msg).await?;
-            return Ok(Action::await_change());
-        }
-        Admission::PoolMissing => {
-            let msg = format!(
-                "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
-                 spec.pool (kubectl get workerpools -n {ns})"
-            );
-            if status.conditions.iter().all(|c| c.reason != "PoolNotFound") {
-                let st = TranscodeJobStatus {
-                    phase: Some(Phase::Pending),
-                    observed_generation: Some(generation),
-                    conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-                        type_: "Progressing".into(),
-                        status: "False".into(),
-                        reason: "PoolNotFound".into(),
-                        message: msg.clone(),
-                        last_transition_time: now(),
-                        observed_generation: Some(generation),
-                    }],
-                    ..TranscodeJobStatus::default()
-                };
-                apply_status(&ctx, &ns, &name, &st).await?;
-                publish(&ctx, &job, EventType::Warning, "PoolNotFound", msg).await;
-            }
-            return Ok(Action::requeue(Duration::from_secs(5)));
-        }
-    }
+    let action = match &admission {
+        Admit::Run => Action::requeue(Duration::from_secs(60)),
+        Admit::Wait(_) => Action::requeue(Duration::from_secs(5)),
+        Admit::Refuse { .. } => Action::await_change(),
+    };
     let mut run = JobRun::new(&ns, &name, &uid, generation, job.spec.clone(), pool);
     // A job already running before a restart or failover keeps its start time.
     run.start_time = status.start_time.clone();
@@ -390,10 +312,52 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
     ctx.ask(|reply| Cmd::Accept {
         run: Box::new(run),
         status,
+        admit: admission,
         reply,
     })
     .await?;
-    Ok(Action::requeue(Duration::from_secs(60)))
+    Ok(action)
+}
+
+/// May the job run on `pool`? Reads the pool (cache) and, where a selector needs them, the namespace's
+/// labels; the decision itself is `admit`'s.
+async fn admission(
+    ctx: &Ctx,
+    pool: &str,
+    ns: &str,
+    spec: &tessera_crds::TranscodeJobSpec,
+) -> Result<Admit, Error> {
+    let (pns, pname) = pool.split_once('/').unwrap_or(("", pool));
+    let found = find_pool(ctx, pns, pname).await?;
+    // The job namespace's labels, only where a selector needs them.
+    let labels = match &found {
+        Some(p) if tenancy_needs_labels(&p.spec) => {
+            let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+            nss.get_opt(ns)
+                .await
+                .map_err(|e| Error::kube(format!("namespace {ns}"), e))?
+                .and_then(|n| n.metadata.labels)
+                .unwrap_or_default()
+        }
+        _ => Default::default(),
+    };
+    Ok(
+        match admit(pool, pns, ns, found.as_ref().map(|p| &p.spec), &labels, spec) {
+            Admission::Admitted => Admit::Run,
+            Admission::PoolNotAllowed(message) => Admit::Refuse {
+                reason: "PoolNotAllowed",
+                message,
+            },
+            Admission::AccessNotAllowed(message) => Admit::Refuse {
+                reason: "AccessNotAllowed",
+                message,
+            },
+            Admission::PoolMissing => Admit::Wait(format!(
+                "WorkerPool {pool} does not exist; the job waits for it: create it, or name an existing pool in \
+                 spec.pool (kubectl get workerpools -n {ns})"
+            )),
+        },
+    )
 }
 
 async fn ttl(

@@ -30,7 +30,7 @@ use tessera_crds::{TranscodeJobSpec, TranscodeJobStatus};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::api::{Identity, PoolAccess};
-use crate::jobrun::{keep_transition_times, JobRun, Stage};
+use crate::jobrun::{keep_transition_times, Event, JobRun, Stage};
 use crate::queue::{Depth, Queue, QueueConfig, QueueError, Task};
 use crate::scale::{Worker, WorkerState};
 use crate::status::{Decision, Throttle};
@@ -109,6 +109,19 @@ pub enum Observation {
     Replaced,
 }
 
+/// What admission decided for a job (the reconciler's checks: spec, pool, tenancy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    Run,
+    /// Its pool does not exist in its own namespace: it waits (the message says for what).
+    Wait(String),
+    /// It cannot run, for good (`InvalidSpec`, `PoolNotAllowed`, `AccessNotAllowed`).
+    Refuse {
+        reason: &'static str,
+        message: String,
+    },
+}
+
 /// What the finalizer does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinalizeStep {
@@ -176,10 +189,11 @@ pub enum Cmd {
         job: Observed,
         reply: Reply<Observation>,
     },
-    /// Admitted: run it (`status` as the watch last saw it).
+    /// Admission decided: run it, let it wait for its pool, or fail it (`status` as the watch saw it).
     Accept {
         run: Box<JobRun>,
         status: Option<TranscodeJobStatus>,
+        admit: Admit,
         reply: Reply<()>,
     },
     Finalize {
@@ -334,7 +348,7 @@ pub struct Core {
     pub max_attempts: u32,
 }
 
-fn now() -> Time {
+fn now_time() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
@@ -460,8 +474,13 @@ impl Core {
             Cmd::Observe { job, reply } => {
                 let _ = reply.send(self.observe(job));
             }
-            Cmd::Accept { run, status, reply } => {
-                self.accept(*run, status);
+            Cmd::Accept {
+                run,
+                status,
+                admit,
+                reply,
+            } => {
+                self.accept(*run, status, admit);
                 let _ = reply.send(());
             }
             Cmd::Finalize {
@@ -546,6 +565,15 @@ impl Core {
             return Ok(None);
         };
         self.shared.counters.leases.fetch_add(1, Ordering::Relaxed);
+        if task.work.kind == WorkKind::Plan {
+            if let Some(e) = self
+                .jobs
+                .get_mut(&(task.namespace.clone(), task.job.clone()))
+            {
+                e.run.on(Event::PlanLeased, now_time());
+                e.dirty = true;
+            }
+        }
         Ok(Some(LeaseReply {
             lease: LeaseGrant {
                 task: lease.task,
@@ -786,6 +814,10 @@ impl Core {
             self.jobs.remove(&key);
             return Observation::Replaced;
         }
+        if e.run.stage == Stage::PoolMissing {
+            // Admission again: the pool may exist now.
+            return Observation::Unknown;
+        }
         if e.run.generation == job.generation {
             return Observation::Following;
         }
@@ -797,12 +829,13 @@ impl Core {
                 .set_priority(&job.namespace, &job.name, job.spec.priority);
         }
         let e = self.jobs.get_mut(&key).expect("known");
-        if job.spec.suspend == e.run.suspended || e.run.finished() {
+        let suspended = e.run.stage == Stage::Suspended;
+        if job.spec.suspend == suspended || e.run.finished() {
             return Observation::Following;
         }
-        e.run.suspended = job.spec.suspend;
         e.run.spec.suspend = job.spec.suspend;
         if job.spec.suspend {
+            e.run.on(Event::Suspend, now_time());
             e.tasks.clear();
             let n = self.cancel_job(&job.namespace, &job.name);
             let e = self.jobs.get_mut(&key).expect("known");
@@ -812,10 +845,7 @@ impl Core {
                 format!("{n} running tasks given back"),
             ));
         } else {
-            if e.run.start_time.is_none() {
-                e.run.start_time = Some(now());
-            }
-            let w = e.run.start();
+            let w = e.run.on(Event::Resume, now_time());
             e.events.push((
                 EventType::Normal,
                 "Resumed",
@@ -826,24 +856,51 @@ impl Core {
         Observation::Following
     }
 
-    fn accept(&mut self, run: JobRun, status: Option<TranscodeJobStatus>) {
+    fn accept(&mut self, run: JobRun, status: Option<TranscodeJobStatus>, admit: Admit) {
         let key = (run.namespace.clone(), run.name.clone());
-        let suspended = run.spec.suspend;
         let pool = run.pool.clone();
-        let mut e = Entry::new(run, status, true);
+        // A job that waited for its pool is admitted again: what was written for it stays known.
+        let prev = self.jobs.remove(&key);
+        let was_waiting = prev
+            .as_ref()
+            .is_some_and(|p| p.run.stage == Stage::PoolMissing);
+        let written = prev.and_then(|p| p.written).or(status);
+        let mut e = Entry::new(run, written, true);
         let mut first = Vec::new();
-        if !suspended {
-            if e.run.start_time.is_none() {
-                e.run.start_time = Some(now());
+        match admit {
+            Admit::Run => {
+                first = e.run.on(Event::Start, now_time());
+                if !first.is_empty() {
+                    e.events.push((
+                        EventType::Normal,
+                        "Queued",
+                        format!("planning on pool {pool}"),
+                    ));
+                }
+                tracing::info!(job = %format!("{}/{}", key.0, key.1), %pool, stage = e.run.stage.name(), "job accepted");
             }
-            first = e.run.start();
-            e.events.push((
-                EventType::Normal,
-                "Queued",
-                format!("planning on pool {pool}"),
-            ));
+            Admit::Wait(message) => {
+                e.run.on(
+                    Event::PoolMissing {
+                        message: message.clone(),
+                    },
+                    now_time(),
+                );
+                if !was_waiting {
+                    e.events.push((EventType::Warning, "PoolNotFound", message));
+                }
+            }
+            Admit::Refuse { reason, message } => {
+                e.run.on(
+                    Event::Failed {
+                        reason: reason.into(),
+                        message: message.clone(),
+                    },
+                    now_time(),
+                );
+                e.events.push((EventType::Warning, reason, message));
+            }
         }
-        tracing::info!(job = %format!("{}/{}", key.0, key.1), %pool, suspended, "job accepted");
         self.jobs.insert(key.clone(), e);
         self.enqueue(&key, first);
     }
@@ -889,6 +946,7 @@ impl Core {
                 false,
             )
         });
+        e.run.on(Event::Delete, now_time());
         e.tasks.clear();
         e.dirty = false;
         e.touched = true;
@@ -911,10 +969,7 @@ impl Core {
             return FinalizeStep::RemoveFinalizer;
         }
         if e.cleanup.is_none() {
-            let w = Work {
-                kind: WorkKind::Cleanup,
-                ..e.run.start().remove(0)
-            };
+            let w = e.run.cleanup();
             self.enqueue(&key, vec![w]);
         }
         FinalizeStep::Wait(Duration::from_millis(200))
@@ -949,12 +1004,20 @@ impl Core {
                         r.done.len()
                     );
                     e.run.worker_seconds += secs;
-                    let next = e.run.on_plan(r);
+                    let next = e.run.on(Event::Planned(r), now_time());
                     e.events.push((EventType::Normal, "Planned", note));
                     next
                 }
                 TaskResult::Chunk(r) | TaskResult::Audio(r) => {
-                    let next = e.run.on_encoded(work.kind, work.chunk, &r, secs);
+                    let next = e.run.on(
+                        Event::Encoded {
+                            kind: work.kind,
+                            chunk: work.chunk,
+                            result: r,
+                            seconds: secs,
+                        },
+                        now_time(),
+                    );
                     if !next.is_empty() {
                         let note = format!(
                             "all chunks encoded ({} reused from the ledger)",
@@ -966,9 +1029,17 @@ impl Core {
                 }
                 TaskResult::Stitch(r) => {
                     let n = r.renditions.len();
-                    e.run.on_stitched(r, secs, now());
-                    let note = format!("{n} renditions published to {}", e.run.spec.output.uri);
-                    e.events.push((EventType::Normal, "Completed", note));
+                    e.run.on(
+                        Event::Stitched {
+                            result: r,
+                            seconds: secs,
+                        },
+                        now_time(),
+                    );
+                    if e.run.stage == Stage::Succeeded {
+                        let note = format!("{n} renditions published to {}", e.run.spec.output.uri);
+                        e.events.push((EventType::Normal, "Completed", note));
+                    }
                     Vec::new()
                 }
                 TaskResult::Cleanup(_) => {
@@ -1001,7 +1072,13 @@ impl Core {
                     f.message
                 ),
             };
-            e.run.on_failed(&f.reason, &what, now());
+            e.run.on(
+                Event::Failed {
+                    reason: f.reason.clone(),
+                    message: what.clone(),
+                },
+                now_time(),
+            );
             e.events.push((
                 EventType::Warning,
                 "Failed",
@@ -1019,7 +1096,7 @@ impl Core {
                 continue;
             }
             let in_flight: u64 = e.tasks.iter().filter_map(|t| self.progress.get(t)).sum();
-            let t = now();
+            let t = now_time();
             let mut st = e.run.status(e.started.elapsed(), in_flight, &t);
             let old = e.written.clone().unwrap_or_default();
             keep_transition_times(&mut st.conditions, &old.conditions);
@@ -1058,14 +1135,7 @@ impl Core {
     fn jobs_by_stage(&self) -> HashMap<&'static str, u64> {
         let mut out = HashMap::new();
         for e in self.jobs.values() {
-            let p = match e.run.stage {
-                Stage::Planning => "Planning",
-                Stage::Encoding => "Encoding",
-                Stage::Stitching => "Stitching",
-                Stage::Succeeded => "Succeeded",
-                Stage::Failed => "Failed",
-            };
-            *out.entry(p).or_default() += 1;
+            *out.entry(e.run.stage.name()).or_default() += 1;
         }
         out
     }

@@ -1,11 +1,16 @@
-//! One job's progress through its tasks, as the leader tracks it. Pure: the controller feeds it task
-//! results and asks what to queue next and what the status says.
+//! One job's whole lifecycle, as the leader tracks it. Pure: the state's owner feeds it events (`JobRun::on`)
+//! and asks what to queue next and what the status says (`JobRun::status`, the one status builder).
 //!
 //! ```text
-//! Planning ──plan result──▶ Encoding (chunk tasks + audio) ──all recorded──▶ Stitching ──▶ Succeeded
-//!     └──────────────── any permanent task failure ───────────────────────────────────▶ Failed
+//!            Start                PlanLeased            Planned                  last Encoded          Stitched
+//! Queued ───────────▶ Queued ─────────────▶ Planning ─────────▶ Encoding ──────────────▶ Stitching ──────────▶ Succeeded
+//!   │  ▲ PoolMissing / Start        (Planned also from Queued; a published job's plan goes straight to Succeeded)
+//!   ▼  │
+//! PoolMissing      any running stage ──Suspend──▶ Suspended ──Resume──▶ Queued (re-plan from the ledger)
+//! any unfinished stage ──Failed{reason}──▶ Failed (invalid spec, pool not allowed, a task failed for good)
+//! any stage ──Delete──▶ Deleting (the owner cancels the tasks and runs the cleanup)
 //! ```
-//! A restarted or new leader starts every unfinished job at Planning; the plan task reads the ledger and
+//! A restarted or new leader starts every unfinished job at Queued; the plan task reads the ledger and
 //! reports the chunks already recorded, so only the rest is queued.
 
 use std::collections::BTreeSet;
@@ -17,11 +22,67 @@ use tessera_crds::{Phase, Progress, RenditionStatus, TranscodeJobSpec, Transcode
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Admitted; its plan task waits for a worker.
+    Queued,
     Planning,
     Encoding,
     Stitching,
+    /// `spec.suspend`: nothing handed out.
+    Suspended,
+    /// Its pool does not exist (yet) in its own namespace: it waits.
+    PoolMissing,
+    /// Deleted: its tasks cancelled, its ledger being cleaned up.
+    Deleting,
     Succeeded,
     Failed,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "Queued",
+            Self::Planning => "Planning",
+            Self::Encoding => "Encoding",
+            Self::Stitching => "Stitching",
+            Self::Suspended => "Suspended",
+            Self::PoolMissing => "PoolMissing",
+            Self::Deleting => "Deleting",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+/// What happens to a job.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Admitted, with its pool: plan (from the ledger).
+    Start,
+    /// Its plan task was handed to a worker.
+    PlanLeased,
+    Planned(PlanResult),
+    Encoded {
+        kind: WorkKind,
+        chunk: Option<u32>,
+        result: ChunkResult,
+        seconds: f64,
+    },
+    Stitched {
+        result: StitchResult,
+        seconds: f64,
+    },
+    /// It cannot go on, for good: an invalid spec, a pool it may not use, a task that failed for good.
+    Failed {
+        reason: String,
+        message: String,
+    },
+    Suspend,
+    Resume,
+    /// The pool it names does not exist in its own namespace.
+    PoolMissing {
+        message: String,
+    },
+    Delete,
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +105,8 @@ pub struct JobRun {
     pub worker_seconds: f64,
     pub result: Option<StitchResult>,
     pub failure: Option<(String, String)>,
-    pub suspended: bool,
+    /// Why it waits for its pool (`PoolMissing`).
+    pub waiting: Option<String>,
     pub start_time: Option<Time>,
     pub completion_time: Option<Time>,
 }
@@ -64,11 +126,14 @@ impl JobRun {
             name: name.into(),
             uid: uid.into(),
             generation,
-            suspended: spec.suspend,
+            stage: if spec.suspend {
+                Stage::Suspended
+            } else {
+                Stage::Queued
+            },
             spec,
             pool,
             ledger,
-            stage: Stage::Planning,
             plan: None,
             done: BTreeSet::new(),
             audio_done: false,
@@ -77,6 +142,7 @@ impl JobRun {
             worker_seconds: 0.0,
             result: None,
             failure: None,
+            waiting: None,
             start_time: None,
             completion_time: None,
         }
@@ -99,10 +165,70 @@ impl JobRun {
         }
     }
 
+    /// The one way a job changes: an event in, the tasks to queue out. Events that do not apply to the
+    /// stage (a late result of a cancelled task, a second suspend) change nothing.
+    pub fn on(&mut self, ev: Event, now: Time) -> Vec<Work> {
+        use Stage::*;
+        match (self.stage, ev) {
+            (Deleting, _) => Vec::new(),
+            (_, Event::Delete) => {
+                self.stage = Deleting;
+                Vec::new()
+            }
+            (Succeeded | Failed, _) => Vec::new(),
+            (_, Event::Failed { reason, message }) => {
+                self.failure = Some((reason, message));
+                self.stage = Failed;
+                self.completion_time = Some(now);
+                Vec::new()
+            }
+            (Queued | PoolMissing, Event::Start) | (Suspended, Event::Resume) => {
+                self.waiting = None;
+                self.start(now)
+            }
+            (Queued | PoolMissing, Event::PoolMissing { message }) => {
+                self.stage = PoolMissing;
+                self.waiting = Some(message);
+                Vec::new()
+            }
+            (Queued, Event::PlanLeased) => {
+                self.stage = Planning;
+                Vec::new()
+            }
+            (Queued | Planning, Event::Planned(r)) => self.on_plan(r, now),
+            (
+                Encoding,
+                Event::Encoded {
+                    kind,
+                    chunk,
+                    result,
+                    seconds,
+                },
+            ) => self.on_encoded(kind, chunk, &result, seconds),
+            (Stitching, Event::Stitched { result, seconds }) => {
+                self.on_stitched(result, seconds, now);
+                Vec::new()
+            }
+            (Queued | Planning | Encoding | Stitching | PoolMissing, Event::Suspend) => {
+                self.stage = Suspended;
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The tasks to queue when the job (re)starts: the plan.
-    pub fn start(&mut self) -> Vec<Work> {
-        self.stage = Stage::Planning;
+    fn start(&mut self, now: Time) -> Vec<Work> {
+        self.stage = Stage::Queued;
+        if self.start_time.is_none() {
+            self.start_time = Some(now);
+        }
         vec![self.work(WorkKind::Plan, None)]
+    }
+
+    /// The cleanup task of a deleted job: its ledger goes.
+    pub fn cleanup(&self) -> Work {
+        self.work(WorkKind::Cleanup, None)
     }
 
     fn remaining(&self) -> Vec<Work> {
@@ -127,13 +253,12 @@ impl JobRun {
 
     /// The plan task answered: queue what the ledger does not have yet (or the stitch, or nothing when the
     /// job was published already).
-    pub fn on_plan(&mut self, mut r: PlanResult) -> Vec<Work> {
+    fn on_plan(&mut self, mut r: PlanResult, now: Time) -> Vec<Work> {
         if let Some(fin) = r.finished.take() {
             self.done = (0..r.plan.chunks).collect();
             self.reused = r.plan.chunks;
             self.audio_done = true;
             self.plan = Some(r.plan);
-            let now = Time(k8s_openapi::jiff::Timestamp::now());
             self.on_stitched(fin, 0.0, now);
             return Vec::new();
         }
@@ -150,7 +275,7 @@ impl JobRun {
     }
 
     /// A chunk or the audio is recorded; the last one queues the stitch.
-    pub fn on_encoded(
+    fn on_encoded(
         &mut self,
         kind: WorkKind,
         chunk: Option<u32>,
@@ -179,19 +304,10 @@ impl JobRun {
         Vec::new()
     }
 
-    pub fn on_stitched(&mut self, r: StitchResult, seconds: f64, now: Time) {
+    fn on_stitched(&mut self, r: StitchResult, seconds: f64, now: Time) {
         self.worker_seconds += seconds;
         self.result = Some(r);
         self.stage = Stage::Succeeded;
-        self.completion_time = Some(now);
-    }
-
-    pub fn on_failed(&mut self, reason: &str, message: &str, now: Time) {
-        if self.finished() {
-            return;
-        }
-        self.failure = Some((reason.into(), message.into()));
-        self.stage = Stage::Failed;
         self.completion_time = Some(now);
     }
 
@@ -199,7 +315,8 @@ impl JobRun {
         match self.stage {
             Stage::Succeeded => Phase::Succeeded,
             Stage::Failed => Phase::Failed,
-            Stage::Planning if self.start_time.is_none() => Phase::Pending,
+            Stage::PoolMissing => Phase::Pending,
+            _ if self.start_time.is_none() => Phase::Pending,
             _ => Phase::Running,
         }
     }
@@ -252,19 +369,33 @@ impl JobRun {
                 conditions.push(cond("Failed", true, &reason, message));
                 conditions.push(cond("Progressing", false, &reason, String::new()));
             }
-            _ if self.suspended => conditions.push(cond(
+            Stage::Suspended => conditions.push(cond(
                 "Progressing",
                 false,
                 "Suspended",
                 "spec.suspend is true: no work is handed out".into(),
             )),
+            Stage::PoolMissing => conditions.push(cond(
+                "Progressing",
+                false,
+                "PoolNotFound",
+                self.waiting.clone().unwrap_or_default(),
+            )),
             s => {
                 let (reason, msg) = match s {
+                    Stage::Queued => (
+                        "Queued",
+                        format!("waiting for a worker of pool {}", self.pool),
+                    ),
                     Stage::Planning => (
                         "Planning",
                         "probing the input and planning chunks".to_string(),
                     ),
                     Stage::Encoding => ("Encoding", format!("{done}/{total} chunks encoded")),
+                    Stage::Deleting => (
+                        "Deleting",
+                        "deleted: its temporary objects are being removed".to_string(),
+                    ),
                     _ => (
                         "Stitching",
                         "joining chunks and publishing outputs".to_string(),
@@ -347,14 +478,17 @@ mod tests {
     fn plan_then_chunks_then_stitch() {
         let mut j = JobRun::new("ns", "j", "u1", 1, spec(), "ns/p".into());
         assert_eq!(j.ledger, "s3://b/out/.tessera/u1/");
-        let w = j.start();
+        let w = j.on(Event::Start, now());
         assert_eq!((w.len(), w[0].kind), (1, WorkKind::Plan));
-        let w = j.on_plan(PlanResult {
-            plan: plan(3, true),
-            done: vec![],
-            audio_done: false,
-            finished: None,
-        });
+        let w = j.on(
+            Event::Planned(PlanResult {
+                plan: plan(3, true),
+                done: vec![],
+                audio_done: false,
+                finished: None,
+            }),
+            now(),
+        );
         let kinds: Vec<_> = w.iter().map(|w| (w.kind, w.chunk)).collect();
         assert_eq!(
             kinds,
@@ -374,19 +508,31 @@ mod tests {
             reused: false,
             seconds: 1.0,
         };
-        assert!(j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty());
+        let enc = |kind, chunk| Event::Encoded {
+            kind,
+            chunk,
+            result: r.clone(),
+            seconds: 1.0,
+        };
+        assert!(j.on(enc(WorkKind::Chunk, Some(0)), now()).is_empty());
         assert!(
-            j.on_encoded(WorkKind::Chunk, Some(0), &r, 1.0).is_empty(),
+            j.on(enc(WorkKind::Chunk, Some(0)), now()).is_empty(),
             "a duplicate report changes nothing"
         );
-        assert!(j.on_encoded(WorkKind::Audio, None, &r, 1.0).is_empty());
-        assert!(j.on_encoded(WorkKind::Chunk, Some(2), &r, 1.0).is_empty());
+        assert!(j.on(enc(WorkKind::Audio, None), now()).is_empty());
+        assert!(j.on(enc(WorkKind::Chunk, Some(2)), now()).is_empty());
         let st = j.status(Duration::from_secs(3), 0, &now());
         assert_eq!(st.progress.as_ref().unwrap().display, "2/3 (66%)");
         assert_eq!(st.encoded_or_default(), 60);
-        let w = j.on_encoded(WorkKind::Chunk, Some(1), &r, 1.0);
+        let w = j.on(enc(WorkKind::Chunk, Some(1)), now());
         assert_eq!((w.len(), w[0].kind), (1, WorkKind::Stitch));
-        j.on_stitched(StitchResult::default(), 2.0, now());
+        j.on(
+            Event::Stitched {
+                result: StitchResult::default(),
+                seconds: 2.0,
+            },
+            now(),
+        );
         let st = j.status(Duration::from_secs(5), 0, &now());
         assert_eq!(st.phase, Some(Phase::Succeeded));
         assert!(st
@@ -399,33 +545,43 @@ mod tests {
     #[test]
     fn a_replan_queues_only_what_the_ledger_lacks() {
         let mut j = JobRun::new("ns", "j", "u1", 1, spec(), "ns/p".into());
-        j.start();
-        let w = j.on_plan(PlanResult {
-            plan: plan(4, true),
-            done: vec![0, 2],
-            audio_done: true,
-            finished: None,
-        });
+        j.on(Event::Start, now());
+        let w = j.on(
+            Event::Planned(PlanResult {
+                plan: plan(4, true),
+                done: vec![0, 2],
+                audio_done: true,
+                finished: None,
+            }),
+            now(),
+        );
         let chunks: Vec<_> = w.iter().map(|w| w.chunk).collect();
         assert_eq!(chunks, [Some(1), Some(3)]);
         assert_eq!(j.reused, 2);
         // Everything recorded: straight to the stitch.
         let mut k = JobRun::new("ns", "k", "u2", 1, spec(), "ns/p".into());
-        let w = k.on_plan(PlanResult {
-            plan: plan(2, false),
-            done: vec![0, 1],
-            audio_done: false,
-            finished: None,
-        });
+        let w = k.on(
+            Event::Planned(PlanResult {
+                plan: plan(2, false),
+                done: vec![0, 1],
+                audio_done: false,
+                finished: None,
+            }),
+            now(),
+        );
         assert_eq!(w[0].kind, WorkKind::Stitch);
     }
 
     #[test]
     fn failure_is_terminal_and_named() {
         let mut j = JobRun::new("ns", "j", "u1", 3, spec(), "ns/p".into());
-        j.start();
-        j.on_failed("InputNotFound", "s3://b/in.mp4: not found", now());
-        j.on_failed("Other", "later", now());
+        j.on(Event::Start, now());
+        let failed = |reason: &str, message: &str| Event::Failed {
+            reason: reason.into(),
+            message: message.into(),
+        };
+        j.on(failed("InputNotFound", "s3://b/in.mp4: not found"), now());
+        j.on(failed("Other", "later"), now());
         let st = j.status(Duration::ZERO, 0, &now());
         let f = st.conditions.iter().find(|c| c.type_ == "Failed").unwrap();
         assert_eq!(
@@ -433,6 +589,126 @@ mod tests {
             ("InputNotFound", Some(3))
         );
         assert_eq!(st.phase, Some(Phase::Failed));
+    }
+
+    /// Every stage × every event: the stage it leads to and how many tasks it queues. Anything not listed
+    /// leaves the stage as it was and queues nothing.
+    #[test]
+    fn lifecycle_table() {
+        use Stage::*;
+        let events: Vec<(&str, Event)> = vec![
+            ("Start", Event::Start),
+            ("PlanLeased", Event::PlanLeased),
+            (
+                "Planned",
+                Event::Planned(PlanResult {
+                    plan: plan(2, false),
+                    done: vec![],
+                    audio_done: false,
+                    finished: None,
+                }),
+            ),
+            (
+                "Encoded",
+                Event::Encoded {
+                    kind: WorkKind::Chunk,
+                    chunk: Some(0),
+                    result: ChunkResult::default(),
+                    seconds: 1.0,
+                },
+            ),
+            (
+                "Stitched",
+                Event::Stitched {
+                    result: StitchResult::default(),
+                    seconds: 1.0,
+                },
+            ),
+            (
+                "Failed",
+                Event::Failed {
+                    reason: "InvalidSpec".into(),
+                    message: "m".into(),
+                },
+            ),
+            ("Suspend", Event::Suspend),
+            ("Resume", Event::Resume),
+            (
+                "PoolMissing",
+                Event::PoolMissing {
+                    message: "no pool".into(),
+                },
+            ),
+            ("Delete", Event::Delete),
+        ];
+        // (from, event) → (to, tasks queued)
+        let moves: &[(Stage, &str, Stage, usize)] = &[
+            (Queued, "Start", Queued, 1),
+            (Queued, "PlanLeased", Planning, 0),
+            (Queued, "Planned", Encoding, 2),
+            (Queued, "Suspend", Suspended, 0),
+            (Queued, "PoolMissing", PoolMissing, 0),
+            (Planning, "Planned", Encoding, 2),
+            (Planning, "Suspend", Suspended, 0),
+            (Encoding, "Encoded", Encoding, 0),
+            (Encoding, "Suspend", Suspended, 0),
+            (Stitching, "Stitched", Succeeded, 0),
+            (Stitching, "Suspend", Suspended, 0),
+            (Suspended, "Resume", Queued, 1),
+            (PoolMissing, "Start", Queued, 1),
+            (PoolMissing, "PoolMissing", PoolMissing, 0),
+            (PoolMissing, "Suspend", Suspended, 0),
+        ];
+        let all = [Queued, Planning, Encoding, Stitching, Suspended]
+            .into_iter()
+            .chain([PoolMissing, Deleting, Succeeded, Failed]);
+        for from in all {
+            for (name, ev) in &events {
+                let mut j = JobRun::new("ns", "j", "u", 1, spec(), "ns/p".into());
+                j.stage = from;
+                if matches!(from, Encoding | Stitching) {
+                    j.plan = Some(plan(2, false));
+                    j.done = [1].into_iter().collect();
+                }
+                let w = j.on(ev.clone(), now());
+                let (to, n) = match (from, *name) {
+                    (Deleting, _) => (Deleting, 0),
+                    (_, "Delete") => (Deleting, 0),
+                    (Succeeded | Failed, _) => (from, 0),
+                    (_, "Failed") => (Failed, 0),
+                    _ => moves
+                        .iter()
+                        .find(|m| m.0 == from && m.1 == *name)
+                        .map_or((from, 0), |m| (m.2, m.3)),
+                };
+                // The last chunk of an encoding job queues the stitch.
+                let (to, n) = match (from, *name) {
+                    (Encoding, "Encoded") => (Stitching, 1),
+                    _ => (to, n),
+                };
+                assert_eq!((j.stage, w.len()), (to, n), "{from:?} --{name}-->");
+                let st = j.status(Duration::ZERO, 0, &now());
+                let pending = matches!(to, PoolMissing) || j.start_time.is_none();
+                assert_eq!(
+                    st.phase == Some(Phase::Pending),
+                    pending && !j.finished(),
+                    "{from:?} --{name}--> {to:?}: phase {:?}",
+                    st.phase
+                );
+                if to == Failed && *name == "Failed" && from != Failed {
+                    assert!(st
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Failed" && c.reason == "InvalidSpec"));
+                }
+                if to == PoolMissing && *name == "PoolMissing" {
+                    assert!(st
+                        .conditions
+                        .iter()
+                        .any(|c| c.reason == "PoolNotFound" && c.message == "no pool"));
+                }
+            }
+        }
     }
 
     trait Encoded {
