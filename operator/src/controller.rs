@@ -5,7 +5,7 @@
 //!  TranscodeJob watch ──▶ reconcile: finalizer, validate, pool, admit ──Observe/Accept(Run|Wait|Refuse)──▶ core
 //!  queue API ───────────▶ Complete/Fail ──▶ core: JobRun::on(Planned / Encoded / Stitched / Failed) (next tasks)
 //!  every 200 ms ────────▶ status writer ──Statuses──▶ core: Throttle ──▶ PATCH status, Events
-//!  WorkerPool watch, its pods' watch (reflector), every second ──▶ pool controller: PoolLoad ──▶ scale::plan
+//!  WorkerPool watch, its pods' watch (reflector), every second ──▶ pool controller: PoolLoad ──▶ autoscale::plan
 //!                       ──▶ create / Drain+delete pods, pool status
 //! ```
 
@@ -26,10 +26,10 @@ use serde_json::json;
 use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool, WorkerPoolStatus};
 
 use crate::api::PoolAccess;
+use crate::autoscale::{self, Load, PoolShape, WorkerState};
 use crate::core::{Admit, Cmd, CoreHandle, FinalizeStep, Observation, Observed};
 use crate::jobrun::JobRun;
 use crate::podspec::{self, WorkerPodInput, POOL_LABEL};
-use crate::scale::{self, Load, PoolShape, WorkerState};
 use crate::status::Throttle;
 use crate::Error;
 
@@ -553,7 +553,7 @@ async fn reconcile_pool(pool: Arc<WorkerPool>, p: Arc<PoolCtx>) -> Result<Action
         tasks_per_worker: pool.spec.tasks_per_worker,
         cooldown: Duration::from_secs(u64::from(pool.spec.cooldown_seconds)),
     };
-    let plan = scale::plan(
+    let plan = autoscale::plan(
         Load {
             queued: depth.queued,
             leased: depth.leased,

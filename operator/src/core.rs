@@ -30,9 +30,9 @@ use tessera_crds::{TranscodeJobSpec, TranscodeJobStatus};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::api::{Identity, PoolAccess};
+use crate::autoscale::{Worker, WorkerState};
 use crate::jobrun::{keep_transition_times, Event, JobRun, Stage};
 use crate::queue::{Depth, Queue, QueueConfig, QueueError, Task};
-use crate::scale::{Worker, WorkerState};
 use crate::status::{Decision, Throttle};
 
 /// How long a deleted job waits for a worker to delete its temporary objects before it goes anyway.

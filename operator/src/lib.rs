@@ -1,8 +1,9 @@
-//! The operator's parts. The decisions are pure (`scale`, `podspec`, `queue`, `jobrun`, `status`); `api`
+//! The operator's parts. The decisions are pure (`autoscale`, `podspec`, `queue`, `jobrun`, `status`); `api`
 //! serves the queue to workers over HTTP, authenticating them with Kubernetes TokenReview; `controller`
 //! runs the reconcilers on the elected leader (`leader`).
 
 pub mod api;
+pub mod autoscale;
 pub mod controller;
 pub mod core;
 pub mod error;
@@ -12,7 +13,6 @@ pub mod leader;
 pub mod metrics;
 pub mod podspec;
 pub mod queue;
-pub mod scale;
 pub mod status;
 
 pub use error::Error;
