@@ -1,6 +1,7 @@
-//! The operator's parts. The decisions are pure (`autoscale`, `podspec`, `queue`, `jobrun`, `status`); `api`
-//! serves the queue to workers over HTTP, authenticating them with Kubernetes TokenReview; `controller`
-//! runs the reconcilers on the elected leader (`leader`).
+//! The operator's parts. The decisions are pure (`autoscale`, `podspec`, `queue`, `jobrun`, `status`); `core`
+//! owns the leader's state in one task that applies typed commands; `api` serves the queue to workers over
+//! HTTP (the messages are `tessera_crds::protocol`'s), authenticating them with Kubernetes TokenReview;
+//! `controller` runs the reconcilers on the elected leader (`leader`).
 
 pub mod api;
 pub mod autoscale;
