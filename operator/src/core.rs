@@ -886,7 +886,10 @@ impl Core {
                     },
                     now_time(),
                 );
-                if !was_waiting {
+                if was_waiting {
+                    // Still waiting: its status says so already.
+                    e.dirty = false;
+                } else {
                     e.events.push((EventType::Warning, "PoolNotFound", message));
                 }
             }

@@ -565,6 +565,11 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
             Ok(Reply::Other(s, e)) if s.is_server_error() && Instant::now() < deadline => {
                 tracing::warn!(task = id, status = %s, error = %e, "queue error; retrying the verdict")
             }
+            Ok(Reply::Gone) => {
+                // It finished before its next heartbeat could learn of the cancellation.
+                tracing::info!(task = id, "task cancelled by the operator before its verdict arrived (its job was deleted or suspended); the verdict is dropped");
+                return;
+            }
             Ok(_) => return,
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(task = id, error = %e, "queue unreachable; retrying the verdict")
