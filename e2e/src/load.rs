@@ -495,6 +495,37 @@ pub async fn phases(api: &Api<DynamicObject>) -> HashMap<String, String> {
     }
 }
 
+/// Wait until every job of `names` Succeeded, failing at once if one Failed, or when `bound` has passed since
+/// `t0`; `context()` is added to the message (what the test was doing).
+pub async fn wait_succeeded(
+    api: &Api<DynamicObject>,
+    names: &[String],
+    t0: Instant,
+    bound: Duration,
+    every: Duration,
+    context: impl Fn() -> String,
+) {
+    loop {
+        let p = phases(api).await;
+        let failed: Vec<_> = p.iter().filter(|(_, ph)| *ph == "Failed").collect();
+        assert!(failed.is_empty(), "jobs failed ({}): {failed:?}", context());
+        let done = names
+            .iter()
+            .filter(|n| p.get(*n).is_some_and(|ph| ph == "Succeeded"))
+            .count();
+        if done == names.len() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "{done} of {} jobs Succeeded after {bound:?} ({}): {p:?}",
+            names.len(),
+            context()
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Delete `names` and wait until they are gone (the finalizer's cleanup tasks served by the fleet).
 pub async fn delete_all(api: &Api<DynamicObject>, names: &[String], bound: Duration) {
     stream::iter(names.iter().cloned())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tessera_e2e::jobs::reliability_row;
 use tessera_e2e::load::{
     client, create_all, delete_all, histogram_quantile, jobs_api, metric, metrics, pct, phases,
-    prepare, raise_nofile, wait_pool, Fleet, Leader, MemorySampler,
+    prepare, raise_nofile, wait_pool, wait_succeeded, Fleet, Leader, MemorySampler,
 };
 
 const HEADER: &str = "| load | outcome | jobs | workers | tasks completed | operator memory, idle → peak → after (MiB) | reconcile p50 / p99 | apply → plan leased p50 / p99 | data lost |\n|---|---|---|---|---|---|---|---|---|";
@@ -57,23 +57,15 @@ async fn burst(token: String) {
     let t0 = Instant::now();
     let created = create_all(&api, &names).await;
     let create_secs = t0.elapsed().as_secs_f64();
-    loop {
-        let p = phases(&api).await;
-        let failed: Vec<_> = p.iter().filter(|(_, ph)| *ph == "Failed").collect();
-        assert!(failed.is_empty(), "jobs failed under load: {failed:?}");
-        let done = names
-            .iter()
-            .filter(|n| p.get(*n).is_some_and(|ph| ph == "Succeeded"))
-            .count();
-        if done == jobs {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "{done} of {jobs} jobs Succeeded after 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_succeeded(
+        &api,
+        &names,
+        t0,
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+        || "under load".into(),
+    )
+    .await;
     let all_done = t0.elapsed().as_secs_f64();
     let text = metrics(&leader.url()).await;
     let reconciles = metric(&text, "tessera_reconciles_total", "").unwrap_or(0.0) - reconciles0;
@@ -226,24 +218,20 @@ async fn storm(token: String) {
         .collect::<Vec<_>>()
         .await;
     let flipped = t0.elapsed().as_secs_f64();
-    loop {
-        let p = phases(&api).await;
-        let failed: Vec<_> = p.iter().filter(|(_, ph)| *ph == "Failed").collect();
-        assert!(failed.is_empty(), "jobs failed in the storm: {failed:?}");
-        let done = names
-            .iter()
-            .filter(|n| p.get(*n).is_some_and(|ph| ph == "Succeeded"))
-            .count();
-        if done == jobs {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(240),
-            "{done} of {jobs} jobs Succeeded 240 s after the storm began (/livez worst, missed, probes: {:?}): {p:?}",
-            livez.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_succeeded(
+        &api,
+        &names,
+        t0,
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || {
+            format!(
+                "in the storm; /livez worst, missed, probes: {:?}",
+                livez.lock().unwrap()
+            )
+        },
+    )
+    .await;
     let all_done = t0.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     prober.await.expect("prober");
