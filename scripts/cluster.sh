@@ -34,13 +34,22 @@ start() { # start NAME COMMAND...: background process, pid, log and command line
   echo $! >"$ST/$name.pid"
 }
 
+ours() { # ours NAME PID: PID is still the process `start NAME` started (a dead one's pid gets reused)
+  local name=$1 pid=$2 want
+  eval "set -- $(cat "$ST/$name.cmd" 2>/dev/null)"
+  want=${1:-}
+  [ -n "$want" ] && [ "$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1)" = "$want" ]
+}
+
 stop_one() { # stop_one NAME: SIGTERM, then SIGKILL after 5 s
   local f="$ST/$1.pid" pid
   [ -e "$f" ] || return 0
   pid=$(cat "$f")
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
+  if ours "$1" "$pid"; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    ours "$1" "$pid" && kill -9 "$pid" 2>/dev/null || true
+  fi
   rm -f "$f"
 }
 
@@ -54,11 +63,7 @@ again() { # again NAME: start a stopped component with the command line it had
 down() {
   for f in "$ST"/*.pid; do
     [ -e "$f" ] || continue
-    pid=$(cat "$f")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$f"
+    stop_one "$(basename "$f" .pid)"
   done
 }
 

@@ -9,6 +9,7 @@
 //! process; `restartPolicy` is honoured; deletion sends SIGTERM, waits the grace period, then SIGKILL.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -81,8 +82,45 @@ fn parse_node(s: &str) -> NodeSpec {
     }
 }
 
+/// A pod's record: claimed while its process starts (`proc` is `None`: nothing to signal yet), then its process.
 struct Running {
+    proc: Option<Proc>,
+}
+
+/// A pod's process, signalled through a pidfd: once the process is gone its pid may belong to anything
+/// (pids wrap at 32768 on these machines), and pid 0 would be this kubelet's whole process group, which is the
+/// test run's. A pidfd names this process only, and signalling it after it exited fails with ESRCH.
+struct Proc {
     pid: u32,
+    fd: OwnedFd,
+}
+
+impl Proc {
+    /// Opened right after spawn, before anything waits on (and so reaps) the child.
+    fn open(pid: u32) -> std::io::Result<Proc> {
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Proc { pid, fd })
+    }
+
+    /// Send `sig` (0 only probes); false once the process is gone.
+    fn signal(&self, sig: i32) -> bool {
+        // SAFETY: pidfd_send_signal(2) on a descriptor this Proc owns, with no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            ) == 0
+        }
+    }
 }
 
 struct Kubelet {
@@ -159,8 +197,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("signal");
             term.recv().await;
-            for r in k.pods.lock().await.values() {
-                signal(r.pid, libc::SIGKILL);
+            for p in k.pods.lock().await.values().filter_map(|r| r.proc.as_ref()) {
+                p.signal(libc::SIGKILL);
             }
             std::process::exit(0);
         });
@@ -249,11 +287,6 @@ async fn heartbeat(client: &Client, n: &NodeSpec) -> Result<(), kube::Error> {
     Ok(())
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a process this kubelet started.
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
 fn key(p: &Pod) -> String {
     format!(
         "{}/{}",
@@ -280,22 +313,20 @@ impl Kubelet {
         let name = p.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         if p.metadata.deletion_timestamp.is_some() {
-            let pid = self.pods.lock().await.remove(&k).map(|r| r.pid);
-            if let Some(pid) = pid {
+            // A pod still starting has no process yet: removing its record stops the start.
+            let proc = self.pods.lock().await.remove(&k).and_then(|r| r.proc);
+            if let Some(proc) = proc {
                 let grace = p
                     .metadata
                     .deletion_grace_period_seconds
                     .unwrap_or(30)
                     .max(0) as u64;
-                signal(pid, libc::SIGTERM);
+                proc.signal(libc::SIGTERM);
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(grace);
-                // SAFETY: kill(pid, 0) only probes whether the process exists.
-                while unsafe { libc::kill(pid as i32, 0) } == 0
-                    && tokio::time::Instant::now() < deadline
-                {
+                while proc.signal(0) && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                signal(pid, libc::SIGKILL);
+                proc.signal(libc::SIGKILL);
             }
             let _ = api
                 .delete(&name, &DeleteParams::default().grace_period(0))
@@ -316,7 +347,7 @@ impl Kubelet {
                 return Ok(());
             }
             // Claim it before starting (events for one pod arrive more than once).
-            pods.insert(k.clone(), Running { pid: 0 });
+            pods.insert(k.clone(), Running { proc: None });
         }
         let n = self.next_ip.fetch_add(1, Ordering::Relaxed) % 60000;
         let ip = format!("127.{}.{}.{}", self.net, n / 250, n % 250 + 1);
@@ -376,6 +407,8 @@ impl Kubelet {
                 .append(true)
                 .open(self.state.join("pods").join(format!("{ns}_{name}.log")))?;
             cmd.stdout(log.try_clone()?).stderr(log);
+            // A process group of its own, as a container's: a signal a pod sends to its group stays in it.
+            cmd.process_group(0);
             let mut child = match cmd.spawn() {
                 Ok(ch) => ch,
                 Err(e) => {
@@ -383,15 +416,28 @@ impl Kubelet {
                     return Ok(());
                 }
             };
-            let pid = child.id().unwrap_or(0);
+            let Some(pid) = child.id() else {
+                self.fail(&api, &name, "exited as it started").await;
+                self.pods.lock().await.remove(&k);
+                return Ok(());
+            };
+            let proc = match Proc::open(pid) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = child.start_kill();
+                    self.fail(&api, &name, &format!("pidfd_open: {e}")).await;
+                    self.pods.lock().await.remove(&k);
+                    return Ok(());
+                }
+            };
             {
                 let mut pods = self.pods.lock().await;
                 if !pods.contains_key(&k) {
                     // Deleted while starting.
-                    signal(pid, libc::SIGKILL);
+                    let _ = child.start_kill();
                     return Ok(());
                 }
-                pods.insert(k.clone(), Running { pid });
+                pods.insert(k.clone(), Running { proc: Some(proc) });
             }
             let t = now();
             let status = json!({"status": {
@@ -412,7 +458,16 @@ impl Kubelet {
                 .ok()
                 .and_then(|s| s.code())
                 .unwrap_or(137);
-            if self.pods.lock().await.get(&k).is_none_or(|r| r.pid != pid) {
+            let mut deleted = false;
+            {
+                let mut pods = self.pods.lock().await;
+                match pods.get_mut(&k) {
+                    // Exited on its own: nothing left to signal until the next start.
+                    Some(r) if r.proc.as_ref().is_some_and(|p| p.pid == pid) => r.proc = None,
+                    _ => deleted = true,
+                }
+            }
+            if deleted {
                 // Being deleted: emptyDir volumes go with the pod.
                 let _ = std::fs::remove_dir_all(
                     self.state.join("volumes").join(format!("{ns}_{name}")),
