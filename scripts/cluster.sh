@@ -38,7 +38,7 @@ ours() { # ours NAME PID: PID is still the process `start NAME` started (a dead 
   local name=$1 pid=$2 want
   eval "set -- $(cat "$ST/$name.cmd" 2>/dev/null)"
   want=${1:-}
-  [ -n "$want" ] && [ "$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1)" = "$want" ]
+  [ -n "$want" ] && [ "$({ tr '\0' '\n' <"/proc/$pid/cmdline"; } 2>/dev/null | head -n 1)" = "$want" ]
 }
 
 stop_one() { # stop_one NAME: SIGTERM, then SIGKILL after 5 s

@@ -246,7 +246,7 @@ pub fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::PlanRecord;
+    use crate::work::{ChunkPlan, PlanRecord};
 
     fn work(kind: WorkKind) -> Work {
         serde_json::from_value(serde_json::json!({
@@ -294,7 +294,8 @@ mod tests {
                 plan: PlanRecord {
                     input_etag: Some("\"e\"".into()),
                     target_seconds: 2.0,
-                    chunks: 3,
+                    chunks: ChunkPlan::uniform(3, 2.0, 25.0),
+                    vfr: false,
                     frames: 150,
                     duration_seconds: 6.0,
                     fps: 25.0,
@@ -310,6 +311,7 @@ mod tests {
                 frames: 50,
                 reused: false,
                 seconds: 0.5,
+                renditions: vec![],
             }),
             TaskResult::Audio(ChunkResult::default()),
             TaskResult::Stitch(StitchResult::default()),

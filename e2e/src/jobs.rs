@@ -234,6 +234,17 @@ pub fn delete_job(name: &str) {
     });
 }
 
+/// Full probes of `job`'s input by workers (keyframe index or packet scan, logged as "planned"): the plan
+/// task's only, as chunk, audio and stitch tasks read the plan and the container header.
+pub fn input_probes(job: &str) -> usize {
+    let span = format!("job=default/{job}}}");
+    pod_logs("-worker-")
+        .iter()
+        .flat_map(|(_, log)| log.lines())
+        .filter(|l| l.contains(&span) && l.contains(" planned "))
+        .count()
+}
+
 /// Chunk encodes of `job` started by workers (finished or not: a worker killed mid-chunk counts), from
 /// every worker's log: chunk tasks leased, less those that found the chunk in the ledger.
 pub fn encodes(job: &str) -> usize {

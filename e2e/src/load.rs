@@ -22,7 +22,7 @@ use tessera_crds::protocol::{
     decode, Call, CleanupResult, CompleteRequest, HeartbeatRequest, LeaseRequest, TaskResult,
 };
 use tessera_crds::work::{
-    ChunkResult, PlanRecord, PlanResult, StitchResult, TaskProgress, Work, WorkKind,
+    ChunkPlan, ChunkResult, PlanRecord, PlanResult, StitchResult, TaskProgress, Work, WorkKind,
 };
 
 use crate::cluster::{e2e_dir, kubectl, kubectl_ok};
@@ -102,7 +102,8 @@ pub fn sample_plan(chunks: u32, audio: bool) -> TaskResult {
         plan: PlanRecord {
             input_etag: None,
             target_seconds: 2.0,
-            chunks,
+            chunks: ChunkPlan::uniform(chunks, 2.0, 25.0),
+            vfr: false,
             frames: u64::from(chunks) * 50,
             duration_seconds: f64::from(chunks) * 2.0,
             fps: 25.0,
@@ -122,6 +123,7 @@ pub fn sample_result(kind: WorkKind, chunks: u32) -> TaskResult {
         frames: 50,
         reused: false,
         seconds: 0.05,
+        renditions: vec![],
     };
     match kind {
         WorkKind::Plan => sample_plan(chunks, true),

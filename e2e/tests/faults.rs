@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use tessera_e2e::cluster::{json, kubectl_ok, root};
 use tessera_e2e::faultproxy::{wait_until, FaultProxy};
 use tessera_e2e::jobs::{
-    chunks_done, delete_job, encodes, get_job, input, job_yaml, ledger_after_success, objects,
-    open_uploads, output_frames, reliability_row, slow_job_yaml, wait_busy_worker, wait_complete,
+    chunks_done, delete_job, encodes, get_job, input, input_probes, job_yaml, ledger_after_success,
+    objects, open_uploads, output_frames, reliability_row, slow_job_yaml, wait_busy_worker,
+    wait_complete,
 };
 
 /// Task leases last 6 s here (30 s by default), so a lost worker's task is re-queued quickly.
@@ -100,6 +101,13 @@ fn worker_killed_with_sigkill_mid_chunk() {
         None,
     );
     finish("worker killed with SIGKILL mid-chunk", "sigkill", 20, 1, t0);
+    // The plan is data: its chunks, the one the killed worker lost among them, ran on workers that read the
+    // plan and never probed the input again.
+    assert_eq!(
+        input_probes("sigkill"),
+        1,
+        "the input was probed once, by the plan task"
+    );
 }
 
 #[test]

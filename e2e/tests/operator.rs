@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs, root};
 use tessera_e2e::faultproxy::wait_until;
 use tessera_e2e::jobs::{
-    condition, delete_job, encodes, ffprobe, get_job, input, job_yaml, ledger_after_success,
-    live_workers, objects, open_uploads, s3_dir, slow_job_yaml, wait_busy_worker, wait_complete,
-    worker_pods,
+    condition, delete_job, encodes, ffprobe, get_job, input, input_probes, job_yaml,
+    ledger_after_success, live_workers, objects, open_uploads, s3_dir, slow_job_yaml,
+    wait_busy_worker, wait_complete, worker_pods,
 };
 
 /// How long the example job may take from `kubectl apply` to `Complete`.
@@ -105,6 +105,14 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
     assert!(job["status"]["encoder"]
         .as_str()
         .is_some_and(|e| !e.is_empty()));
+    // The plan is data: one probe of the whole input (the plan task's); every chunk task read the plan.
+    let chunks = job["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
+    assert_eq!(encodes("example"), chunks);
+    assert_eq!(
+        input_probes("example"),
+        1,
+        "the input was probed once, by the plan task"
+    );
     assert!(
         ledger_after_success("example").is_empty(),
         "chunks and records are deleted after the stitch"

@@ -1001,7 +1001,7 @@ impl Core {
                 TaskResult::Plan(r) => {
                     let note = format!(
                         "{} chunks of {:.1} s, encoders {}; {} already in the ledger",
-                        r.plan.chunks,
+                        r.plan.chunk_count(),
                         r.plan.target_seconds,
                         r.plan.encoders.join(","),
                         r.done.len()

@@ -235,7 +235,7 @@ impl JobRun {
         let Some(p) = &self.plan else {
             return Vec::new();
         };
-        let mut out: Vec<Work> = (0..p.chunks)
+        let mut out: Vec<Work> = (0..p.chunk_count())
             .filter(|c| !self.done.contains(c))
             .map(|c| self.work(WorkKind::Chunk, Some(c)))
             .collect();
@@ -246,24 +246,28 @@ impl JobRun {
     }
 
     fn all_encoded(&self) -> bool {
-        self.plan
-            .as_ref()
-            .is_some_and(|p| self.done.len() as u32 >= p.chunks && (!p.audio || self.audio_done))
+        self.plan.as_ref().is_some_and(|p| {
+            self.done.len() as u32 >= p.chunk_count() && (!p.audio || self.audio_done)
+        })
     }
 
     /// The plan task answered: queue what the ledger does not have yet (or the stitch, or nothing when the
     /// job was published already).
     fn on_plan(&mut self, mut r: PlanResult, now: Time) -> Vec<Work> {
         if let Some(fin) = r.finished.take() {
-            self.done = (0..r.plan.chunks).collect();
-            self.reused = r.plan.chunks;
+            self.done = (0..r.plan.chunk_count()).collect();
+            self.reused = r.plan.chunk_count();
             self.audio_done = true;
             self.plan = Some(r.plan);
             self.on_stitched(fin, 0.0, now);
             return Vec::new();
         }
         self.reused = r.done.len() as u32;
-        self.done = r.done.into_iter().filter(|c| *c < r.plan.chunks).collect();
+        self.done = r
+            .done
+            .into_iter()
+            .filter(|c| *c < r.plan.chunk_count())
+            .collect();
         self.audio_done = r.audio_done;
         self.plan = Some(r.plan);
         self.stage = Stage::Encoding;
@@ -329,7 +333,7 @@ impl JobRun {
         in_flight_frames: u64,
         now: &Time,
     ) -> TranscodeJobStatus {
-        let total = self.plan.as_ref().map_or(0, |p| p.chunks);
+        let total = self.plan.as_ref().map_or(0, |p| p.chunk_count());
         let done = self.done.len() as u32;
         let mut progress = Progress::new(done, total);
         let frames = self.encoded_frames + in_flight_frames;
@@ -460,7 +464,8 @@ mod tests {
         PlanRecord {
             input_etag: Some("\"e\"".into()),
             target_seconds: 2.0,
-            chunks,
+            chunks: tessera_crds::work::ChunkPlan::uniform(chunks, 2.0, 25.0),
+            vfr: false,
             frames: 100,
             duration_seconds: 4.0,
             fps: 25.0,
@@ -507,6 +512,7 @@ mod tests {
             frames: 30,
             reused: false,
             seconds: 1.0,
+            renditions: vec![],
         };
         let enc = |kind, chunk| Event::Encoded {
             kind,

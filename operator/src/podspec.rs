@@ -76,10 +76,6 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             "TESSERA_TASKS_PER_WORKER",
             &i.spec.tasks_per_worker.max(1).to_string(),
         ),
-        env(
-            "TESSERA_PLAN_PARALLELISM",
-            &(i.spec.max_workers.max(1) * i.spec.tasks_per_worker.max(1)).to_string(),
-        ),
         env("RUST_LOG", "info,aws_config=error"),
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),

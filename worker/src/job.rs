@@ -186,14 +186,15 @@ fn check_writable_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// Find each planned boundary keyframe's presentation timestamp (one packet read per boundary).
-fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i64)>> {
+/// Find each planned boundary keyframe's presentation timestamp (one packet read per boundary): (seek
+/// timestamp, pts, seconds from the start).
+fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i64, f64)>> {
     let mut ictx = None;
-    let mut out: Vec<(i64, i64)> = Vec::with_capacity(starts.len());
+    let mut out: Vec<(i64, i64, f64)> = Vec::with_capacity(starts.len());
     for (n, &i) in starts.iter().enumerate() {
         let k = info.keyframes[i];
         if n == 0 {
-            out.push((k.seek_ts, i64::MIN));
+            out.push((k.seek_ts, i64::MIN, k.time));
             continue;
         }
         let pts = match k.pts {
@@ -240,7 +241,7 @@ fn resolve_boundaries(info: &ProbeInfo, starts: &[usize]) -> Result<Vec<(i64, i6
         if out.len() > 1 && pts <= out.last().expect("non-empty").1 {
             continue;
         }
-        out.push((k.seek_ts, pts));
+        out.push((k.seek_ts, pts, k.time));
     }
     Ok(out)
 }
@@ -265,12 +266,14 @@ pub fn validate(spec: &TranscodeJobSpec) -> Result<()> {
 }
 
 /// A job probed and planned: everything needed to encode any of its chunks, its audio, or to stitch it.
-/// Local mode makes one and runs all of it; in a cluster each worker task makes one (the plan's target
-/// chunk length and encoders fixed, so every worker cuts the same chunks and encodes them alike).
+/// Local mode makes one and runs all of it; in a cluster the plan task makes one and writes it down as a
+/// `PlanRecord`, and every later task makes one from that record (`prepare_planned`).
 pub struct Prepared {
     pub info: ProbeInfo,
     pub input: PathBuf,
     pub chunks: Vec<Chunk>,
+    /// Each chunk's start and end, in seconds from the input's start.
+    pub spans: Vec<(f64, f64)>,
     pub target_seconds: f64,
     pub decode: hwdec::DecodeChoice,
     clock: Clock,
@@ -306,14 +309,101 @@ pub fn prepare(
         .unwrap_or_else(|| plan::auto_target_seconds(info.duration, workers));
     let starts = plan::plan_boundaries(&info.keyframes, info.duration, target_seconds);
     let bounds = resolve_boundaries(&info, &starts)?;
-    let chunks = plan::chunks_from_boundaries(&bounds);
+    let pairs: Vec<(i64, i64)> = bounds.iter().map(|b| (b.0, b.1)).collect();
+    let chunks = plan::chunks_from_boundaries(&pairs);
+    let mut spans: Vec<(f64, f64)> = Vec::with_capacity(chunks.len());
+    for (i, _) in chunks.iter().enumerate() {
+        let from = if i == 0 { 0.0 } else { bounds[i].2 };
+        let to = bounds.get(i + 1).map_or(info.duration, |b| b.2);
+        spans.push((from, to.max(from)));
+    }
     tracing::debug!(?chunks, "chunks");
     tracing::info!(
         input = %input.display(), frames = info.video.frames, duration = info.duration, keyframes = info.keyframes.len(),
         keyframe_source = info.keyframe_source, chunks = chunks.len(), target_seconds, vfr = info.video.vfr,
         "planned"
     );
+    assemble(
+        spec,
+        Cut {
+            input,
+            info,
+            chunks,
+            spans,
+            target_seconds,
+        },
+        workers,
+        fixed.encoders,
+        progress,
+    )
+}
 
+/// A task of a planned job: the plan's chunks, timing and encoders, and of the input only its container
+/// header (what seeking and decoding need). Nothing is planned again, so every worker encodes alike.
+pub fn prepare_planned(
+    spec: &TranscodeJobSpec,
+    plan: &tessera_crds::work::PlanRecord,
+    slots: usize,
+) -> Result<Prepared> {
+    validate(spec)?;
+    let input = source_path("spec.input.uri", &spec.input.uri)?;
+    let mut info = probe::header(&input)?;
+    info.video.frames = plan.frames;
+    info.video.vfr = plan.vfr;
+    let chunks = plan
+        .chunks
+        .iter()
+        .map(|c| Chunk {
+            index: c.index as usize,
+            seek_ts: c.seek_ts,
+            start_pts: c.start_pts,
+            end_pts: c.end_pts,
+        })
+        .collect();
+    let spans = plan
+        .chunks
+        .iter()
+        .map(|c| (c.start_seconds, c.end_seconds))
+        .collect();
+    assemble(
+        spec,
+        Cut {
+            input,
+            info,
+            chunks,
+            spans,
+            target_seconds: plan.target_seconds,
+        },
+        slots,
+        Some(&plan.encoders),
+        &Progress::default(),
+    )
+}
+
+/// An input cut into chunks.
+struct Cut {
+    input: PathBuf,
+    info: ProbeInfo,
+    chunks: Vec<Chunk>,
+    spans: Vec<(f64, f64)>,
+    target_seconds: f64,
+}
+
+/// Timing, threads, decoder and encoders for a cut input.
+fn assemble(
+    spec: &TranscodeJobSpec,
+    cut: Cut,
+    workers: usize,
+    encoders: Option<&[String]>,
+    progress: &Progress,
+) -> Result<Prepared> {
+    let Cut {
+        input,
+        info,
+        chunks,
+        spans,
+        target_seconds,
+    } = cut;
     // Output timing: CFR sources get a 1/fps time base (as ffmpeg does), VFR ones keep their own.
     let v = &info.video;
     let src_tb = Rational::new(v.time_base.0, v.time_base.1);
@@ -369,7 +459,7 @@ pub fn prepare(
             color: v.color,
             threads: encoder_threads,
         };
-        let only = fixed.encoders.and_then(|e| e.get(ri)).map(String::as_str);
+        let only = encoders.and_then(|e| e.get(ri)).map(String::as_str);
         let encoder = encode::select(r, spec.hardware, &target, v.bit_depth, only)?;
         let audio = info
             .audio
@@ -394,6 +484,7 @@ pub fn prepare(
         info,
         input,
         chunks,
+        spans,
         target_seconds,
         decode,
         clock,
@@ -428,6 +519,26 @@ impl Prepared {
             "audio-{}.tpk",
             self.audio.iter().position(|u| u == a).unwrap_or(0)
         )
+    }
+
+    /// The chunks as the plan records them, with their spans and (estimated) frame counts; the counts add
+    /// up to the input's frames.
+    pub fn plan_chunks(&self) -> Vec<tessera_crds::work::ChunkPlan> {
+        let frames = plan::frames_per_chunk(&self.spans, self.fps(), self.info.video.frames);
+        self.chunks
+            .iter()
+            .zip(&self.spans)
+            .zip(frames)
+            .map(|((c, &(from, to)), frames)| tessera_crds::work::ChunkPlan {
+                index: c.index as u32,
+                seek_ts: c.seek_ts,
+                start_pts: c.start_pts,
+                end_pts: c.end_pts,
+                start_seconds: from,
+                end_seconds: to,
+                frames,
+            })
+            .collect()
     }
 
     /// Video encoder names, per rendition.

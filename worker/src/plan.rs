@@ -15,6 +15,10 @@ pub fn auto_target_seconds(duration: f64, workers: usize) -> f64 {
     per.clamp(10.0, 120.0)
 }
 
+/// The parallelism a cluster job's automatic chunk length is sized for. A constant, not the pool's size: the
+/// same input and `chunking` spec then always give the same chunks, whichever pool runs them.
+pub const CLUSTER_PARALLELISM: usize = 16;
+
 /// Indices into `keyframes` at which chunks start. The first chunk always starts at the input's beginning;
 /// later chunks start on the keyframe nearest to each multiple of `target` past the previous start, never
 /// closer than half a target to it, and a last chunk shorter than a quarter target is merged into the one
@@ -75,6 +79,25 @@ pub struct Chunk {
     pub start_pts: Option<i64>,
     /// `None`: to the last frame.
     pub end_pts: Option<i64>,
+}
+
+/// Frames in each chunk of `spans` (start and end seconds) at `fps`, the last taking what is left so they add
+/// up to `total`.
+pub fn frames_per_chunk(spans: &[(f64, f64)], fps: f64, total: u64) -> Vec<u64> {
+    let mut left = total;
+    spans
+        .iter()
+        .enumerate()
+        .map(|(i, &(from, to))| {
+            let n = if i + 1 == spans.len() {
+                left
+            } else {
+                (((to - from).max(0.0) * fps).round() as u64).min(left)
+            };
+            left -= n;
+            n
+        })
+        .collect()
 }
 
 /// Turn resolved boundary keyframes (seek timestamp, presentation timestamp) into chunks.
@@ -362,8 +385,20 @@ mod tests {
     }
 
     #[test]
+    fn chunk_frames_add_up_to_the_input() {
+        let spans = [(0.0, 10.0), (10.0, 20.04), (20.04, 25.0)];
+        assert_eq!(frames_per_chunk(&spans, 25.0, 625), vec![250, 251, 124]);
+        // An estimate past the total never makes later chunks negative.
+        assert_eq!(frames_per_chunk(&spans, 25.0, 300), vec![250, 50, 0]);
+        assert_eq!(frames_per_chunk(&[(0.0, 3.0)], 30.0, 91), vec![91]);
+        assert!(frames_per_chunk(&[], 30.0, 91).is_empty());
+    }
+
+    #[test]
     fn auto_target_scales_with_duration_and_workers() {
         assert_eq!(auto_target_seconds(5.0, 8), 10.0);
+        // A cluster's chunks do not depend on the pool: one constant parallelism.
+        assert_eq!(auto_target_seconds(600.0, CLUSTER_PARALLELISM), 18.75);
         assert_eq!(auto_target_seconds(120.0, 2), 30.0);
         assert_eq!(auto_target_seconds(7200.0, 4), 120.0);
     }

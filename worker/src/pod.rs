@@ -463,9 +463,10 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
         chunk = ?work.chunk, "task leased");
     let mut handle = {
         let (cancel, frames, work, span) = (cancel.clone(), frames.clone(), work.clone(), span);
+        let slots = q.cfg.slots;
         tokio::task::spawn_blocking(move || {
             let _in = span.enter();
-            task::execute(&work, &cancel, &frames)
+            task::execute(&work, slots, &cancel, &frames)
         })
     };
     let me = q.cfg.worker.clone();

@@ -229,8 +229,107 @@ fn open_s3(name: &str) -> Result<Input> {
 }
 
 /// Probe an input file.
+/// What the container header says (streams, sizes, time bases, colour, duration), without the keyframe index
+/// or a packet scan: what a task of a planned job needs to seek and decode. `frames` is the header's count
+/// (or duration × frame rate), `vfr` false and `keyframes` empty: the plan has the real ones.
+pub fn header(path: &Path) -> Result<ProbeInfo> {
+    Ok(read_header(path)?.1)
+}
+
+/// The input's keyframes, exact frame count and timing, from the container index or, without one, a scan of
+/// its packets (demux only): what planning needs.
 pub fn probe(path: &Path) -> Result<ProbeInfo> {
-    let mut ictx = open_input(path)?;
+    let (mut ictx, mut info, nb_frames) = read_header(path)?;
+    let (vindex, vtb, start_time, format) = (
+        info.video.index,
+        info.video.time_base,
+        info.start_time,
+        info.format.clone(),
+    );
+    // Keyframes and per-sample timing from the container index. Matroska reads its cues lazily, on the
+    // first seek: seeking to the start loads them without reading the clusters.
+    let (mut keyframes, mut samples) = index_entries(&ictx, vindex, vtb, start_time);
+    if keyframes.len() < 2 && format.contains("matroska") {
+        // SAFETY: seeking an open input context.
+        if unsafe {
+            ffi::av_seek_frame(
+                ictx.as_mut_ptr(),
+                vindex as i32,
+                i64::MIN + 1,
+                ffi::AVSEEK_FLAG_BACKWARD,
+            )
+        } >= 0
+        {
+            (keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
+        }
+    }
+    let mut keyframe_source = "container index";
+    let mut frames_exact = false;
+    let mut frames = 0u64;
+    let mut sample_ts: Vec<i64> = Vec::new();
+    // A full sample table (MP4) has non-keyframe entries, or as many entries as the stream has frames;
+    // Matroska cues list keyframes only.
+    let full_table =
+        samples.len() > keyframes.len() || (nb_frames > 0 && samples.len() as i64 == nb_frames);
+    if samples.len() > 1 && full_table && (nb_frames == 0 || samples.len() as i64 == nb_frames) {
+        // The index lists every sample (MP4/MOV): exact frame count and timing without reading packets.
+        frames = samples.len() as u64;
+        frames_exact = true;
+        sample_ts = samples;
+    } else if keyframes.len() < 2 {
+        // No usable index (MPEG-TS, raw streams, MKV without cues): scan packets, demuxing only.
+        let scan = scan_packets(&mut ictx, vindex, vtb, start_time, path)?;
+        ictx.check()?;
+        keyframes = scan.keyframes;
+        frames = scan.pts.len() as u64;
+        frames_exact = true;
+        sample_ts = scan.pts;
+        keyframe_source = "packet scan";
+    }
+    // A damaged index can list keyframes out of order or with nonsense times; the planner needs them in time
+    // order (found by fuzzing: an unordered index made the planner loop).
+    keyframes.retain(|k| k.time.is_finite());
+    keyframes.sort_by(|a, b| a.time.total_cmp(&b.time));
+    keyframes.dedup_by_key(|k| k.seek_ts);
+    if sample_ts.is_empty() {
+        // The index lists keyframes only (Matroska cues): frame timing from the first packets, demux only.
+        // SAFETY: rewinding an open input context.
+        unsafe {
+            ffi::av_seek_frame(
+                ictx.as_mut_ptr(),
+                vindex as i32,
+                i64::MIN + 1,
+                ffi::AVSEEK_FLAG_BACKWARD,
+            )
+        };
+        sample_ts = ictx
+            .packets()
+            .filter(|(s, _)| s.index() == vindex)
+            .filter_map(|(_, p)| p.pts().or(p.dts()))
+            .take(600)
+            .collect();
+        ictx.check()?;
+    }
+    if frames == 0 {
+        frames = info.video.frames;
+    }
+    let vfr = if sample_ts.len() > 2 {
+        is_vfr(&mut sample_ts)
+    } else {
+        false
+    };
+
+    info.video.frames = frames;
+    info.video.frames_exact = frames_exact;
+    info.video.vfr = vfr;
+    info.keyframes = keyframes;
+    info.keyframe_source = keyframe_source;
+    Ok(info)
+}
+
+/// The open input, what its header says, and the header's frame count (0 when it has none).
+fn read_header(path: &Path) -> Result<(Input, ProbeInfo, i64)> {
+    let ictx = open_input(path)?;
     let bytes = ictx.size;
     let streams: Vec<StreamSummary> = ictx
         .streams()
@@ -383,84 +482,12 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
     };
     let format = ictx.format().name().to_string();
 
-    // Keyframes and per-sample timing from the container index. Matroska reads its cues lazily, on the
-    // first seek: seeking to the start loads them without reading the clusters.
-    let (mut keyframes, mut samples) = index_entries(&ictx, vindex, vtb, start_time);
-    if keyframes.len() < 2 && format.contains("matroska") {
-        // SAFETY: seeking an open input context.
-        if unsafe {
-            ffi::av_seek_frame(
-                ictx.as_mut_ptr(),
-                vindex as i32,
-                i64::MIN + 1,
-                ffi::AVSEEK_FLAG_BACKWARD,
-            )
-        } >= 0
-        {
-            (keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
-        }
-    }
-    let mut keyframe_source = "container index";
-    let mut frames_exact = false;
-    let mut frames = 0u64;
-    let mut sample_ts: Vec<i64> = Vec::new();
-    // A full sample table (MP4) has non-keyframe entries, or as many entries as the stream has frames;
-    // Matroska cues list keyframes only.
-    let full_table =
-        samples.len() > keyframes.len() || (nb_frames > 0 && samples.len() as i64 == nb_frames);
-    if samples.len() > 1 && full_table && (nb_frames == 0 || samples.len() as i64 == nb_frames) {
-        // The index lists every sample (MP4/MOV): exact frame count and timing without reading packets.
-        frames = samples.len() as u64;
-        frames_exact = true;
-        sample_ts = samples;
-    } else if keyframes.len() < 2 {
-        // No usable index (MPEG-TS, raw streams, MKV without cues): scan packets, demuxing only.
-        let scan = scan_packets(&mut ictx, vindex, vtb, start_time, path)?;
-        ictx.check()?;
-        keyframes = scan.keyframes;
-        frames = scan.pts.len() as u64;
-        frames_exact = true;
-        sample_ts = scan.pts;
-        keyframe_source = "packet scan";
-    }
-    // A damaged index can list keyframes out of order or with nonsense times; the planner needs them in time
-    // order (found by fuzzing: an unordered index made the planner loop).
-    keyframes.retain(|k| k.time.is_finite());
-    keyframes.sort_by(|a, b| a.time.total_cmp(&b.time));
-    keyframes.dedup_by_key(|k| k.seek_ts);
-    if sample_ts.is_empty() {
-        // The index lists keyframes only (Matroska cues): frame timing from the first packets, demux only.
-        // SAFETY: rewinding an open input context.
-        unsafe {
-            ffi::av_seek_frame(
-                ictx.as_mut_ptr(),
-                vindex as i32,
-                i64::MIN + 1,
-                ffi::AVSEEK_FLAG_BACKWARD,
-            )
-        };
-        sample_ts = ictx
-            .packets()
-            .filter(|(s, _)| s.index() == vindex)
-            .filter_map(|(_, p)| p.pts().or(p.dts()))
-            .take(600)
-            .collect();
-        ictx.check()?;
-    }
-    if frames == 0 {
-        frames = if nb_frames > 0 {
-            nb_frames as u64
-        } else {
-            (duration * fps.0 as f64 / fps.1 as f64).round() as u64
-        };
-    }
-    let vfr = if sample_ts.len() > 2 {
-        is_vfr(&mut sample_ts)
+    let frames = if nb_frames > 0 {
+        nb_frames as u64
     } else {
-        false
+        (duration * fps.0 as f64 / fps.1 as f64).round() as u64
     };
-
-    Ok(ProbeInfo {
+    let info = ProbeInfo {
         path: path.into(),
         format,
         bytes,
@@ -476,8 +503,8 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
             time_base: vtb,
             fps,
             frames,
-            frames_exact,
-            vfr,
+            frames_exact: false,
+            vfr: false,
             rotation,
             display_matrix,
             has_b_frames,
@@ -486,10 +513,11 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
             sar,
         },
         audio,
-        keyframes,
-        keyframe_source,
+        keyframes: Vec::new(),
+        keyframe_source: "container header",
         streams,
-    })
+    };
+    Ok((ictx, info, nb_frames))
 }
 
 /// (keyframes, timestamps of every non-discarded sample) from the stream's index.

@@ -4,18 +4,19 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tessera_crds::protocol::{CleanupResult, TaskResult};
 use tessera_crds::work::{
-    ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind,
+    ChunkEncode, ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind,
 };
 
 use crate::error::{Error, Result, StorageKind};
 use crate::job::{self, Fixed, Prepared, Progress};
+use crate::plan;
 use crate::s3::{self, cp::CopyProgress, S3Uri, S3};
 
 fn field(f: &str, m: impl Into<String>) -> Error {
@@ -52,7 +53,13 @@ pub fn failure(e: &Error) -> TaskFailure {
 }
 
 /// Run `work`; `frames` counts encoded frames for heartbeats. Returns the task's result for the queue.
-pub fn execute(work: &Work, cancel: &AtomicBool, frames: &AtomicU64) -> Result<TaskResult> {
+/// `slots` is how many tasks this worker runs at once (it sizes thread counts).
+pub fn execute(
+    work: &Work,
+    slots: usize,
+    cancel: &AtomicBool,
+    frames: &AtomicU64,
+) -> Result<TaskResult> {
     let s3 = s3::global();
     let ledger = S3Uri::parse(&work.ledger)
         .ok_or_else(|| field("ledger", format!("{:?} is not an s3:// URI", work.ledger)))?;
@@ -60,12 +67,13 @@ pub fn execute(work: &Work, cancel: &AtomicBool, frames: &AtomicU64) -> Result<T
     let out = match work.kind {
         WorkKind::Plan => plan(work, &s3, &ledger).map(TaskResult::Plan),
         WorkKind::Chunk => {
-            chunk(work, &s3, &ledger, cancel, frames, started).map(TaskResult::Chunk)
+            chunk(work, &s3, &ledger, slots, cancel, frames, started).map(TaskResult::Chunk)
         }
-        WorkKind::Audio => audio(work, &s3, &ledger, cancel, started).map(TaskResult::Audio),
-        WorkKind::Stitch => stitch(work, &s3, &ledger, cancel, started).map(TaskResult::Stitch),
+        WorkKind::Audio => audio(work, &s3, &ledger, slots, cancel, started).map(TaskResult::Audio),
+        WorkKind::Stitch => {
+            stitch(work, &s3, &ledger, slots, cancel, started).map(TaskResult::Stitch)
+        }
         WorkKind::Cleanup => s3::block_on(s3.delete_prefix(&ledger)).map(|n| {
-            forget(work);
             tracing::info!(ledger = %ledger, objects = n, "ledger deleted");
             TaskResult::Cleanup(CleanupResult { deleted: n as u64 })
         }),
@@ -98,54 +106,62 @@ fn check_input(work: &Work, s3: &S3, expected: Option<&str>) -> Result<Option<St
     Ok(Some(meta.etag))
 }
 
-/// The last job this worker prepared: chunks of one job usually come in runs, and preparing (a probe) is
-/// then paid once per worker rather than once per chunk.
-static PREPARED: Mutex<Option<(String, Arc<Prepared>)>> = Mutex::new(None);
-
-fn forget(work: &Work) {
-    let mut g = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
-    if g.as_ref().is_some_and(|(uid, _)| *uid == work.uid) {
-        *g = None;
-    }
-}
-
-fn prepared(work: &Work, s3: &S3) -> Result<Arc<Prepared>> {
+/// This task's view of its job: the plan's chunks and encoders, and the input's container header (checked
+/// to be the object the plan was made from). No worker plans again.
+fn prepared(work: &Work, s3: &S3, slots: usize) -> Result<Prepared> {
     let rec = work
         .plan
         .as_ref()
         .ok_or_else(|| field("plan", "the task carries no plan"))?;
-    if let Some((uid, p)) = PREPARED.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        if *uid == work.uid {
-            return Ok(p.clone());
-        }
-    }
     check_input(work, s3, rec.input_etag.as_deref())?;
-    let slots = std::env::var("TESSERA_TASKS_PER_WORKER")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let fixed = Fixed {
-        target_seconds: Some(rec.target_seconds),
-        encoders: Some(&rec.encoders),
-    };
-    let p = Arc::new(job::prepare(
+    job::prepare_planned(&work.spec, rec, slots)
+}
+
+/// A manifest as found in a ledger: this version's plan, or an older worker's, which recorded only the chunk
+/// count. An older one is planned again with its chunk length, so its completion records still match.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Manifest {
+    Plan(PlanRecord),
+    CountOnly {
+        #[serde(rename = "inputEtag", default)]
+        input_etag: Option<String>,
+        #[serde(rename = "targetSeconds")]
+        target_seconds: f64,
+        chunks: u32,
+    },
+}
+
+/// Probe and cut the input (the one full probe of a job), choose encoders, and write the plan down.
+fn make_plan(
+    work: &Work,
+    s3: &Arc<S3>,
+    manifest: &S3Uri,
+    fixed: &Fixed<'_>,
+    etag: Option<&str>,
+) -> Result<PlanRecord> {
+    let etag = check_input(work, s3, etag)?;
+    let p = job::prepare(
         &work.spec,
-        slots,
-        &fixed,
+        plan::CLUSTER_PARALLELISM,
+        fixed,
         &Progress::default(),
-    )?);
-    if p.chunks.len() != rec.chunks as usize {
-        return Err(Error::Chunk {
-            chunk: p.chunks.len(),
-            detail: format!(
-                "this worker cut the input into {} chunks, the job's plan {}",
-                p.chunks.len(),
-                rec.chunks
-            ),
-        });
-    }
-    *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some((work.uid.clone(), p.clone()));
-    Ok(p)
+    )?;
+    let rec = PlanRecord {
+        input_etag: etag,
+        target_seconds: p.target_seconds,
+        chunks: p.plan_chunks(),
+        frames: p.info.video.frames,
+        duration_seconds: p.info.duration,
+        fps: p.fps(),
+        vfr: p.info.video.vfr,
+        encoders: p.encoders(),
+        encoder_reasons: p.encoder_reasons(),
+        audio: p.has_audio(),
+    };
+    let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
+    s3::block_on(s3.put_small(manifest, Bytes::from(body)))?;
+    Ok(rec)
 }
 
 fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
@@ -154,43 +170,42 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
         s3.unpin_prefix(&u);
     }
     let manifest = ledger.join("manifest.json");
-    let record = match s3::block_on(s3.get_small(&manifest))? {
-        Some(b) => {
-            let rec: PlanRecord = serde_json::from_slice(&b)
-                .map_err(|e| Error::media(manifest.to_string(), "unreadable job manifest", e))?;
+    let found = match s3::block_on(s3.get_small(&manifest))? {
+        Some(b) => Some(
+            serde_json::from_slice::<Manifest>(&b)
+                .map_err(|e| Error::media(manifest.to_string(), "unreadable job manifest", e))?,
+        ),
+        None => None,
+    };
+    let record = match found {
+        Some(Manifest::Plan(rec)) => {
             check_input(work, s3, rec.input_etag.as_deref())?;
-            tracing::info!(ledger = %ledger, chunks = rec.chunks, "plan found in the ledger");
+            tracing::info!(ledger = %ledger, chunks = rec.chunks.len(), "plan found in the ledger");
             rec
         }
-        None => {
-            let etag = check_input(work, s3, None)?;
-            let parallelism = std::env::var("TESSERA_PLAN_PARALLELISM")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(8);
-            let p = job::prepare(
-                &work.spec,
-                parallelism,
-                &Fixed::default(),
-                &Progress::default(),
-            )?;
-            let rec = PlanRecord {
-                input_etag: etag,
-                target_seconds: p.target_seconds,
-                chunks: p.chunks.len() as u32,
-                frames: p.info.video.frames,
-                duration_seconds: p.info.duration,
-                fps: p.fps(),
-                encoders: p.encoders(),
-                encoder_reasons: p.encoder_reasons(),
-                audio: p.has_audio(),
+        Some(Manifest::CountOnly {
+            input_etag,
+            target_seconds,
+            chunks,
+        }) => {
+            let fixed = Fixed {
+                target_seconds: Some(target_seconds),
+                encoders: None,
             };
-            let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
-            s3::block_on(s3.put_small(&manifest, Bytes::from(body)))?;
-            *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((work.uid.clone(), Arc::new(p)));
+            let rec = make_plan(work, s3, &manifest, &fixed, input_etag.as_deref())?;
+            if rec.chunk_count() != chunks {
+                return Err(Error::Chunk {
+                    chunk: rec.chunks.len(),
+                    detail: format!(
+                        "the ledger's plan (from an older worker) has {chunks} chunks; cut again, the input has {}",
+                        rec.chunks.len()
+                    ),
+                });
+            }
+            tracing::info!(ledger = %ledger, chunks, "an older worker's plan, recorded again with its boundaries");
             rec
         }
+        None => make_plan(work, s3, &manifest, &Fixed::default(), None)?,
     };
     let finished = match s3::block_on(s3.get_small(&ledger.join("result.json")))? {
         Some(b) => Some(serde_json::from_slice::<StitchResult>(&b).map_err(|e| {
@@ -205,7 +220,7 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
     if finished.is_some() {
         tracing::info!(ledger = %ledger, "the job was published already; its result is in the ledger");
         return Ok(PlanResult {
-            done: (0..record.chunks).collect(),
+            done: (0..record.chunk_count()).collect(),
             audio_done: true,
             plan: record,
             finished,
@@ -282,6 +297,7 @@ fn chunk(
     work: &Work,
     s3: &Arc<S3>,
     ledger: &S3Uri,
+    slots: usize,
     cancel: &AtomicBool,
     frames: &AtomicU64,
     started: Instant,
@@ -297,7 +313,7 @@ fn chunk(
         );
         return Ok(ChunkResult { reused: true, ..r });
     }
-    let prep = prepared(work, s3)?;
+    let prep = prepared(work, s3, slots)?;
     injected_encoder_failure(n)?;
     let c = prep
         .chunks
@@ -318,6 +334,14 @@ fn chunk(
         frames: count,
         reused: false,
         seconds: started.elapsed().as_secs_f64(),
+        renditions: prep
+            .encoders()
+            .into_iter()
+            .map(|encoder| ChunkEncode {
+                encoder,
+                frames: count,
+            })
+            .collect(),
     };
     record(s3, &rec_uri, &r)?;
     tracing::info!(chunk = n, frames = count, seconds = r.seconds, job = %format!("{}/{}", work.namespace, work.job),
@@ -356,6 +380,7 @@ fn audio(
     work: &Work,
     s3: &Arc<S3>,
     ledger: &S3Uri,
+    slots: usize,
     cancel: &AtomicBool,
     started: Instant,
 ) -> Result<ChunkResult> {
@@ -363,7 +388,7 @@ fn audio(
     if let Some(r) = existing(s3, &rec_uri)? {
         return Ok(ChunkResult { reused: true, ..r });
     }
-    let prep = prepared(work, s3)?;
+    let prep = prepared(work, s3, slots)?;
     let dir = scratch()?;
     let n = prep.encode_audio(dir.path(), cancel)?;
     if cancel.load(Ordering::Relaxed) {
@@ -374,6 +399,7 @@ fn audio(
         frames: n,
         reused: false,
         seconds: started.elapsed().as_secs_f64(),
+        renditions: vec![],
     };
     record(s3, &rec_uri, &r)?;
     tracing::info!(frames = n, seconds = r.seconds, "audio encoded");
@@ -384,10 +410,11 @@ fn stitch(
     work: &Work,
     s3: &Arc<S3>,
     ledger: &S3Uri,
+    slots: usize,
     cancel: &AtomicBool,
     started: Instant,
 ) -> Result<StitchResult> {
-    let prep = prepared(work, s3)?;
+    let prep = prepared(work, s3, slots)?;
     let dir = scratch()?;
     let mut names: Vec<String> = Vec::new();
     for ri in 0..work.spec.renditions.len() {
@@ -432,7 +459,46 @@ fn stitch(
     for sub in ["chunks/", "done/"] {
         n += s3::block_on(s3.delete_prefix(&ledger.join(sub)))?;
     }
-    forget(work);
     tracing::info!(ledger = %ledger, objects = n, "outputs published; chunks deleted");
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_is_this_versions_plan_or_an_older_count_only_one() {
+        let rec = PlanRecord {
+            input_etag: Some("\"e\"".into()),
+            target_seconds: 10.0,
+            chunks: tessera_crds::work::ChunkPlan::uniform(3, 10.0, 25.0),
+            frames: 750,
+            duration_seconds: 30.0,
+            fps: 25.0,
+            vfr: false,
+            encoders: vec!["libx264".into()],
+            encoder_reasons: vec![],
+            audio: true,
+        };
+        let json = serde_json::to_vec(&rec).unwrap();
+        match serde_json::from_slice::<Manifest>(&json).unwrap() {
+            Manifest::Plan(back) => assert_eq!(back, rec),
+            Manifest::CountOnly { .. } => panic!("read as an older manifest"),
+        }
+        let old = br#"{"inputEtag":"\"e\"","targetSeconds":10.0,"chunks":3,"frames":750,"durationSeconds":30.0,
+            "fps":25.0,"encoders":["libx264"],"encoderReasons":[],"audio":true}"#;
+        match serde_json::from_slice::<Manifest>(old).unwrap() {
+            Manifest::CountOnly {
+                input_etag,
+                target_seconds,
+                chunks,
+            } => {
+                assert_eq!(input_etag.as_deref(), Some("\"e\""));
+                assert_eq!((target_seconds, chunks), (10.0, 3));
+            }
+            Manifest::Plan(_) => panic!("an older manifest read as a plan"),
+        }
+        assert!(serde_json::from_slice::<Manifest>(br#"{"chunks":"x"}"#).is_err());
+    }
 }

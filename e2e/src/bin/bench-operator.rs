@@ -287,6 +287,7 @@ async fn main() {
                 frames: 25,
                 reused: false,
                 seconds: 0.01,
+                renditions: vec![],
             };
             post(
                 &c,
