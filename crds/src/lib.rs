@@ -369,6 +369,15 @@ pub struct Progress {
     /// Estimated seconds until the last chunk is encoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<u64>,
+    /// Chunks of `chunksDone` not encoded for this job: found in the pool's result store (encoded for an
+    /// earlier job with the same input and settings), made by an identical task of another job at the same
+    /// time, or found in the job's ledger after a restart.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reused: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Progress {
@@ -385,6 +394,7 @@ impl Progress {
             display: format!("{chunks_done}/{chunks_total} ({percent}%)"),
             fps: None,
             eta_seconds: None,
+            reused: 0,
         }
     }
 }
@@ -457,6 +467,14 @@ pub struct WorkerPoolSpec {
     /// Empty: no limit beyond what the pool's credentials reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub access: Vec<tenancy::AccessRule>,
+    /// Where this pool's workers file encoded chunks by content (`s3://bucket/prefix/`; `{namespace}` is
+    /// replaced by the job's namespace), so identical work is done once across jobs: a chunk encoded for
+    /// another job from the same input object (same ETag), with the same boundaries, settings and encoder,
+    /// is used instead of encoded again, and two such jobs running at once encode it once. Results are
+    /// shared only by jobs that use the same location; with `access` rules it must lie within what they let
+    /// the job's namespace write (`{namespace}` keeps tenants apart). Absent: no reuse across jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_store: Option<String>,
     /// The S3 endpoint and credentials workers use. Jobs cannot pick an endpoint: the administrator sets it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Access>,

@@ -160,21 +160,55 @@ pub fn check_access(
     input: &str,
     output: &str,
 ) -> Result<(), String> {
+    let uris = [
+        ("spec.input.uri", input, false),
+        ("spec.output.uri", output, true),
+    ];
+    check_uris(rules, pool, pool_ns, job_ns, labels, &uris)
+}
+
+/// The pool's result store for a job in `job_ns` (`{namespace}` filled in), checked as a location the job
+/// writes: `Ok(None)` for a pool without one.
+pub fn result_store_for(
+    rules: &[AccessRule],
+    store: Option<&str>,
+    pool: &str,
+    pool_ns: &str,
+    job_ns: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<String>, String> {
+    let Some(store) = store else {
+        return Ok(None);
+    };
+    let uri = store.replace("{namespace}", job_ns);
+    let uris = [("the pool's spec.resultStore", uri.as_str(), true)];
+    check_uris(rules, pool, pool_ns, job_ns, labels, &uris)?;
+    Ok(Some(uri))
+}
+
+/// `(field, uri, writing)`: each must be covered by a rule for the job's namespace.
+fn check_uris(
+    rules: &[AccessRule],
+    pool: &str,
+    pool_ns: &str,
+    job_ns: &str,
+    labels: &BTreeMap<String, String>,
+    uris: &[(&str, &str, bool)],
+) -> Result<(), String> {
     if rules.is_empty() {
         return Ok(());
+    }
+    for &(field, uri, _) in uris {
+        if let Err(why) = split(uri) {
+            return Err(format!("{field}: {why}"));
+        }
     }
     let mine: Vec<&AccessRule> = rules
         .iter()
         .filter(|r| namespaces_admit(&r.namespaces, pool_ns, job_ns, labels))
         .collect();
     let expand = |l: &String| l.replace("{namespace}", job_ns);
-    for (field, uri, writing) in [
-        ("spec.input.uri", input, false),
-        ("spec.output.uri", output, true),
-    ] {
-        if let Err(why) = split(uri) {
-            return Err(format!("{field}: {why}"));
-        }
+    for &(field, uri, writing) in uris {
         let ok = mine.iter().any(|r| {
             r.write.iter().map(expand).any(|l| covers(&l, uri))
                 || (!writing && r.read.iter().map(expand).any(|l| covers(&l, uri)))
@@ -285,6 +319,32 @@ mod tests {
             read: vec!["s3://media/{namespace}/".into()],
             write: vec!["s3://media/{namespace}/out/".into()],
         }]
+    }
+
+    #[test]
+    fn a_result_store_is_per_namespace_and_inside_what_it_may_write() {
+        let l = labels(&[]);
+        let r = rules();
+        let store =
+            |s: &str, ns: &str| result_store_for(&r, Some(s), "shared/gpu", "shared", ns, &l);
+        assert_eq!(
+            store("s3://media/{namespace}/out/.results/", "a"),
+            Ok(Some("s3://media/a/out/.results/".into()))
+        );
+        // One store for every namespace would let tenants share results: outside what each may write.
+        let e = store("s3://media/results/", "a").unwrap_err();
+        assert!(
+            e.contains("spec.resultStore") && e.contains("s3://media/results/"),
+            "{e}"
+        );
+        // Readable is not enough: results are written there.
+        assert!(store("s3://media/{namespace}/cache/", "a").is_err());
+        assert_eq!(result_store_for(&r, None, "p", "p", "a", &l), Ok(None));
+        // A pool without rules limits nothing: its store is used as written.
+        assert_eq!(
+            result_store_for(&[], Some("s3://c/r/"), "p", "p", "a", &l),
+            Ok(Some("s3://c/r/".into()))
+        );
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! job's deletion removes the ledger.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::{RenditionStatus, TranscodeJobSpec};
+use crate::{AudioSpec, RenditionStatus, TranscodeJobSpec, VideoSpec};
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +48,10 @@ pub struct Work {
     pub plan: Option<PlanRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk: Option<u32>,
+    /// The pool's result store for this job (`WorkerPool.spec.resultStore`, namespace filled in): encoded
+    /// chunks and audio are filed there by [`chunk_keys`] and [`audio_key`] and taken from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<String>,
 }
 
 /// The job's plan: `manifest.json` in the ledger, and part of every later task.
@@ -153,6 +158,9 @@ pub struct ChunkResult {
 pub struct ChunkEncode {
     pub encoder: String,
     pub frames: u64,
+    /// Taken from the result store (encoded for an earlier job), not encoded by this task.
+    #[serde(default)]
+    pub reused: bool,
 }
 
 /// The stitch task's answer.
@@ -182,6 +190,98 @@ pub struct TaskProgress {
     pub frames: u64,
 }
 
+/// What an encoded chunk of one rendition depends on, and so its content address: the engine's version, the
+/// input object and its ETag, the chunk's boundaries and the timing the plan fixed, the rendition's video
+/// settings and the encoder that makes them.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChunkAddress<'a> {
+    engine: &'a str,
+    input: &'a str,
+    etag: &'a str,
+    fps: f64,
+    vfr: bool,
+    seek_ts: Option<i64>,
+    start_pts: Option<i64>,
+    end_pts: Option<i64>,
+    video: &'a VideoSpec,
+    encoder: &'a str,
+}
+
+/// What a job's audio encodes depend on: the input and each distinct audio setting, in order.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AudioAddress<'a> {
+    engine: &'a str,
+    input: &'a str,
+    etag: &'a str,
+    audio: Vec<Option<&'a AudioSpec>>,
+}
+
+fn address(what: &impl Serialize) -> String {
+    let bytes = serde_json::to_vec(what).expect("plain data serializes");
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The content address of each rendition's encode of `chunk` (in spec order); `None` when the input has no
+/// ETag (a local file) or the chunk is not in the plan.
+pub fn chunk_keys(spec: &TranscodeJobSpec, plan: &PlanRecord, chunk: u32) -> Option<Vec<String>> {
+    let etag = plan.input_etag.as_deref()?;
+    let c = plan.chunks.get(chunk as usize)?;
+    spec.renditions
+        .iter()
+        .zip(&plan.encoders)
+        .map(|(r, encoder)| {
+            Some(address(&ChunkAddress {
+                engine: env!("CARGO_PKG_VERSION"),
+                input: &spec.input.uri,
+                etag,
+                fps: plan.fps,
+                vfr: plan.vfr,
+                seek_ts: c.seek_ts,
+                start_pts: c.start_pts,
+                end_pts: c.end_pts,
+                video: &r.video,
+                encoder,
+            }))
+        })
+        .collect::<Option<Vec<_>>>()
+        .filter(|k| k.len() == spec.renditions.len())
+}
+
+/// The content address of a job's audio encodes (all distinct settings together); `None` without an ETag.
+pub fn audio_key(spec: &TranscodeJobSpec, plan: &PlanRecord) -> Option<String> {
+    let etag = plan.input_etag.as_deref()?;
+    let mut audio: Vec<Option<&AudioSpec>> = Vec::new();
+    for a in spec.renditions.iter().map(|r| r.audio.as_ref()) {
+        if !audio.contains(&a) {
+            audio.push(a);
+        }
+    }
+    Some(address(&AudioAddress {
+        engine: env!("CARGO_PKG_VERSION"),
+        input: &spec.input.uri,
+        etag,
+        audio,
+    }))
+}
+
+/// The key under which identical tasks are coalesced in the queue: same store, same results. `None` for
+/// tasks whose results are not filed by content.
+pub fn coalesce_key(work: &Work) -> Option<String> {
+    let store = work.results.as_deref()?;
+    let plan = work.plan.as_ref()?;
+    let keys = match (work.kind, work.chunk) {
+        (WorkKind::Chunk, Some(c)) => chunk_keys(&work.spec, plan, c)?,
+        (WorkKind::Audio, _) => vec![audio_key(&work.spec, plan)?],
+        _ => return None,
+    };
+    Some(format!("{store}|{}", keys.join(",")))
+}
+
 /// The ledger folder of a job writing to `output` (an `s3://bucket/prefix/` URI).
 pub fn ledger_prefix(output: &str, uid: &str) -> String {
     let base = if output.ends_with('/') {
@@ -195,6 +295,98 @@ pub fn ledger_prefix(output: &str, uid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(renditions: &str) -> TranscodeJobSpec {
+        crate::parse_job_yaml(&format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: TranscodeJob\nmetadata: {{name: j}}\nspec:\n  \
+             input: {{uri: \"s3://b/in.mp4\"}}\n  output: {{uri: \"s3://b/out/\"}}\n  renditions:\n{renditions}"
+        ))
+        .unwrap()
+        .spec
+    }
+
+    fn plan(encoders: &[&str]) -> PlanRecord {
+        PlanRecord {
+            input_etag: Some("\"e1\"".into()),
+            target_seconds: 2.0,
+            chunks: ChunkPlan::uniform(3, 2.0, 25.0),
+            frames: 150,
+            duration_seconds: 6.0,
+            fps: 25.0,
+            vfr: false,
+            encoders: encoders.iter().map(|e| e.to_string()).collect(),
+            encoder_reasons: vec![],
+            audio: true,
+        }
+    }
+
+    const HD: &str = "    - {name: hd, video: {codec: h264, height: 720, crf: 23}}\n";
+    const SD: &str = "    - {name: sd, video: {codec: h264, height: 360, crf: 28}, audio: {codec: aac, bitrate: 96k}}\n";
+
+    #[test]
+    fn results_are_addressed_by_what_makes_them() {
+        let one = job(HD);
+        let two = job(&format!("{HD}{SD}"));
+        let p1 = plan(&["libx264"]);
+        let p2 = plan(&["libx264", "libx264"]);
+        let k1 = chunk_keys(&one, &p1, 1).unwrap();
+        // The same input, chunk and settings: the same address, whatever else the job asks for.
+        assert_eq!(chunk_keys(&two, &p2, 1).unwrap()[0], k1[0]);
+        // Another chunk, another ETag, another encoder or other settings: another address.
+        assert_ne!(chunk_keys(&one, &p1, 2).unwrap(), k1);
+        let mut changed = p1.clone();
+        changed.input_etag = Some("\"e2\"".into());
+        assert_ne!(chunk_keys(&one, &changed, 1).unwrap(), k1);
+        assert_ne!(chunk_keys(&one, &plan(&["h264_nvenc"]), 1).unwrap(), k1);
+        assert_ne!(
+            chunk_keys(&job(&HD.replace("crf: 23", "crf: 24")), &p1, 1).unwrap(),
+            k1
+        );
+        // The rendition's name is not part of what is made.
+        assert_eq!(
+            chunk_keys(&job(&HD.replace("hd,", "top,")), &p1, 1).unwrap(),
+            k1
+        );
+        assert_eq!(k1[0].len(), 64);
+        // No ETag (a local file) or a chunk outside the plan: nothing to address.
+        let mut local = p1.clone();
+        local.input_etag = None;
+        assert!(chunk_keys(&one, &local, 1).is_none());
+        assert!(chunk_keys(&one, &p1, 3).is_none());
+        // Audio: by its distinct settings; a video-only change keeps it.
+        assert_eq!(
+            audio_key(&two, &p2),
+            audio_key(
+                &job(&format!("{}{SD}", HD.replace("crf: 23", "crf: 20"))),
+                &p2
+            )
+        );
+        assert_ne!(audio_key(&one, &p1), audio_key(&two, &p2));
+    }
+
+    #[test]
+    fn identical_tasks_coalesce_only_with_a_store() {
+        let spec = job(HD);
+        let work = |results: Option<&str>, chunk: u32| Work {
+            kind: WorkKind::Chunk,
+            namespace: "n".into(),
+            job: "j".into(),
+            uid: "u".into(),
+            spec: spec.clone(),
+            ledger: "s3://b/out/.tessera/u/".into(),
+            plan: Some(plan(&["libx264"])),
+            chunk: Some(chunk),
+            results: results.map(String::from),
+        };
+        assert_eq!(coalesce_key(&work(None, 0)), None);
+        let a = coalesce_key(&work(Some("s3://b/r/n/"), 0)).unwrap();
+        let mut other_job = work(Some("s3://b/r/n/"), 0);
+        other_job.job = "k".into();
+        other_job.uid = "v".into();
+        assert_eq!(coalesce_key(&other_job), Some(a.clone()));
+        assert_ne!(coalesce_key(&work(Some("s3://b/r/n/"), 1)), Some(a.clone()));
+        assert_ne!(coalesce_key(&work(Some("s3://b/r/other/"), 0)), Some(a));
+    }
 
     #[test]
     fn ledger_sits_beside_the_outputs() {

@@ -234,6 +234,22 @@ pub fn delete_job(name: &str) {
     });
 }
 
+/// Rendition encodes of `job`'s chunks that workers finished (a chunk task logs how many renditions it
+/// encoded, and how many it took from the pool's result store).
+pub fn rendition_encodes(job: &str) -> usize {
+    let tag = format!("job=default/{job}");
+    pod_logs("-worker-")
+        .iter()
+        .flat_map(|(_, log)| log.lines())
+        .filter(|l| l.contains(" chunk encoded ") && l.split_whitespace().any(|w| w == tag))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("encoded="))
+                .and_then(|n| n.parse::<usize>().ok())
+        })
+        .sum()
+}
+
 /// Full probes of `job`'s input by workers (keyframe index or packet scan, logged as "planned"): the plan
 /// task's only, as chunk, audio and stitch tasks read the plan and the container header.
 pub fn input_probes(job: &str) -> usize {

@@ -11,8 +11,8 @@ use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs, root};
 use tessera_e2e::faultproxy::wait_until;
 use tessera_e2e::jobs::{
     condition, delete_job, encodes, ffprobe, get_job, input, input_probes, job_yaml,
-    ledger_after_success, live_workers, objects, open_uploads, s3_dir, slow_job_yaml,
-    wait_busy_worker, wait_complete, worker_pods,
+    ledger_after_success, live_workers, objects, open_uploads, rendition_encodes, s3_dir,
+    slow_job_yaml, wait_busy_worker, wait_complete, worker_pods,
 };
 
 /// How long the example job may take from `kubectl apply` to `Complete`.
@@ -596,4 +596,112 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
     let chunks = job["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
     assert_eq!(encodes("drain"), chunks, "no chunk lost or encoded twice");
     delete_job("drain");
+}
+
+#[test]
+fn identical_work_is_done_once_across_jobs() {
+    let _c = cluster();
+    // A pool like the default one, with a result store: chunks are filed there by content.
+    let mut spec = json(&["get", "workerpool", "default", "-n", "tessera-system"])["spec"].clone();
+    spec["resultStore"] = "s3://tessera/results/{namespace}/".into();
+    let pool = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkerPool",
+        "metadata": {"name": "reuse", "namespace": "tessera-system"}, "spec": spec});
+    kubectl_ok(&["apply", "-f", "-"], Some(&pool.to_string()));
+    let src = input("reuse6", 6);
+    let on_pool = "  pool: tessera-system/reuse\n";
+    let job = |name: &str| job_yaml(name, &src, on_pool);
+    let chunks_of = |name: &str| {
+        get_job(name).unwrap()["status"]["progress"]["chunksTotal"]
+            .as_u64()
+            .unwrap() as usize
+    };
+    let reused_of = |name: &str| {
+        get_job(name).unwrap()["status"]["progress"]["reused"]
+            .as_u64()
+            .unwrap_or(0) as usize
+    };
+
+    // Two identical jobs at once: each chunk is encoded once, and both get the same outputs.
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!("{}---\n{}", job("twin-a"), job("twin-b"))),
+    );
+    wait_complete("twin-a", Duration::from_secs(120));
+    wait_complete("twin-b", Duration::from_secs(120));
+    let chunks = chunks_of("twin-a");
+    assert!(chunks > 1, "the input is cut into chunks ({chunks})");
+    assert_eq!(
+        chunks_of("twin-b"),
+        chunks,
+        "identical jobs, identical plans"
+    );
+    let (a, b) = (rendition_encodes("twin-a"), rendition_encodes("twin-b"));
+    assert_eq!(a + b, chunks, "encodes of two identical jobs: {a} + {b}");
+    assert_eq!(reused_of("twin-a") + reused_of("twin-b"), chunks);
+    let out = |name: &str| {
+        std::fs::read(s3_dir().join(format!("tessera/outputs/{name}/small.mp4"))).unwrap()
+    };
+    assert!(
+        out("twin-a") == out("twin-b"),
+        "identical jobs give identical outputs"
+    );
+    assert_eq!(
+        ffprobe(&s3_dir().join("tessera/outputs/twin-b/small.mp4"))["streams"][0]["nb_read_frames"],
+        "150"
+    );
+
+    // The same job re-created after its deletion (what a GitOps tool's self-heal does after the TTL):
+    // nothing is encoded.
+    delete_job("twin-a");
+    kubectl_ok(&["apply", "-f", "-"], Some(&job("twin-a")));
+    wait_complete("twin-a", Duration::from_secs(120));
+    assert_eq!(rendition_encodes("twin-a"), a, "re-created: no encode");
+    assert_eq!(reused_of("twin-a"), chunks);
+
+    // The same input with one more rendition: only that rendition is encoded.
+    let more = job("twin-c").replace(
+        "  chunking:",
+        "    - {name: tiny, video: {codec: h264, height: 90, crf: 30, preset: ultrafast}}\n  chunking:",
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&more));
+    wait_complete("twin-c", Duration::from_secs(120));
+    assert_eq!(
+        rendition_encodes("twin-c"),
+        chunks,
+        "only the new rendition"
+    );
+    assert_eq!(
+        out("twin-c"),
+        out("twin-b"),
+        "the shared rendition is the same"
+    );
+    // The leader counts what it did not have encoded again.
+    let url = kubectl_ok(
+        &[
+            "get",
+            "lease",
+            "tessera-operator-leader",
+            "-n",
+            "tessera-system",
+            "-o",
+            "jsonpath={.metadata.annotations.tessera\\.dev/queue-url}",
+        ],
+        None,
+    );
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(tessera_e2e::load::metrics(url.trim()));
+    let reused = tessera_e2e::load::metric(&metrics, "tessera_chunks_reused_total", "");
+    assert!(
+        reused.is_some_and(|n| n >= (2 * chunks) as f64),
+        "tessera_chunks_reused_total {reused:?} for {chunks} chunks reused by the twins and {chunks} by the re-created job"
+    );
+    eprintln!("reuse: {chunks} chunks; twins encoded {a} + {b}; re-created 0; one more rendition {chunks}");
+    for name in ["twin-a", "twin-b", "twin-c"] {
+        delete_job(name);
+    }
+    kubectl_ok(
+        &["delete", "workerpool", "reuse", "-n", "tessera-system"],
+        None,
+    );
 }

@@ -138,7 +138,10 @@ pub fn resolve_pool(spec_pool: Option<&str>, job_ns: &str, default: &str) -> Str
 /// What a job may do with the pool it names: the tenancy rules, decided before anything is queued or read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    Admitted,
+    /// With the pool's result store for the job, where it has one.
+    Admitted {
+        results: Option<String>,
+    },
     /// The pool does not exist in the job's own namespace: the job waits for it (the namespace is the
     /// user's own, so saying so leaks nothing).
     PoolMissing,
@@ -163,7 +166,7 @@ pub fn admit(
     labels: &std::collections::BTreeMap<String, String>,
     job: &tessera_crds::TranscodeJobSpec,
 ) -> Admission {
-    use tessera_crds::tenancy::{check_access, namespaces_admit};
+    use tessera_crds::tenancy::{check_access, namespaces_admit, result_store_for};
     let not_allowed = || {
         Admission::PoolNotAllowed(format!(
             "WorkerPool {pool} does not exist or does not serve namespace {job_ns}: name a pool in {job_ns}, or one \
@@ -184,8 +187,18 @@ pub fn admit(
             labels,
             &job.input.uri,
             &job.output.uri,
-        ) {
-            Ok(()) => Admission::Admitted,
+        )
+        .and_then(|()| {
+            result_store_for(
+                &p.access,
+                p.result_store.as_deref(),
+                pool,
+                pool_ns,
+                job_ns,
+                labels,
+            )
+        }) {
+            Ok(results) => Admission::Admitted { results },
             Err(m) => Admission::AccessNotAllowed(m),
         },
     }
@@ -301,7 +314,7 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
         Ok(()) => admission(&ctx, &pool, &ns, &job.spec).await?,
     };
     let action = match &admission {
-        Admit::Run => Action::requeue(Duration::from_secs(60)),
+        Admit::Run { .. } => Action::requeue(Duration::from_secs(60)),
         Admit::Wait(_) => Action::requeue(Duration::from_secs(5)),
         Admit::Refuse { .. } => Action::await_change(),
     };
@@ -343,7 +356,7 @@ async fn admission(
     };
     Ok(
         match admit(pool, pns, ns, found.as_ref().map(|p| &p.spec), &labels, spec) {
-            Admission::Admitted => Admit::Run,
+            Admission::Admitted { results } => Admit::Run { results },
             Admission::PoolNotAllowed(message) => Admit::Refuse {
                 reason: "PoolNotAllowed",
                 message,
@@ -750,7 +763,7 @@ mod tests {
         assert_eq!(admit("a/p", "a", "a", None, &l, &j), Admission::PoolMissing);
         assert_eq!(
             admit("a/p", "a", "a", Some(&same), &l, &j),
-            Admission::Admitted
+            Admission::Admitted { results: None }
         );
         // Another namespace: missing and forbidden read the same.
         let missing = admit("b/p", "b", "a", None, &l, &j);
@@ -761,11 +774,11 @@ mod tests {
         );
         assert_eq!(
             admit("b/p", "b", "a", Some(&all), &l, &j),
-            Admission::Admitted
+            Admission::Admitted { results: None }
         );
         assert_eq!(
             admit("b/p", "b", "a", Some(&scoped), &l, &j),
-            Admission::Admitted
+            Admission::Admitted { results: None }
         );
         let other = job("s3://m/c/in.mp4", "s3://m/a/out/");
         assert!(

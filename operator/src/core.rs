@@ -54,6 +54,8 @@ pub struct Shared {
 pub struct Counters {
     pub leases: AtomicU64,
     pub completed: AtomicU64,
+    /// Encodes taken from earlier or concurrent identical work.
+    pub chunks_reused: AtomicU64,
     pub failed: AtomicU64,
     pub expired: AtomicU64,
     pub rejected: AtomicU64,
@@ -112,7 +114,8 @@ pub enum Observation {
 /// What admission decided for a job (the reconciler's checks: spec, pool, tenancy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
-    Run,
+    /// Run, with the pool's result store for the job (where results are filed by content).
+    Run { results: Option<String> },
     /// Its pool does not exist in its own namespace: it waits (the message says for what).
     Wait(String),
     /// It cannot run, for good (`InvalidSpec`, `PoolNotAllowed`, `AccessNotAllowed`).
@@ -790,7 +793,7 @@ impl Core {
                     namespace: e.run.namespace.clone(),
                     job: e.run.name.clone(),
                     priority: e.run.spec.priority,
-                    coalesce: None,
+                    coalesce: tessera_crds::work::coalesce_key(&w),
                     work: w,
                 },
                 now,
@@ -868,7 +871,8 @@ impl Core {
         let mut e = Entry::new(run, written, true);
         let mut first = Vec::new();
         match admit {
-            Admit::Run => {
+            Admit::Run { results } => {
+                e.run.results = results;
                 first = e.run.on(Event::Start, now_time());
                 if !first.is_empty() {
                     e.events.push((
@@ -991,7 +995,25 @@ impl Core {
     }
 
     fn on_completed(&mut self, tasks: Vec<Task<Work>>, result: TaskResult, secs: f64) {
-        for (key, id, work) in self.owners(tasks) {
+        for (i, (key, id, work)) in self.owners(tasks).into_iter().enumerate() {
+            // Tasks coalesced onto the first one take its result: for them nothing was encoded.
+            let result = match (i, result.clone()) {
+                (1.., TaskResult::Chunk(r)) => {
+                    TaskResult::Chunk(tessera_crds::work::ChunkResult { reused: true, ..r })
+                }
+                (1.., TaskResult::Audio(r)) => {
+                    TaskResult::Audio(tessera_crds::work::ChunkResult { reused: true, ..r })
+                }
+                (_, r) => r,
+            };
+            if let TaskResult::Chunk(r) | TaskResult::Audio(r) = &result {
+                if r.reused {
+                    self.shared
+                        .counters
+                        .chunks_reused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
             let Some(e) = self.jobs.get_mut(&key) else {
                 continue;
             };
@@ -1023,7 +1045,7 @@ impl Core {
                     );
                     if !next.is_empty() {
                         let note = format!(
-                            "all chunks encoded ({} reused from the ledger)",
+                            "all chunks encoded ({} not encoded again: from the ledger, the result store or an identical task)",
                             e.run.reused
                         );
                         e.events.push((EventType::Normal, "Encoded", note));

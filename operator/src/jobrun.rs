@@ -97,6 +97,8 @@ pub struct JobRun {
     pub ledger: String,
     pub stage: Stage,
     pub plan: Option<tessera_crds::work::PlanRecord>,
+    /// The pool's result store for this job (its namespace filled in), where results are filed by content.
+    pub results: Option<String>,
     pub done: BTreeSet<u32>,
     pub audio_done: bool,
     /// Chunks found already encoded in the ledger (not encoded again).
@@ -138,6 +140,7 @@ impl JobRun {
             done: BTreeSet::new(),
             audio_done: false,
             reused: 0,
+            results: None,
             encoded_frames: 0,
             worker_seconds: 0.0,
             result: None,
@@ -162,6 +165,7 @@ impl JobRun {
             ledger: self.ledger.clone(),
             plan: self.plan.clone(),
             chunk,
+            results: self.results.clone(),
         }
     }
 
@@ -336,6 +340,7 @@ impl JobRun {
         let total = self.plan.as_ref().map_or(0, |p| p.chunk_count());
         let done = self.done.len() as u32;
         let mut progress = Progress::new(done, total);
+        progress.reused = self.reused;
         let frames = self.encoded_frames + in_flight_frames;
         if elapsed.as_secs_f64() > 0.0 && frames > 0 {
             progress.fps = Some((frames as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0);

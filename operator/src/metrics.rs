@@ -77,6 +77,12 @@ pub fn render(shared: &Shared, snap: &Snapshot, ctx: Option<&Ctx>) -> String {
         counter(c.completed.load(Ordering::Relaxed)),
     );
     reg.register(
+        "chunks_reused",
+        "Chunk and audio encodes not done again: found in the result store or the job's ledger, or made by an \
+         identical task of another job at the same time",
+        counter(c.chunks_reused.load(Ordering::Relaxed)),
+    );
+    reg.register(
         "tasks_failed",
         "Tasks failed for good",
         counter(c.failed.load(Ordering::Relaxed)),

@@ -221,6 +221,7 @@ mod tests {
             service_account_name: "tessera-worker".into(),
             allowed_namespaces: Default::default(),
             access: Vec::new(),
+            result_store: None,
             s3: None,
             env: Vec::new(),
             scratch_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(

@@ -562,11 +562,13 @@ impl Prepared {
         f64::from(self.fps)
     }
 
-    /// Encode chunk `c` for every rendition into `dir`; returns the frames encoded (per rendition).
+    /// Encode chunk `c` for the renditions `wanted` (spec indices) into `dir`, decoding it once; returns
+    /// the frames encoded (per rendition).
     pub fn encode_chunk(
         &self,
         spec: &TranscodeJobSpec,
         c: &Chunk,
+        wanted: &[usize],
         dir: &Path,
         cancel: &AtomicBool,
         on_frame: &(dyn Fn() + Sync),
@@ -576,6 +578,7 @@ impl Prepared {
             .iter()
             .zip(&self.plans)
             .enumerate()
+            .filter(|(ri, _)| wanted.contains(ri))
             .map(|(ri, (r, p))| ChunkOutput {
                 rendition: r,
                 target: &p.target,
@@ -804,7 +807,8 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
                     if cancel.load(Ordering::Relaxed) {
                         break;
                     }
-                    match prep.encode_chunk(spec, c, dir, cancel, &on_frame) {
+                    let all: Vec<usize> = (0..spec.renditions.len()).collect();
+                    match prep.encode_chunk(spec, c, &all, dir, cancel, &on_frame) {
                         Ok(n) => {
                             frames_emitted.fetch_add(n, Ordering::Relaxed);
                             progress.chunks_done.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,6 @@
 //! what it made to the job's ledger in S3 before it reports, so a report lost in a failover loses nothing:
 //! the next plan finds the completion records.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,6 +78,9 @@ pub fn execute(
         }),
     };
     s3.unpin_prefix(&ledger);
+    if let Some(store) = work.results.as_deref().and_then(S3Uri::parse) {
+        s3.unpin_prefix(&store);
+    }
     out
 }
 
@@ -266,23 +268,6 @@ fn scratch() -> Result<tempfile::TempDir> {
         })
 }
 
-fn upload_all(s3: &Arc<S3>, dir: &Path, names: &[String], to: &S3Uri) -> Result<()> {
-    s3::block_on(async {
-        stream::iter(names.iter().map(|n| {
-            let (src, dst) = (dir.join(n), to.join(n));
-            async move {
-                s3::cp::upload_file(s3, &src, &dst, &CopyProgress::default())
-                    .await
-                    .map(drop)
-            }
-        }))
-        .buffer_unordered(4)
-        .try_collect::<Vec<()>>()
-        .await
-    })
-    .map(drop)
-}
-
 fn record(s3: &Arc<S3>, uri: &S3Uri, r: &ChunkResult) -> Result<()> {
     let body = serde_json::to_vec(r).map_err(|e| Error::Queue(e.to_string()))?;
     s3::block_on(s3.put_small(uri, Bytes::from(body)))
@@ -291,6 +276,88 @@ fn record(s3: &Arc<S3>, uri: &S3Uri, r: &ChunkResult) -> Result<()> {
 fn existing(s3: &S3, uri: &S3Uri) -> Result<Option<ChunkResult>> {
     Ok(s3::block_on(s3.get_small(uri))?
         .and_then(|b| serde_json::from_slice::<ChunkResult>(&b).ok()))
+}
+
+/// Where a job's encoded pieces live: its ledger's `chunks/` folder, or, for a pool with a result store,
+/// the store, filed by content address (so other jobs find them).
+struct Pieces<'a> {
+    work: &'a Work,
+    ledger: &'a S3Uri,
+    store: Option<S3Uri>,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(work: &'a Work, ledger: &'a S3Uri) -> Result<Self> {
+        let store = match &work.results {
+            Some(u) => Some(S3Uri::parse(u).ok_or_else(|| {
+                field(
+                    "results",
+                    format!("the result store {u:?} is not an s3:// URI"),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Pieces {
+            work,
+            ledger,
+            store,
+        })
+    }
+
+    /// Rendition `r`'s encode of chunk `c`.
+    fn chunk(&self, r: usize, c: usize) -> S3Uri {
+        let keys = self
+            .store
+            .as_ref()
+            .zip(self.work.plan.as_ref())
+            .and_then(|(s, p)| {
+                tessera_crds::work::chunk_keys(&self.work.spec, p, c as u32).map(|k| (s, k))
+            });
+        match keys {
+            Some((store, keys)) => store.join(&format!("chunks/{}.tpk", keys[r])),
+            None => self
+                .ledger
+                .join("chunks/")
+                .join(&Prepared::chunk_file(r, c)),
+        }
+    }
+
+    /// The audio encode named `name` (one of `Prepared::audio_files`).
+    fn audio(&self, name: &str) -> S3Uri {
+        let key = self
+            .store
+            .as_ref()
+            .zip(self.work.plan.as_ref())
+            .and_then(|(s, p)| tessera_crds::work::audio_key(&self.work.spec, p).map(|k| (s, k)));
+        match key {
+            Some((store, key)) => store.join(&format!("audio/{key}-{name}")),
+            None => self.ledger.join("chunks/").join(name),
+        }
+    }
+
+    /// Filed by content: another job's identical work can be found.
+    fn shared(&self) -> bool {
+        self.store.is_some()
+            && self
+                .work
+                .plan
+                .as_ref()
+                .is_some_and(|p| p.input_etag.is_some())
+    }
+}
+
+fn upload_to(s3: &Arc<S3>, files: &[(std::path::PathBuf, S3Uri)]) -> Result<()> {
+    s3::block_on(async {
+        stream::iter(files.iter().map(|(src, dst)| async move {
+            s3::cp::upload_file(s3, src, dst, &CopyProgress::default())
+                .await
+                .map(drop)
+        }))
+        .buffer_unordered(4)
+        .try_collect::<Vec<()>>()
+        .await
+    })
+    .map(drop)
 }
 
 fn chunk(
@@ -313,39 +380,64 @@ fn chunk(
         );
         return Ok(ChunkResult { reused: true, ..r });
     }
-    let prep = prepared(work, s3, slots)?;
-    injected_encoder_failure(n)?;
-    let c = prep
-        .chunks
-        .get(n)
-        .ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
-    let dir = scratch()?;
-    let count = prep.encode_chunk(&work.spec, c, dir.path(), cancel, &|| {
-        frames.fetch_add(1, Ordering::Relaxed);
-    })?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Cancelled);
+    let plan = work
+        .plan
+        .as_ref()
+        .ok_or_else(|| field("plan", "the task carries no plan"))?;
+    let pieces = Pieces::new(work, ledger)?;
+    let renditions = work.spec.renditions.len();
+    // Renditions another job encoded already, with the same input, boundaries, settings and encoder.
+    let mut found = vec![false; renditions];
+    if pieces.shared() {
+        for (r, f) in found.iter_mut().enumerate() {
+            *f = s3::block_on(s3.exists(&pieces.chunk(r, n)))?;
+        }
     }
-    let names: Vec<String> = (0..work.spec.renditions.len())
-        .map(|r| Prepared::chunk_file(r, n))
-        .collect();
-    upload_all(s3, dir.path(), &names, &ledger.join("chunks/"))?;
+    let wanted: Vec<usize> = (0..renditions).filter(|r| !found[*r]).collect();
+    let mut count = plan.chunks.get(n).map_or(0, |c| c.frames);
+    if !wanted.is_empty() {
+        let prep = prepared(work, s3, slots)?;
+        injected_encoder_failure(n)?;
+        let c = prep
+            .chunks
+            .get(n)
+            .ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
+        let dir = scratch()?;
+        count = prep.encode_chunk(&work.spec, c, &wanted, dir.path(), cancel, &|| {
+            frames.fetch_add(1, Ordering::Relaxed);
+        })?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let files: Vec<_> = wanted
+            .iter()
+            .map(|&r| {
+                (
+                    dir.path().join(Prepared::chunk_file(r, n)),
+                    pieces.chunk(r, n),
+                )
+            })
+            .collect();
+        upload_to(s3, &files)?;
+    }
     let r = ChunkResult {
         frames: count,
-        reused: false,
+        reused: wanted.is_empty(),
         seconds: started.elapsed().as_secs_f64(),
-        renditions: prep
-            .encoders()
-            .into_iter()
-            .map(|encoder| ChunkEncode {
-                encoder,
+        renditions: plan
+            .encoders
+            .iter()
+            .zip(&found)
+            .map(|(encoder, &reused)| ChunkEncode {
+                encoder: encoder.clone(),
                 frames: count,
+                reused,
             })
             .collect(),
     };
     record(s3, &rec_uri, &r)?;
     tracing::info!(chunk = n, frames = count, seconds = r.seconds, job = %format!("{}/{}", work.namespace, work.job),
-        "chunk encoded");
+        encoded = wanted.len(), reused = renditions - wanted.len(), "chunk encoded");
     Ok(r)
 }
 
@@ -389,20 +481,36 @@ fn audio(
         return Ok(ChunkResult { reused: true, ..r });
     }
     let prep = prepared(work, s3, slots)?;
-    let dir = scratch()?;
-    let n = prep.encode_audio(dir.path(), cancel)?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Cancelled);
+    let pieces = Pieces::new(work, ledger)?;
+    let names = prep.audio_files();
+    let mut reused = pieces.shared() && !names.is_empty();
+    for name in &names {
+        if !reused {
+            break;
+        }
+        reused = s3::block_on(s3.exists(&pieces.audio(name)))?;
     }
-    upload_all(s3, dir.path(), &prep.audio_files(), &ledger.join("chunks/"))?;
+    let mut n = 0;
+    if !reused {
+        let dir = scratch()?;
+        n = prep.encode_audio(dir.path(), cancel)?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let files: Vec<_> = names
+            .iter()
+            .map(|name| (dir.path().join(name), pieces.audio(name)))
+            .collect();
+        upload_to(s3, &files)?;
+    }
     let r = ChunkResult {
         frames: n,
-        reused: false,
+        reused,
         seconds: started.elapsed().as_secs_f64(),
         renditions: vec![],
     };
     record(s3, &rec_uri, &r)?;
-    tracing::info!(frames = n, seconds = r.seconds, "audio encoded");
+    tracing::info!(frames = n, seconds = r.seconds, reused, "audio encoded");
     Ok(r)
 }
 
@@ -416,21 +524,25 @@ fn stitch(
 ) -> Result<StitchResult> {
     let prep = prepared(work, s3, slots)?;
     let dir = scratch()?;
-    let mut names: Vec<String> = Vec::new();
+    let pieces = Pieces::new(work, ledger)?;
+    let mut files: Vec<(S3Uri, String)> = Vec::new();
     for ri in 0..work.spec.renditions.len() {
-        names.extend(
+        files.extend(
             prep.chunks
                 .iter()
-                .map(|c| Prepared::chunk_file(ri, c.index)),
+                .map(|c| (pieces.chunk(ri, c.index), Prepared::chunk_file(ri, c.index))),
         );
     }
-    names.extend(prep.audio_files());
-    let from = ledger.join("chunks/");
+    files.extend(
+        prep.audio_files()
+            .into_iter()
+            .map(|n| (pieces.audio(&n), n)),
+    );
     s3::block_on(async {
-        stream::iter(names.iter().map(|n| {
-            let (src, dst) = (from.join(n), dir.path().join(n));
+        stream::iter(files.iter().map(|(src, n)| {
+            let dst = dir.path().join(n);
             async move {
-                s3::cp::download_file(s3, &src, &dst, &CopyProgress::default())
+                s3::cp::download_file(s3, src, &dst, &CopyProgress::default())
                     .await
                     .map(drop)
             }

@@ -770,6 +770,18 @@ impl S3 {
         }
     }
 
+    /// Whether an object exists (HEAD); a missing bucket or a denied request is an error.
+    pub async fn exists(&self, uri: &S3Uri) -> Result<bool> {
+        match self.head(uri).await {
+            Ok(_) => Ok(true),
+            Err(Error::Storage {
+                kind: StorageKind::NotFound,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Delete every object under a prefix; returns how many.
     pub async fn delete_prefix(&self, prefix: &S3Uri) -> Result<usize> {
         let all = self.list(prefix).await?;
