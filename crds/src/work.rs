@@ -43,7 +43,8 @@ pub struct Work {
     pub spec: TranscodeJobSpec,
     /// `s3://bucket/prefix/.tessera/<uid>/`
     pub ledger: String,
-    /// What the plan task decided (every task after it).
+    /// What the plan task decided (every task after it; a chunk task's holds its own chunk only, see
+    /// [`PlanRecord::for_task`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +83,25 @@ pub struct PlanRecord {
 impl PlanRecord {
     pub fn chunk_count(&self) -> u32 {
         self.chunks.len() as u32
+    }
+
+    /// Chunk `index` of the plan.
+    pub fn chunk(&self, index: u32) -> Option<&ChunkPlan> {
+        self.chunks.iter().find(|c| c.index == index)
+    }
+
+    /// What a task of `kind` is sent: a chunk task gets its own chunk only and the audio task none (a long
+    /// input has hundreds, and every task would carry them all); the stitch gets them all.
+    pub fn for_task(&self, kind: WorkKind, chunk: Option<u32>) -> PlanRecord {
+        let chunks = match (kind, chunk) {
+            (WorkKind::Chunk, Some(c)) => self.chunk(c).into_iter().copied().collect(),
+            (WorkKind::Audio, _) => Vec::new(),
+            _ => self.chunks.clone(),
+        };
+        PlanRecord {
+            chunks,
+            ..self.clone()
+        }
     }
 }
 
@@ -230,7 +250,7 @@ fn address(what: &impl Serialize) -> String {
 /// ETag (a local file) or the chunk is not in the plan.
 pub fn chunk_keys(spec: &TranscodeJobSpec, plan: &PlanRecord, chunk: u32) -> Option<Vec<String>> {
     let etag = plan.input_etag.as_deref()?;
-    let c = plan.chunks.get(chunk as usize)?;
+    let c = plan.chunk(chunk)?;
     spec.renditions
         .iter()
         .zip(&plan.encoders)
@@ -386,6 +406,23 @@ mod tests {
         assert_eq!(coalesce_key(&other_job), Some(a.clone()));
         assert_ne!(coalesce_key(&work(Some("s3://b/r/n/"), 1)), Some(a.clone()));
         assert_ne!(coalesce_key(&work(Some("s3://b/r/other/"), 0)), Some(a));
+    }
+
+    #[test]
+    fn a_chunk_task_carries_its_own_chunk_only() {
+        let spec = job(HD);
+        let full = plan(&["libx264"]);
+        let one = full.for_task(WorkKind::Chunk, Some(2));
+        assert_eq!(one.chunks, vec![full.chunks[2]]);
+        // Its address is the same as from the whole plan.
+        assert_eq!(chunk_keys(&spec, &one, 2), chunk_keys(&spec, &full, 2));
+        assert!(chunk_keys(&spec, &one, 1).is_none());
+        assert!(full.for_task(WorkKind::Audio, None).chunks.is_empty());
+        assert_eq!(
+            audio_key(&spec, &full.for_task(WorkKind::Audio, None)),
+            audio_key(&spec, &full)
+        );
+        assert_eq!(full.for_task(WorkKind::Stitch, None), full);
     }
 
     #[test]

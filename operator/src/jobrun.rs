@@ -163,7 +163,7 @@ impl JobRun {
             uid: self.uid.clone(),
             spec: self.spec.clone(),
             ledger: self.ledger.clone(),
-            plan: self.plan.clone(),
+            plan: self.plan.as_ref().map(|p| p.for_task(kind, chunk)),
             chunk,
             results: self.results.clone(),
         }

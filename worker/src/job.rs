@@ -323,6 +323,7 @@ pub fn prepare(
         keyframe_source = info.keyframe_source, chunks = chunks.len(), target_seconds, vfr = info.video.vfr,
         "planned"
     );
+    let active = workers.max(1).min(chunks.len()).max(1);
     assemble(
         spec,
         Cut {
@@ -331,8 +332,8 @@ pub fn prepare(
             chunks,
             spans,
             target_seconds,
+            active,
         },
-        workers,
         fixed.encoders,
         progress,
     )
@@ -373,27 +374,28 @@ pub fn prepare_planned(
             chunks,
             spans,
             target_seconds: plan.target_seconds,
+            active: slots.max(1),
         },
-        slots,
         Some(&plan.encoders),
         &Progress::default(),
     )
 }
 
-/// An input cut into chunks.
+/// An input cut into chunks (all of them, or the ones a task was sent).
 struct Cut {
     input: PathBuf,
     info: ProbeInfo,
     chunks: Vec<Chunk>,
     spans: Vec<(f64, f64)>,
     target_seconds: f64,
+    /// Chunks that run at once here: `workers`, or fewer when the job has fewer chunks.
+    active: usize,
 }
 
 /// Timing, threads, decoder and encoders for a cut input.
 fn assemble(
     spec: &TranscodeJobSpec,
     cut: Cut,
-    workers: usize,
     encoders: Option<&[String]>,
     progress: &Progress,
 ) -> Result<Prepared> {
@@ -403,6 +405,7 @@ fn assemble(
         chunks,
         spans,
         target_seconds,
+        active,
     } = cut;
     // Output timing: CFR sources get a 1/fps time base (as ffmpeg does), VFR ones keep their own.
     let v = &info.video;
@@ -432,7 +435,6 @@ fn assemble(
     // runs alone at the tail of a job then still uses every core, at the price of mild oversubscription
     // while all slots are busy (measured faster on the engine benchmark). Decoders get one slot's share.
     let cores = default_workers();
-    let active = workers.max(1).min(chunks.len()).max(1);
     let decoder_threads = (cores / active).max(1);
     let encoder_threads = std::env::var("TESSERA_ENCODER_THREADS")
         .ok()

@@ -394,13 +394,14 @@ fn chunk(
         }
     }
     let wanted: Vec<usize> = (0..renditions).filter(|r| !found[*r]).collect();
-    let mut count = plan.chunks.get(n).map_or(0, |c| c.frames);
+    let mut count = plan.chunk(n as u32).map_or(0, |c| c.frames);
     if !wanted.is_empty() {
         let prep = prepared(work, s3, slots)?;
         injected_encoder_failure(n)?;
         let c = prep
             .chunks
-            .get(n)
+            .iter()
+            .find(|c| c.index == n)
             .ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
         let dir = scratch()?;
         count = prep.encode_chunk(&work.spec, c, &wanted, dir.path(), cancel, &|| {
