@@ -16,6 +16,10 @@
 //! records are then deleted). A restarted or failed-over operator re-plans, reads the records and queues
 //! only what is missing: no finished chunk is encoded twice, and a published job is not made again. The
 //! job's deletion removes the ledger.
+//!
+//! A pool with a result store (`WorkerPool.spec.resultStore`) keeps the encoded pieces there instead of in
+//! `chunks/`, under content addresses ([`chunk_keys`], [`audio_key`]): jobs with the same input and settings
+//! find each other's work, and identical tasks queued at once are coalesced ([`coalesce_key`]).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -1,6 +1,8 @@
 //! One queue task, run on this worker: plan, encode a chunk or the audio, stitch, or clean up. Each writes
-//! what it made to the job's ledger in S3 before it reports, so a report lost in a failover loses nothing:
-//! the next plan finds the completion records.
+//! what it made to S3 (the job's ledger, or the pool's result store for encoded pieces) and its completion
+//! record to the ledger before it reports, so a report lost in a failover loses nothing: the next plan finds
+//! the completion records. With a result store, pieces are filed by content address and a chunk task encodes
+//! only the renditions the store does not have.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
