@@ -167,6 +167,21 @@ fn a_tenant_pool_runs_with_the_tenants_own_account_and_credentials() {
             proxy.url()
         )),
     );
+    // The pool's creation wakes the waiting job (a watch, not the 30 s safety-net look).
+    let created = std::time::Instant::now();
+    wait_until(
+        "the waiting job to be admitted on its new pool",
+        Duration::from_secs(20),
+        || {
+            json(&["get", "tj", "own-keys", "-n", "studio", "-o", "json"])["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| !c.iter().any(|c| c["reason"] == "PoolNotFound"))
+        },
+    );
+    eprintln!(
+        "pool created → job admitted in {:.1} s",
+        created.elapsed().as_secs_f64()
+    );
     let mut last = Value::Null;
     wait_until(
         "the tenant's job to finish",

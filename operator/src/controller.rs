@@ -127,6 +127,22 @@ pub fn cluster_validate(spec: &tessera_crds::TranscodeJobSpec) -> Result<(), Str
 }
 
 /// `spec.pool` → `ns/name`.
+/// Whether `job` has not started and runs on `pool` (`namespace/name`): what a pool's appearance may admit.
+fn waits_for(job: &TranscodeJob, pool: &str, default: &str) -> bool {
+    let pending = job
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_none_or(|p| p == Phase::Pending);
+    pending
+        && job.metadata.deletion_timestamp.is_none()
+        && resolve_pool(
+            job.spec.pool.as_deref(),
+            &job.namespace().unwrap_or_default(),
+            default,
+        ) == pool
+}
+
 pub fn resolve_pool(spec_pool: Option<&str>, job_ns: &str, default: &str) -> String {
     match spec_pool {
         Some(p) if p.contains('/') => p.to_string(),
@@ -315,7 +331,8 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
     };
     let action = match &admission {
         Admit::Run { .. } => Action::requeue(Duration::from_secs(60)),
-        Admit::Wait(_) => Action::requeue(Duration::from_secs(5)),
+        // The pool's creation wakes the job (the pool watch); this is a safety net.
+        Admit::Wait(_) => Action::requeue(Duration::from_secs(30)),
         Admit::Refuse { .. } => Action::await_change(),
     };
     let mut run = JobRun::new(&ns, &name, &uid, generation, job.spec.clone(), pool);
@@ -713,7 +730,28 @@ pub async fn run(ctx: Arc<Ctx>) {
             .for_each(|_| async {}),
     );
     let jobs: Api<TranscodeJob> = Api::all(ctx.client.clone());
-    Controller::new(jobs, watcher::Config::default())
+    let jobs_ctl = Controller::new(jobs, watcher::Config::default());
+    // A job waiting for its pool (Pending, PoolNotFound) is admitted when the pool appears, not at its
+    // next periodic look.
+    let (job_store, default_pool) = (jobs_ctl.store(), ctx.cfg.default_pool.clone());
+    jobs_ctl
+        .watches(
+            Api::<WorkerPool>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            move |pool: WorkerPool| {
+                let key = format!(
+                    "{}/{}",
+                    pool.namespace().unwrap_or_default(),
+                    pool.name_any()
+                );
+                job_store
+                    .state()
+                    .into_iter()
+                    .filter(|j| waits_for(j, &key, &default_pool))
+                    .map(|j| ObjectRef::from_obj(&*j))
+                    .collect::<Vec<_>>()
+            },
+        )
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
@@ -740,6 +778,41 @@ mod tests {
             "renditions": [{"name": "a", "video": {"codec": "h264"}}]
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_pool_wakes_only_the_jobs_waiting_for_it() {
+        let tj = |ns: &str, pool: Option<&str>, phase: Option<Phase>| {
+            let mut spec = job("s3://m/in.mp4", "s3://m/out/");
+            spec.pool = pool.map(String::from);
+            let mut j = TranscodeJob::new("j", spec);
+            j.metadata.namespace = Some(ns.into());
+            j.status = phase.map(|p| TranscodeJobStatus {
+                phase: Some(p),
+                ..Default::default()
+            });
+            j
+        };
+        let d = "tessera-system/default";
+        assert!(waits_for(&tj("a", Some("gpu"), None), "a/gpu", d));
+        assert!(waits_for(
+            &tj("a", Some("gpu"), Some(Phase::Pending)),
+            "a/gpu",
+            d
+        ));
+        assert!(waits_for(&tj("a", None, Some(Phase::Pending)), d, d));
+        assert!(!waits_for(
+            &tj("a", Some("gpu"), Some(Phase::Running)),
+            "a/gpu",
+            d
+        ));
+        assert!(!waits_for(
+            &tj("a", Some("gpu"), Some(Phase::Failed)),
+            "a/gpu",
+            d
+        ));
+        assert!(!waits_for(&tj("b", Some("gpu"), None), "a/gpu", d));
+        assert!(waits_for(&tj("b", Some("a/gpu"), None), "a/gpu", d));
     }
 
     #[test]
