@@ -18,6 +18,10 @@ use md5::{Digest, Md5};
 use tokio::task::JoinSet;
 
 use super::{Failure, S3Uri, S3};
+
+/// How long CompleteMultipartUpload may take to answer: S3 assembles the object first, which for a large one
+/// "could take several minutes" (its documentation), far past the read timeout of other requests.
+const COMPLETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 use crate::error::{Error, Result, StorageKind};
 
 /// S3's limits.
@@ -231,6 +235,11 @@ impl Upload {
                     .build()
             })
             .collect();
+        let mut all = Vec::with_capacity(self.done.len() * 16);
+        for p in &self.done {
+            all.extend_from_slice(&p.md5);
+        }
+        let expected = format!("{}-{}", hex_md5(&md5_of(&all)), self.done.len());
         let mut r = self.s3.retrier("CompleteMultipartUpload", &self.uri);
         let etag = loop {
             r.admit().await?;
@@ -246,6 +255,16 @@ impl Upload {
                         .set_parts(Some(parts.clone()))
                         .build(),
                 )
+                // S3 may take minutes to assemble a large object before it answers.
+                .customize()
+                .config_override(
+                    aws_sdk_s3::config::Builder::default().timeout_config(
+                        aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                            .read_timeout(COMPLETE_TIMEOUT)
+                            .operation_attempt_timeout(COMPLETE_TIMEOUT)
+                            .build(),
+                    ),
+                )
                 .send()
                 .await
             {
@@ -255,21 +274,29 @@ impl Upload {
                 }
                 Err(e) => {
                     let f = self.s3.classify(&e, &self.uri);
-                    // A retried Complete whose first try succeeded finds no upload any more.
-                    if f.detail.contains("NoSuchUpload") && r.attempt > 0 {
-                        let m = self.s3.head(&self.uri).await?;
-                        break m.etag;
+                    // A retried Complete whose first try succeeded (its answer lost) finds no upload any
+                    // more: S3 says NoSuchUpload, some servers AccessDenied. The object is ours only if it
+                    // carries this upload's ETag (or, where ETags are not MD5s, its size).
+                    if r.attempt > 0
+                        && (f.detail.contains("NoSuchUpload") || f.detail.contains("AccessDenied"))
+                    {
+                        if let Ok(m) = self.s3.head(&self.uri).await {
+                            let got = unquote(&m.etag);
+                            let md5_like =
+                                got.len() >= 32 && got[..32].chars().all(|c| c.is_ascii_hexdigit());
+                            if got.eq_ignore_ascii_case(&expected)
+                                || (!md5_like && m.size == self.written)
+                            {
+                                tracing::info!(uri = %self.uri, "an earlier try of CompleteMultipartUpload had succeeded");
+                                break m.etag;
+                            }
+                        }
                     }
                     r.failed(f, false).await?
                 }
             }
         };
         self.upload_id = None;
-        let mut all = Vec::with_capacity(self.done.len() * 16);
-        for p in &self.done {
-            all.extend_from_slice(&p.md5);
-        }
-        let expected = format!("{}-{}", hex_md5(&md5_of(&all)), self.done.len());
         self.verify(&etag, &expected).await?;
         Ok(Written {
             uri: self.uri.clone(),
