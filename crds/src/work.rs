@@ -102,9 +102,18 @@ impl PlanRecord {
             (WorkKind::Audio, _) => Vec::new(),
             _ => self.chunks.clone(),
         };
+        // Field by field: `..self.clone()` would copy every chunk for each task only to drop them.
         PlanRecord {
+            input_etag: self.input_etag.clone(),
+            target_seconds: self.target_seconds,
             chunks,
-            ..self.clone()
+            frames: self.frames,
+            duration_seconds: self.duration_seconds,
+            fps: self.fps,
+            vfr: self.vfr,
+            encoders: self.encoders.clone(),
+            encoder_reasons: self.encoder_reasons.clone(),
+            audio: self.audio,
         }
     }
 }
@@ -255,11 +264,12 @@ fn address(what: &impl Serialize) -> String {
 pub fn chunk_keys(spec: &TranscodeJobSpec, plan: &PlanRecord, chunk: u32) -> Option<Vec<String>> {
     let etag = plan.input_etag.as_deref()?;
     let c = plan.chunk(chunk)?;
-    spec.renditions
+    let keys = spec
+        .renditions
         .iter()
         .zip(&plan.encoders)
         .map(|(r, encoder)| {
-            Some(address(&ChunkAddress {
+            address(&ChunkAddress {
                 engine: env!("CARGO_PKG_VERSION"),
                 input: &spec.input.uri,
                 etag,
@@ -270,10 +280,11 @@ pub fn chunk_keys(spec: &TranscodeJobSpec, plan: &PlanRecord, chunk: u32) -> Opt
                 end_pts: c.end_pts,
                 video: &r.video,
                 encoder,
-            }))
+            })
         })
-        .collect::<Option<Vec<_>>>()
-        .filter(|k| k.len() == spec.renditions.len())
+        .collect::<Vec<_>>();
+    // A plan naming fewer encoders than the spec has renditions addresses nothing.
+    (keys.len() == spec.renditions.len()).then_some(keys)
 }
 
 /// The content address of a job's audio encodes (all distinct settings together); `None` without an ETag.

@@ -995,16 +995,18 @@ impl Core {
     }
 
     fn on_completed(&mut self, tasks: Vec<Task<Work>>, result: TaskResult, secs: f64) {
-        for (i, (key, id, work)) in self.owners(tasks).into_iter().enumerate() {
-            // Tasks coalesced onto the first one take its result: for them nothing was encoded.
-            let result = match (i, result.clone()) {
-                (1.., TaskResult::Chunk(r)) => {
+        // The first task is the one a worker ran; those coalesced onto it take its result, and for them
+        // nothing was encoded.
+        let ran = tasks.first().map(|t| t.id);
+        for (key, id, work) in self.owners(tasks) {
+            let result = match result.clone() {
+                TaskResult::Chunk(r) if Some(id) != ran => {
                     TaskResult::Chunk(tessera_crds::work::ChunkResult { reused: true, ..r })
                 }
-                (1.., TaskResult::Audio(r)) => {
+                TaskResult::Audio(r) if Some(id) != ran => {
                     TaskResult::Audio(tessera_crds::work::ChunkResult { reused: true, ..r })
                 }
-                (_, r) => r,
+                r => r,
             };
             if let TaskResult::Chunk(r) | TaskResult::Audio(r) = &result {
                 if r.reused {
@@ -1019,7 +1021,7 @@ impl Core {
             };
             e.tasks.remove(&id);
             e.dirty = true;
-            let next = match result.clone() {
+            let next = match result {
                 TaskResult::Plan(r) => {
                     let note = format!(
                         "{} chunks of {:.1} s, encoders {}; {} already in the ledger",

@@ -284,27 +284,20 @@ pub struct Prepared {
     decoder_threads: usize,
 }
 
-/// What a plan fixes for every later task of a distributed job.
-#[derive(Debug, Clone, Default)]
-pub struct Fixed<'a> {
-    pub target_seconds: Option<f64>,
-    pub encoders: Option<&'a [String]>,
-}
-
 /// Probe the input, cut it into chunks, choose the decoder and each rendition's encoder. `workers` is how
-/// many chunks run at once here (it sizes automatic chunks and thread counts).
+/// many chunks run at once here (it sizes automatic chunks and thread counts); `target_seconds`, where
+/// given, is the chunk length to cut at (an earlier plan's), before the spec's and the automatic one.
 pub fn prepare(
     spec: &TranscodeJobSpec,
     workers: usize,
-    fixed: &Fixed<'_>,
+    target_seconds: Option<f64>,
     progress: &Progress,
 ) -> Result<Prepared> {
     validate(spec)?;
     let input = source_path("spec.input.uri", &spec.input.uri)?;
     progress.stage("probing");
     let info = probe::probe(&input)?;
-    let target_seconds = fixed
-        .target_seconds
+    let target_seconds = target_seconds
         .or(spec.chunking.as_ref().and_then(|c| c.target_seconds))
         .unwrap_or_else(|| plan::auto_target_seconds(info.duration, workers));
     let starts = plan::plan_boundaries(&info.keyframes, info.duration, target_seconds);
@@ -334,7 +327,7 @@ pub fn prepare(
             target_seconds,
             active,
         },
-        fixed.encoders,
+        None,
         progress,
     )
 }
@@ -760,7 +753,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     }
     let workers = opts.workers.max(1);
     let progress = &opts.progress;
-    let prep = prepare(spec, workers, &Fixed::default(), progress)?;
+    let prep = prepare(spec, workers, None, progress)?;
     let v = &prep.info.video;
     let chunks = &prep.chunks;
 

@@ -16,7 +16,7 @@ use tessera_crds::work::{
 };
 
 use crate::error::{Error, Result, StorageKind};
-use crate::job::{self, Fixed, Prepared, Progress};
+use crate::job::{self, Prepared, Progress};
 use crate::plan;
 use crate::s3::{self, cp::CopyProgress, S3Uri, S3};
 
@@ -141,14 +141,14 @@ fn make_plan(
     work: &Work,
     s3: &Arc<S3>,
     manifest: &S3Uri,
-    fixed: &Fixed<'_>,
+    target_seconds: Option<f64>,
     etag: Option<&str>,
 ) -> Result<PlanRecord> {
     let etag = check_input(work, s3, etag)?;
     let p = job::prepare(
         &work.spec,
         plan::CLUSTER_PARALLELISM,
-        fixed,
+        target_seconds,
         &Progress::default(),
     )?;
     let rec = PlanRecord {
@@ -192,11 +192,13 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
             target_seconds,
             chunks,
         }) => {
-            let fixed = Fixed {
-                target_seconds: Some(target_seconds),
-                encoders: None,
-            };
-            let rec = make_plan(work, s3, &manifest, &fixed, input_etag.as_deref())?;
+            let rec = make_plan(
+                work,
+                s3,
+                &manifest,
+                Some(target_seconds),
+                input_etag.as_deref(),
+            )?;
             if rec.chunk_count() != chunks {
                 return Err(Error::Chunk {
                     chunk: rec.chunks.len(),
@@ -209,7 +211,7 @@ fn plan(work: &Work, s3: &Arc<S3>, ledger: &S3Uri) -> Result<PlanResult> {
             tracing::info!(ledger = %ledger, chunks, "an older worker's plan, recorded again with its boundaries");
             rec
         }
-        None => make_plan(work, s3, &manifest, &Fixed::default(), None)?,
+        None => make_plan(work, s3, &manifest, None, None)?,
     };
     let finished = match s3::block_on(s3.get_small(&ledger.join("result.json")))? {
         Some(b) => Some(serde_json::from_slice::<StitchResult>(&b).map_err(|e| {
@@ -280,11 +282,12 @@ fn existing(s3: &S3, uri: &S3Uri) -> Result<Option<ChunkResult>> {
         .and_then(|b| serde_json::from_slice::<ChunkResult>(&b).ok()))
 }
 
-/// Where a job's encoded pieces live: its ledger's `chunks/` folder, or, for a pool with a result store,
-/// the store, filed by content address (so other jobs find them).
+/// Where a job's encoded pieces live: its ledger's `chunks/` folder, or, for a pool with a result store and
+/// an input with an ETag, the store, filed by content address (so other jobs find them).
 struct Pieces<'a> {
     work: &'a Work,
     ledger: &'a S3Uri,
+    /// The store, where pieces are filed by content.
     store: Option<S3Uri>,
 }
 
@@ -299,15 +302,21 @@ impl<'a> Pieces<'a> {
             })?),
             None => None,
         };
+        let shared = work.plan.as_ref().is_some_and(|p| p.input_etag.is_some());
         Ok(Pieces {
             work,
             ledger,
-            store,
+            store: store.filter(|_| shared),
         })
     }
 
-    /// Rendition `r`'s encode of chunk `c`.
-    fn chunk(&self, r: usize, c: usize) -> S3Uri {
+    /// Filed by content: another job's identical work can be found.
+    fn shared(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Each rendition's encode of chunk `c`, in spec order.
+    fn chunk(&self, c: usize) -> Vec<S3Uri> {
         let keys = self
             .store
             .as_ref()
@@ -316,35 +325,34 @@ impl<'a> Pieces<'a> {
                 tessera_crds::work::chunk_keys(&self.work.spec, p, c as u32).map(|k| (s, k))
             });
         match keys {
-            Some((store, keys)) => store.join(&format!("chunks/{}.tpk", keys[r])),
-            None => self
-                .ledger
-                .join("chunks/")
-                .join(&Prepared::chunk_file(r, c)),
+            Some((store, keys)) => keys
+                .iter()
+                .map(|k| store.join(&format!("chunks/{k}.tpk")))
+                .collect(),
+            None => (0..self.work.spec.renditions.len())
+                .map(|r| {
+                    self.ledger
+                        .join("chunks/")
+                        .join(&Prepared::chunk_file(r, c))
+                })
+                .collect(),
         }
     }
 
-    /// The audio encode named `name` (one of `Prepared::audio_files`).
-    fn audio(&self, name: &str) -> S3Uri {
+    /// The audio encodes named `names` (`Prepared::audio_files`).
+    fn audio(&self, names: &[String]) -> Vec<S3Uri> {
         let key = self
             .store
             .as_ref()
             .zip(self.work.plan.as_ref())
             .and_then(|(s, p)| tessera_crds::work::audio_key(&self.work.spec, p).map(|k| (s, k)));
-        match key {
-            Some((store, key)) => store.join(&format!("audio/{key}-{name}")),
-            None => self.ledger.join("chunks/").join(name),
-        }
-    }
-
-    /// Filed by content: another job's identical work can be found.
-    fn shared(&self) -> bool {
-        self.store.is_some()
-            && self
-                .work
-                .plan
-                .as_ref()
-                .is_some_and(|p| p.input_etag.is_some())
+        names
+            .iter()
+            .map(|name| match &key {
+                Some((store, key)) => store.join(&format!("audio/{key}-{name}")),
+                None => self.ledger.join("chunks/").join(name),
+            })
+            .collect()
     }
 }
 
@@ -387,12 +395,13 @@ fn chunk(
         .as_ref()
         .ok_or_else(|| field("plan", "the task carries no plan"))?;
     let pieces = Pieces::new(work, ledger)?;
-    let renditions = work.spec.renditions.len();
+    let uris = pieces.chunk(n);
+    let renditions = uris.len();
     // Renditions another job encoded already, with the same input, boundaries, settings and encoder.
     let mut found = vec![false; renditions];
     if pieces.shared() {
-        for (r, f) in found.iter_mut().enumerate() {
-            *f = s3::block_on(s3.exists(&pieces.chunk(r, n)))?;
+        for (f, uri) in found.iter_mut().zip(&uris) {
+            *f = s3::block_on(s3.exists(uri))?;
         }
     }
     let wanted: Vec<usize> = (0..renditions).filter(|r| !found[*r]).collect();
@@ -414,12 +423,7 @@ fn chunk(
         }
         let files: Vec<_> = wanted
             .iter()
-            .map(|&r| {
-                (
-                    dir.path().join(Prepared::chunk_file(r, n)),
-                    pieces.chunk(r, n),
-                )
-            })
+            .map(|&r| (dir.path().join(Prepared::chunk_file(r, n)), uris[r].clone()))
             .collect();
         upload_to(s3, &files)?;
     }
@@ -486,12 +490,13 @@ fn audio(
     let prep = prepared(work, s3, slots)?;
     let pieces = Pieces::new(work, ledger)?;
     let names = prep.audio_files();
+    let uris = pieces.audio(&names);
     let mut reused = pieces.shared() && !names.is_empty();
-    for name in &names {
+    for uri in &uris {
         if !reused {
             break;
         }
-        reused = s3::block_on(s3.exists(&pieces.audio(name)))?;
+        reused = s3::block_on(s3.exists(uri))?;
     }
     let mut n = 0;
     if !reused {
@@ -502,7 +507,8 @@ fn audio(
         }
         let files: Vec<_> = names
             .iter()
-            .map(|name| (dir.path().join(name), pieces.audio(name)))
+            .zip(uris)
+            .map(|(name, uri)| (dir.path().join(name), uri))
             .collect();
         upload_to(s3, &files)?;
     }
@@ -529,18 +535,17 @@ fn stitch(
     let dir = scratch()?;
     let pieces = Pieces::new(work, ledger)?;
     let mut files: Vec<(S3Uri, String)> = Vec::new();
-    for ri in 0..work.spec.renditions.len() {
+    for c in &prep.chunks {
         files.extend(
-            prep.chunks
-                .iter()
-                .map(|c| (pieces.chunk(ri, c.index), Prepared::chunk_file(ri, c.index))),
+            pieces
+                .chunk(c.index)
+                .into_iter()
+                .enumerate()
+                .map(|(r, uri)| (uri, Prepared::chunk_file(r, c.index))),
         );
     }
-    files.extend(
-        prep.audio_files()
-            .into_iter()
-            .map(|n| (pieces.audio(&n), n)),
-    );
+    let names = prep.audio_files();
+    files.extend(pieces.audio(&names).into_iter().zip(names));
     s3::block_on(async {
         stream::iter(files.iter().map(|(src, n)| {
             let dst = dir.path().join(n);

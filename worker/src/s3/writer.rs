@@ -19,6 +19,11 @@ use tokio::task::JoinSet;
 
 use super::{Failure, S3Uri, S3};
 
+/// Whether an ETag is an MD5 (of the object, or of its parts' MD5s), as S3's are; other stores' are not.
+fn md5_like(etag: &str) -> bool {
+    etag.len() >= 32 && etag[..32].chars().all(|c| c.is_ascii_hexdigit())
+}
+
 /// How long CompleteMultipartUpload may take to answer: S3 assembles the object first, which for a large one
 /// "could take several minutes" (its documentation), far past the read timeout of other requests.
 const COMPLETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -282,10 +287,8 @@ impl Upload {
                     {
                         if let Ok(m) = self.s3.head(&self.uri).await {
                             let got = unquote(&m.etag);
-                            let md5_like =
-                                got.len() >= 32 && got[..32].chars().all(|c| c.is_ascii_hexdigit());
                             if got.eq_ignore_ascii_case(&expected)
-                                || (!md5_like && m.size == self.written)
+                                || (!md5_like(got) && m.size == self.written)
                             {
                                 tracing::info!(uri = %self.uri, "an earlier try of CompleteMultipartUpload had succeeded");
                                 break m.etag;
@@ -348,8 +351,7 @@ impl Upload {
     /// mismatch it is deleted and the write fails.
     async fn verify(&self, etag: &str, expected: &str) -> Result<()> {
         let got = unquote(etag);
-        let md5_like = got.len() >= 32 && got[..32].chars().all(|c| c.is_ascii_hexdigit());
-        let problem = if md5_like {
+        let problem = if md5_like(got) {
             (!got.eq_ignore_ascii_case(expected))
                 .then(|| format!("ETag {got} does not match the {expected} computed while writing"))
         } else {
