@@ -12,9 +12,11 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod protocol;
+pub mod streams;
 pub mod tenancy;
 mod validate;
 pub mod work;
+pub use streams::{LeftOutStream, OutputStream, StreamsSpec, TrackSelection};
 pub use validate::{cluster_uri_problem, ignored_in_local_mode, validate_spec, ValidationError};
 
 /// The API group of every Tessera kind.
@@ -50,6 +52,10 @@ pub struct TranscodeJobSpec {
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
     )]
     pub renditions: Vec<Rendition>,
+    /// Which source audio and subtitle tracks the outputs keep (default: all of them). Every source stream
+    /// an output lacks is listed in its status with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<StreamsSpec>,
     /// How the input is cut into chunks that are encoded in parallel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunking: Option<ChunkingSpec>,
@@ -418,6 +424,12 @@ pub struct RenditionStatus {
     pub psnr: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssim: Option<f64>,
+    /// Every stream in the output: kind, codec, language, title, disposition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<OutputStream>,
+    /// Every source stream this output lacks, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<LeftOutStream>,
 }
 
 /// A set of worker pods on nodes with a given device-plugin resource. Completed by the operator issue.

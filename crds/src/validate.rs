@@ -131,6 +131,26 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
             }
         }
     }
+    if let Some(st) = &spec.streams {
+        for (f, sel) in [("audio", &st.audio), ("subtitles", &st.subtitles)] {
+            let at = format!("spec.streams.{f}");
+            if sel.none && !(sel.languages.is_empty() && sel.indices.is_empty()) {
+                err(
+                    at.clone(),
+                    "none excludes languages and indices: give either none: true or the tracks to keep"
+                        .into(),
+                );
+            }
+            for l in &sel.languages {
+                if crate::streams::language(l).is_none() {
+                    err(
+                        format!("{at}.languages"),
+                        format!("{l:?} is not an ISO 639 language code (e.g. en, eng, fr, fra)"),
+                    );
+                }
+            }
+        }
+    }
     if let Some(t) = spec.chunking.as_ref().and_then(|c| c.target_seconds) {
         if !(t.is_finite() && (0.5..=3600.0).contains(&t)) {
             err(

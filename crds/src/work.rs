@@ -249,6 +249,9 @@ struct AudioAddress<'a> {
     input: &'a str,
     etag: &'a str,
     audio: Vec<Option<&'a AudioSpec>>,
+    /// The audio task also extracts the kept subtitle tracks: the selection is part of what it makes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streams: Option<&'a crate::StreamsSpec>,
 }
 
 fn address(what: &impl Serialize) -> String {
@@ -301,6 +304,7 @@ pub fn audio_key(spec: &TranscodeJobSpec, plan: &PlanRecord) -> Option<String> {
         input: &spec.input.uri,
         etag,
         audio,
+        streams: spec.streams.as_ref(),
     }))
 }
 

@@ -1,4 +1,4 @@
-//! Audio: decoded once for the whole input and encoded once per distinct setting (renditions asking for the
+//! Audio: each kept track decoded once for the whole input and encoded once per distinct setting (renditions asking for the
 //! same codec, bitrate and channels share one encode), never per chunk, so there is no drift or gap at seams.
 
 use std::path::{Path, PathBuf};
@@ -14,11 +14,21 @@ use crate::packets::{PacketWriter, StreamParams};
 use crate::plan::AudioPlan;
 use crate::probe::open_input;
 
+/// One pass over the input: every kept audio track decoded once and encoded per distinct setting, and every
+/// kept subtitle track's packets copied out as they are (they are converted to the output's text format when
+/// stitched).
 pub struct AudioJob<'a> {
     pub path: &'a Path,
-    pub stream: usize,
     /// Input start time in seconds: the origin of output timestamps.
     pub start_time: f64,
+    pub tracks: Vec<TrackJob>,
+    /// Subtitle streams and where their packets go.
+    pub subtitles: Vec<(usize, PathBuf)>,
+}
+
+/// One audio track's encodes.
+pub struct TrackJob {
+    pub stream: usize,
     pub outputs: Vec<(AudioPlan, PathBuf)>,
 }
 
@@ -31,120 +41,182 @@ struct Encoding {
     name: String,
 }
 
-/// Returns the number of input audio frames decoded.
+/// A track being read: its copies, its decoder and (once the first frame tells the format) its encodes.
+struct TrackState<'a> {
+    job: &'a TrackJob,
+    tb: Rational,
+    origin: i64,
+    copies: Vec<PacketWriter>,
+    decoder: Option<ff::decoder::Audio>,
+    encodings: Vec<Encoding>,
+    frames: u64,
+}
+
+/// Returns the number of audio frames decoded (all tracks).
 pub fn encode_audio(job: &AudioJob<'_>, cancel: &AtomicBool) -> Result<u64> {
     let path = job.path;
     let mut ictx = open_input(path)?;
-    let st = ictx
-        .stream(job.stream)
-        .ok_or_else(|| Error::media(path, "audio stream vanished", job.stream))?;
-    let tb = st.time_base();
-    let origin = rescale(
-        (job.start_time * 1e6).round() as i64,
-        Rational::new(1, 1_000_000),
-        tb,
-    );
-    let par = st.parameters();
-    let mut copies: Vec<PacketWriter> = Vec::new();
-    for (_, out) in job
-        .outputs
-        .iter()
-        .filter(|(p, _)| p.codec == AudioCodec::Copy)
-    {
+    let origin_in = |tb: Rational| {
+        rescale(
+            (job.start_time * 1e6).round() as i64,
+            Rational::new(1, 1_000_000),
+            tb,
+        )
+    };
+    let mut tracks: Vec<TrackState<'_>> = Vec::with_capacity(job.tracks.len());
+    for t in &job.tracks {
+        let st = ictx
+            .stream(t.stream)
+            .ok_or_else(|| Error::media(path, "audio stream vanished", t.stream))?;
+        let tb = st.time_base();
+        let par = st.parameters();
+        let mut copies = Vec::new();
+        for (_, out) in t
+            .outputs
+            .iter()
+            .filter(|(p, _)| p.codec == AudioCodec::Copy)
+        {
+            // SAFETY: the stream's parameters are valid while the input is open.
+            let params = unsafe {
+                StreamParams::from_raw(par.as_ptr(), (tb.numerator(), tb.denominator()), "copy")
+            };
+            copies.push(PacketWriter::create(out, &params)?);
+        }
+        let decoder = if t.outputs.iter().any(|(p, _)| p.codec != AudioCodec::Copy) {
+            let mut ctx = codec::context::Context::from_parameters(par)
+                .map_err(|e| Error::media(path, "audio decoder setup", e))?;
+            // SAFETY: plain field.
+            unsafe { (*ctx.as_mut_ptr()).pkt_timebase = tb.into() };
+            Some(ctx.decoder().audio().map_err(|e| {
+                Error::media(
+                    path,
+                    "cannot open the audio decoder",
+                    format!("stream #{}: {e}", t.stream),
+                )
+            })?)
+        } else {
+            None
+        };
+        tracks.push(TrackState {
+            job: t,
+            tb,
+            origin: origin_in(tb),
+            copies,
+            decoder,
+            encodings: Vec::new(),
+            frames: 0,
+        });
+    }
+    let mut subs: Vec<(usize, i64, PacketWriter)> = Vec::with_capacity(job.subtitles.len());
+    for (stream, out) in &job.subtitles {
+        let st = ictx
+            .stream(*stream)
+            .ok_or_else(|| Error::media(path, "subtitle stream vanished", stream))?;
+        let tb = st.time_base();
         // SAFETY: the stream's parameters are valid while the input is open.
         let params = unsafe {
-            StreamParams::from_raw(par.as_ptr(), (tb.numerator(), tb.denominator()), "copy")
+            StreamParams::from_raw(
+                st.parameters().as_ptr(),
+                (tb.numerator(), tb.denominator()),
+                "copy",
+            )
         };
-        copies.push(PacketWriter::create(out, &params)?);
+        subs.push((*stream, origin_in(tb), PacketWriter::create(out, &params)?));
     }
-    let needs_decode = job.outputs.iter().any(|(p, _)| p.codec != AudioCodec::Copy);
-    let mut decoder = if needs_decode {
-        let mut ctx = codec::context::Context::from_parameters(par)
-            .map_err(|e| Error::media(path, "audio decoder setup", e))?;
-        // SAFETY: plain field.
-        unsafe { (*ctx.as_mut_ptr()).pkt_timebase = tb.into() };
-        Some(
-            ctx.decoder()
-                .audio()
-                .map_err(|e| Error::media(path, "cannot open the audio decoder", e))?,
-        )
-    } else {
-        None
-    };
-    let mut encodings: Vec<Encoding> = Vec::new();
+
     let mut decoded = frame::Audio::empty();
-    let mut frames = 0u64;
     let mut packets = ictx.packets();
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
         let next = packets.next();
-        let eof = next.is_none();
-        if let Some((s, p)) = next {
-            if s.index() != job.stream {
+        let Some((s, p)) = next else {
+            break;
+        };
+        if let Some((_, origin, w)) = subs.iter_mut().find(|(i, _, _)| *i == s.index()) {
+            let mut c = p.clone();
+            c.set_pts(p.pts().map(|v| v - *origin));
+            c.set_dts(p.dts().or(p.pts()).map(|v| v - *origin));
+            w.write(&c)?;
+            continue;
+        }
+        let Some(t) = tracks.iter_mut().find(|t| t.job.stream == s.index()) else {
+            continue;
+        };
+        for w in &mut t.copies {
+            let mut c = p.clone();
+            c.set_pts(p.pts().map(|v| v - t.origin));
+            c.set_dts(p.dts().map(|v| v - t.origin));
+            w.write(&c)?;
+        }
+        if let Some(d) = t.decoder.as_mut() {
+            if let Err(e) = d.send_packet(&p) {
+                tracing::warn!(error = %e, stream = t.job.stream, "undecodable audio packet skipped");
                 continue;
             }
-            for w in &mut copies {
-                let mut c = p.clone();
-                c.set_pts(p.pts().map(|v| v - origin));
-                c.set_dts(p.dts().map(|v| v - origin));
-                w.write(&c)?;
-            }
-            if let Some(d) = decoder.as_mut() {
-                if let Err(e) = d.send_packet(&p) {
-                    tracing::warn!(error = %e, "undecodable audio packet skipped");
-                    continue;
-                }
-            }
-        } else if let Some(d) = decoder.as_mut() {
-            let _ = d.send_eof();
         }
-        if let Some(d) = decoder.as_mut() {
-            while d.receive_frame(&mut decoded).is_ok() {
-                if encodings.is_empty() {
-                    encodings = job
-                        .outputs
-                        .iter()
-                        .filter(|(p, _)| p.codec != AudioCodec::Copy)
-                        .map(|(plan, out)| open_encoding(plan, out, &decoded, tb))
-                        .collect::<Result<_>>()?;
-                }
-                let ts = decoded.timestamp().map(|t| t - origin);
-                decoded.set_pts(ts);
-                for e in &mut encodings {
-                    // `Source::add` moves the frame's buffers into the graph: each encoding gets its own reference.
-                    let copy = decoded.clone();
-                    e.graph
-                        .get("in")
-                        .expect("source")
-                        .source()
-                        .add(&copy)
-                        .map_err(|err| audio_err(&e.name, err))?;
-                    pull(e, false)?;
-                }
-                frames += 1;
-            }
-        }
-        if eof {
-            break;
-        }
+        receive(t, &mut decoded)?;
     }
     ictx.check()?;
-    for mut e in encodings {
-        e.graph
-            .get("in")
-            .expect("source")
-            .source()
-            .flush()
-            .map_err(|err| audio_err(&e.name, err))?;
-        pull(&mut e, true)?;
-        e.writer.finish()?;
+    let mut frames = 0u64;
+    for mut t in tracks {
+        if let Some(d) = t.decoder.as_mut() {
+            let _ = d.send_eof();
+        }
+        receive(&mut t, &mut decoded)?;
+        for mut e in t.encodings {
+            e.graph
+                .get("in")
+                .expect("source")
+                .source()
+                .flush()
+                .map_err(|err| audio_err(&e.name, err))?;
+            pull(&mut e, true)?;
+            e.writer.finish()?;
+        }
+        for w in t.copies {
+            w.finish()?;
+        }
+        frames += t.frames;
     }
-    for w in copies {
+    for (_, _, w) in subs {
         w.finish()?;
     }
     Ok(frames)
+}
+
+/// Decoded frames of a track into its encodes (opened on the first frame, which tells the input format).
+fn receive(t: &mut TrackState<'_>, decoded: &mut frame::Audio) -> Result<()> {
+    let Some(d) = t.decoder.as_mut() else {
+        return Ok(());
+    };
+    while d.receive_frame(decoded).is_ok() {
+        if t.encodings.is_empty() {
+            t.encodings = t
+                .job
+                .outputs
+                .iter()
+                .filter(|(p, _)| p.codec != AudioCodec::Copy)
+                .map(|(plan, out)| open_encoding(plan, out, decoded, t.tb))
+                .collect::<Result<_>>()?;
+        }
+        let ts = decoded.timestamp().map(|x| x - t.origin);
+        decoded.set_pts(ts);
+        for e in &mut t.encodings {
+            // `Source::add` moves the frame's buffers into the graph: each encoding gets its own reference.
+            let copy = decoded.clone();
+            e.graph
+                .get("in")
+                .expect("source")
+                .source()
+                .add(&copy)
+                .map_err(|err| audio_err(&e.name, err))?;
+            pull(e, false)?;
+        }
+        t.frames += 1;
+    }
+    Ok(())
 }
 
 fn audio_err(name: &str, e: impl std::fmt::Display) -> Error {

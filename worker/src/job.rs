@@ -10,7 +10,7 @@ use ffmpeg_next::{self as ff, ffi, Rational};
 use serde::Serialize;
 use tessera_crds::{Container, QualityMetric, RenditionStatus, TranscodeJob, TranscodeJobSpec};
 
-use crate::audio::{encode_audio, AudioJob};
+use crate::audio::{encode_audio, AudioJob, TrackJob};
 use crate::chunk::{encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
 use crate::encode::{self, EncoderChoice, VideoTarget};
 use crate::error::{Error, Result};
@@ -19,7 +19,8 @@ use crate::plan::{self, AudioPlan, Chunk};
 use crate::probe::{self, open_input, ProbeInfo};
 use crate::quality;
 use crate::s3::{self, S3Uri};
-use crate::stitch::{self, StitchInput};
+use crate::stitch::{self, AudioIn, HlsMedia, MediaRendition, StitchInput, SubtitleIn, Variant};
+use crate::streams::{self, StreamPlan};
 
 /// Live counters a progress display reads from another thread.
 #[derive(Debug, Default)]
@@ -279,8 +280,10 @@ pub struct Prepared {
     clock: Clock,
     fps: Rational,
     plans: Vec<RenditionPlan>,
-    /// Distinct audio encodes (renditions asking for the same settings share one).
+    /// Distinct audio encodes (renditions asking for the same settings share one), of every kept track.
     audio: Vec<AudioPlan>,
+    /// Which source tracks the outputs keep, and which they leave out.
+    pub streams: StreamPlan,
     decoder_threads: usize,
 }
 
@@ -436,6 +439,16 @@ fn assemble(
 
     // Decode on a GPU where one opens (bit-identical frames, less CPU); chosen once per job.
     let decode = hwdec::choose(v.codec_id, spec.hardware);
+    let streams = streams::plan(&info.tracks, spec.streams.as_ref());
+    tracing::info!(
+        audio = streams.audio.len(),
+        subtitles = streams.subtitles.len(),
+        left_out = streams.left_out.len(),
+        "streams"
+    );
+    for l in &streams.left_out {
+        tracing::info!(index = l.source_index, kind = %l.kind, codec = %l.codec, reason = %l.reason, "stream left out");
+    }
     tracing::info!(method = %decode.method, reason = %decode.reason, "video decoding");
 
     // Per rendition: size, encoder (chosen once by opening it), audio settings.
@@ -456,10 +469,9 @@ fn assemble(
         };
         let only = encoders.and_then(|e| e.get(ri)).map(String::as_str);
         let encoder = encode::select(r, spec.hardware, &target, v.bit_depth, only)?;
-        let audio = info
-            .audio
-            .as_ref()
-            .and_then(|_| plan::audio_plan(r.audio.as_ref()));
+        let audio = (!streams.audio.is_empty())
+            .then(|| plan::audio_plan(r.audio.as_ref()))
+            .flatten();
         plans.push(RenditionPlan {
             target: VideoTarget {
                 pix_fmt: encoder.pix_fmt,
@@ -486,6 +498,7 @@ fn assemble(
         fps,
         plans,
         audio,
+        streams,
         decoder_threads,
     })
 }
@@ -502,18 +515,35 @@ impl Prepared {
         format!("r{r}-c{c:05}.tpk")
     }
 
-    /// The audio encodes' file names, one per distinct setting.
+    /// The audio task's files: each kept audio track once per distinct setting, then each kept subtitle
+    /// track's packets.
     pub fn audio_files(&self) -> Vec<String> {
-        (0..self.audio.len())
-            .map(|i| format!("audio-{i}.tpk"))
-            .collect()
+        let mut names = Vec::new();
+        for t in &self.streams.audio {
+            for s in 0..self.audio.len() {
+                names.push(Self::audio_file(t.index, s));
+            }
+        }
+        names.extend(
+            self.streams
+                .subtitles
+                .iter()
+                .map(|t| Self::subtitle_file(t.index)),
+        );
+        names
     }
 
-    fn audio_file(&self, a: &AudioPlan) -> String {
-        format!(
-            "audio-{}.tpk",
-            self.audio.iter().position(|u| u == a).unwrap_or(0)
-        )
+    /// Audio of source stream `stream` in distinct setting `setting`.
+    fn audio_file(stream: usize, setting: usize) -> String {
+        format!("audio-{stream}-{setting}.tpk")
+    }
+
+    fn subtitle_file(stream: usize) -> String {
+        format!("subtitles-{stream}.tpk")
+    }
+
+    fn setting(&self, a: &AudioPlan) -> usize {
+        self.audio.iter().position(|u| u == a).unwrap_or(0)
     }
 
     /// The chunks as the plan records them, with their spans and (estimated) frame counts; the counts add
@@ -549,8 +579,10 @@ impl Prepared {
             .collect()
     }
 
+    /// Whether the job has an audio task: audio to encode or subtitles to extract.
     pub fn has_audio(&self) -> bool {
-        self.info.audio.is_some() && !self.audio.is_empty()
+        (!self.streams.audio.is_empty() && !self.audio.is_empty())
+            || !self.streams.subtitles.is_empty()
     }
 
     pub fn fps(&self) -> f64 {
@@ -592,22 +624,77 @@ impl Prepared {
         encode_chunk(&input, &outputs, cancel, &on_frame)
     }
 
-    /// Encode the audio track once per distinct setting into `dir`.
+    /// Encode every kept audio track once per distinct setting into `dir`, and copy out the kept subtitle
+    /// tracks' packets, in one pass over the input.
     pub fn encode_audio(&self, dir: &Path, cancel: &AtomicBool) -> Result<u64> {
-        let Some(a) = &self.info.audio else {
+        if !self.has_audio() {
             return Ok(0);
-        };
+        }
         let job = AudioJob {
             path: &self.input,
-            stream: a.index,
             start_time: self.info.start_time,
-            outputs: self
+            tracks: self
+                .streams
                 .audio
                 .iter()
-                .map(|p| (*p, dir.join(self.audio_file(p))))
+                .map(|t| TrackJob {
+                    stream: t.index,
+                    outputs: self
+                        .audio
+                        .iter()
+                        .enumerate()
+                        .map(|(s, p)| (*p, dir.join(Self::audio_file(t.index, s))))
+                        .collect(),
+                })
+                .collect(),
+            subtitles: self
+                .streams
+                .subtitles
+                .iter()
+                .map(|t| (t.index, dir.join(Self::subtitle_file(t.index))))
                 .collect(),
         };
         encode_audio(&job, cancel)
+    }
+
+    /// The stitch input of rendition `ri`: its chunks, its audio tracks, the subtitle tracks.
+    fn stitch_input<'a>(&'a self, ri: usize, dir: &Path, files: &'a [PathBuf]) -> StitchInput<'a> {
+        let audio = match self.plans[ri].audio {
+            Some(a) => {
+                let s = self.setting(&a);
+                self.streams
+                    .audio
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| AudioIn {
+                        path: dir.join(Self::audio_file(t.index, s)),
+                        track: t,
+                        default: self.streams.audio_default(i),
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        StitchInput {
+            chunks: files,
+            audio,
+            subtitles: self
+                .streams
+                .subtitles
+                .iter()
+                .map(|t| SubtitleIn {
+                    path: dir.join(Self::subtitle_file(t.index)),
+                    track: t,
+                })
+                .collect(),
+            display_matrix: self.info.video.display_matrix,
+            video_index: self.info.video.index,
+        }
+    }
+
+    /// HLS with audio renditions of their own: more than one audio track, or subtitles beside it.
+    fn hls_renditions(&self) -> bool {
+        self.streams.audio.len() > 1 || !self.streams.subtitles.is_empty()
     }
 
     /// Stitch every rendition from the chunk and audio files in `dir`, measure quality, and publish to the
@@ -631,25 +718,85 @@ impl Prepared {
         let v = &self.info.video;
         // Stitch every rendition under temporary names.
         progress.stage("stitching");
+        let separate = spec.output.container == Container::Hls && self.hls_renditions();
         let mut staged = Vec::new();
+        let mut media_staged = Vec::new();
         let mut statuses = Vec::new();
         let mut variants = Vec::new();
+        let mut media: Vec<MediaRendition> = Vec::new();
         for (ri, (r, p)) in spec.renditions.iter().zip(&self.plans).enumerate() {
             let files: Vec<PathBuf> = self
                 .chunks
                 .iter()
                 .map(|c| dir.join(Self::chunk_file(ri, c.index)))
                 .collect();
-            let apath = p.audio.map(|a| dir.join(self.audio_file(&a)));
-            let sin = StitchInput {
-                chunks: &files,
-                audio: apath.as_deref(),
-                display_matrix: v.display_matrix,
-            };
+            let sin = self.stitch_input(ri, dir, &files);
             let (st, stg) = match spec.output.container {
                 Container::Mp4 => stitch::stitch_mp4(&sin, &out_dir, &r.name)?,
-                Container::Hls => stitch::stitch_hls(&sin, &out_dir, &r.name)?,
+                Container::Hls if separate => {
+                    stitch::stitch_hls(&sin, &out_dir, &r.name, HlsMedia::VideoOnly)?
+                }
+                Container::Hls => stitch::stitch_hls(&sin, &out_dir, &r.name, HlsMedia::Muxed)?,
             };
+            let mut streams = st.streams.clone();
+            let mut audio_group = None;
+            if separate {
+                // Audio renditions, one group per distinct audio setting, shared by the variants using it.
+                if let Some(a) = p.audio {
+                    let group = format!("audio{}", self.setting(&a));
+                    if !media.iter().any(|m| m.group == group) {
+                        for (i, ain) in sin.audio.iter().enumerate() {
+                            let name = format!("_{group}-{}", ain.track.index);
+                            let (ast, astg) = stitch::stitch_hls(
+                                &sin,
+                                &out_dir,
+                                &name,
+                                HlsMedia::Audio {
+                                    track: i,
+                                    seconds: self.target_seconds,
+                                },
+                            )?;
+                            media.push(MediaRendition {
+                                audio: true,
+                                group: group.clone(),
+                                dir: name,
+                                stats: ast,
+                            });
+                            media_staged.push(astg);
+                        }
+                    }
+                    streams.extend(
+                        media
+                            .iter()
+                            .filter(|m| m.group == group)
+                            .flat_map(|m| m.stats.streams.clone()),
+                    );
+                    audio_group = Some(group);
+                }
+                // Subtitle renditions, segmented as the video is.
+                if !sin.subtitles.is_empty() && !media.iter().any(|m| !m.audio) {
+                    let first = st.segment_starts.first().copied().unwrap_or(0.0);
+                    let mpegts = stitch::timestamp_map(&stg.staged_path(), first)?;
+                    for sub in &sin.subtitles {
+                        let name = format!("_subtitles-{}", sub.track.index);
+                        let (sst, sstg) =
+                            stitch::write_vtt(sub, &out_dir, &name, &st.segment_starts, mpegts)?;
+                        media.push(MediaRendition {
+                            audio: false,
+                            group: "subs".into(),
+                            dir: name,
+                            stats: sst,
+                        });
+                        media_staged.push(sstg);
+                    }
+                }
+                streams.extend(
+                    media
+                        .iter()
+                        .filter(|m| !m.audio)
+                        .flat_map(|m| m.stats.streams.clone()),
+                );
+            }
             statuses.push(RenditionStatus {
                 name: r.name.clone(),
                 uri: format!("file://{}", st.path.display()),
@@ -662,8 +809,16 @@ impl Prepared {
                 encoder_reason: p.encoder.reason.clone(),
                 psnr: None,
                 ssim: None,
+                streams,
+                left_out: self.streams.left_out_of(p.audio.is_some()),
             });
-            variants.push((r.name.clone(), st, f64::from(self.fps)));
+            variants.push(Variant {
+                name: r.name.clone(),
+                stats: st,
+                fps: f64::from(self.fps),
+                audio_group,
+                subtitles: separate && !self.streams.subtitles.is_empty(),
+            });
             staged.push(stg);
         }
 
@@ -692,11 +847,11 @@ impl Prepared {
         }
 
         progress.stage("publishing");
-        for s in staged {
+        for s in staged.into_iter().chain(media_staged) {
             s.commit()?;
         }
         let master = if spec.output.container == Container::Hls {
-            Some(stitch::write_master(&out_dir, &variants)?)
+            Some(stitch::write_master(&out_dir, &variants, &media)?)
         } else {
             None
         };

@@ -17,6 +17,8 @@ pub mod quality;
 pub mod s3;
 pub mod scale;
 pub mod stitch;
+pub mod streams;
+pub mod subtitles;
 pub mod task;
 
 pub use error::{Error, Result};

@@ -296,11 +296,27 @@ fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
             String::new()
         },
     );
-    if let Some(a) = &info.audio {
-        println!(
-            "  audio #{}: {} {} Hz, {} channels",
-            a.index, a.codec, a.sample_rate, a.channels
-        );
+    for t in &info.tracks {
+        let mut line = format!("  {} #{}: {}", t.kind.as_str(), t.index, t.codec);
+        if t.kind == tessera::probe::TrackKind::Audio {
+            line.push_str(&format!(" {} Hz, {} channels", t.sample_rate, t.channels));
+        }
+        if t.kind == tessera::probe::TrackKind::Subtitle {
+            line.push_str(if t.text { " (text)" } else { " (bitmap)" });
+        }
+        if let Some(l) = &t.language {
+            line.push_str(&format!(", {l}"));
+        }
+        if let Some(n) = &t.title {
+            line.push_str(&format!(", {n:?}"));
+        }
+        if t.default {
+            line.push_str(", default");
+        }
+        if t.forced {
+            line.push_str(", forced");
+        }
+        println!("{line}");
     }
     println!(
         "  keyframes: {} (from {})",

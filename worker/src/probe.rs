@@ -22,7 +22,8 @@ pub struct ProbeInfo {
     /// Earliest timestamp of any stream, seconds: the origin of every output timestamp.
     pub start_time: f64,
     pub video: VideoInfo,
-    pub audio: Option<AudioInfo>,
+    /// Every stream but the transcoded video, in source order: what the outputs keep or report as left out.
+    pub tracks: Vec<TrackInfo>,
     /// Keyframes of the video stream in decode order, from the container index where it has one.
     pub keyframes: Vec<Keyframe>,
     /// `container index` or `packet scan`.
@@ -65,12 +66,50 @@ pub struct VideoInfo {
     pub sar: Rational,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackKind {
+    Video,
+    Audio,
+    Subtitle,
+    Data,
+    Attachment,
+}
+
+impl TrackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Video => "video",
+            Self::Audio => "audio",
+            Self::Subtitle => "subtitle",
+            Self::Data => "data",
+            Self::Attachment => "attachment",
+        }
+    }
+}
+
+/// A source stream other than the video being transcoded.
 #[derive(Debug, Clone, Serialize)]
-pub struct AudioInfo {
+#[serde(rename_all = "camelCase")]
+pub struct TrackInfo {
     pub index: usize,
+    pub kind: TrackKind,
     pub codec: String,
-    pub sample_rate: u32,
+    /// The language tag as the source has it (`eng`, `fre`...); `None` when absent or `und`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub default: bool,
+    pub forced: bool,
+    /// This FFmpeg has a decoder for it.
+    pub decodable: bool,
+    /// Subtitles: text (SRT, ASS, mov_text, WebVTT) rather than bitmaps (PGS, DVB, VobSub).
+    pub text: bool,
+    /// A cover image or thumbnail stored as a video stream.
+    pub attached_picture: bool,
     pub channels: u32,
+    pub sample_rate: u32,
     pub time_base: (i32, i32),
 }
 
@@ -446,27 +485,11 @@ fn read_header(path: &Path) -> Result<(Input, ProbeInfo, i64)> {
         )
     };
 
-    let audio = ictx
+    let tracks: Vec<TrackInfo> = ictx
         .streams()
-        .filter(|s| s.parameters().medium() == media::Type::Audio)
-        .find(|s| ff::decoder::find(s.parameters().id()).is_some())
-        .map(|s| {
-            let p = s.parameters();
-            // SAFETY: plain codecpar fields.
-            let (sr, ch) = unsafe {
-                (
-                    (*p.as_ptr()).sample_rate,
-                    (*p.as_ptr()).ch_layout.nb_channels,
-                )
-            };
-            AudioInfo {
-                index: s.index(),
-                codec: p.id().name().to_string(),
-                sample_rate: sr.max(0) as u32,
-                channels: ch.max(0) as u32,
-                time_base: rat(s.time_base()),
-            }
-        });
+        .filter(|s| s.index() != vindex)
+        .map(track_info)
+        .collect();
 
     // SAFETY: plain field of the open context.
     let raw_start = unsafe { (*ictx.as_ptr()).start_time };
@@ -512,12 +535,56 @@ fn read_header(path: &Path) -> Result<(Input, ProbeInfo, i64)> {
             color,
             sar,
         },
-        audio,
+        tracks,
         keyframes: Vec::new(),
         keyframe_source: "container header",
         streams,
     };
     Ok((ictx, info, nb_frames))
+}
+
+fn track_info(s: ff::format::stream::Stream<'_>) -> TrackInfo {
+    let p = s.parameters();
+    let meta = s.metadata();
+    let tag = |k: &str| {
+        meta.get(k)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    // SAFETY: plain fields of a stream and its parameters, owned by the open context; the descriptor is a
+    // static table.
+    let (disposition, channels, sample_rate, props) = unsafe {
+        let d = ffi::avcodec_descriptor_get((*p.as_ptr()).codec_id);
+        (
+            (*s.as_ptr()).disposition,
+            (*p.as_ptr()).ch_layout.nb_channels,
+            (*p.as_ptr()).sample_rate,
+            if d.is_null() { 0 } else { (*d).props },
+        )
+    };
+    let kind = match p.medium() {
+        media::Type::Video => TrackKind::Video,
+        media::Type::Audio => TrackKind::Audio,
+        media::Type::Subtitle => TrackKind::Subtitle,
+        media::Type::Attachment => TrackKind::Attachment,
+        _ => TrackKind::Data,
+    };
+    TrackInfo {
+        index: s.index(),
+        kind,
+        codec: p.id().name().to_string(),
+        language: tag("language").filter(|l| !l.eq_ignore_ascii_case("und")),
+        title: tag("title"),
+        default: disposition & ffi::AV_DISPOSITION_DEFAULT != 0,
+        forced: disposition & ffi::AV_DISPOSITION_FORCED != 0,
+        decodable: p.id() != ff::codec::Id::None && ff::decoder::find(p.id()).is_some(),
+        text: props & ffi::AV_CODEC_PROP_TEXT_SUB != 0,
+        attached_picture: disposition & ffi::AV_DISPOSITION_ATTACHED_PIC != 0,
+        channels: channels.max(0) as u32,
+        sample_rate: sample_rate.max(0) as u32,
+        time_base: rat(s.time_base()),
+    }
 }
 
 /// (keyframes, timestamps of every non-discarded sample) from the stream's index.

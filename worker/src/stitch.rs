@@ -9,11 +9,77 @@ use serde::Serialize;
 use crate::avlog;
 use crate::error::{Error, Result};
 use crate::packets::{PacketReader, StoredPacket, StreamParams};
+use crate::probe::TrackInfo;
+use crate::subtitles::{self, TextCodec};
+use tessera_crds::OutputStream;
 
 pub struct StitchInput<'a> {
     pub chunks: &'a [PathBuf],
-    pub audio: Option<&'a Path>,
+    /// The audio tracks, in output order.
+    pub audio: Vec<AudioIn<'a>>,
+    /// The text subtitle tracks (packet files of the source's subtitles), in output order.
+    pub subtitles: Vec<SubtitleIn<'a>>,
     pub display_matrix: Option<[i32; 9]>,
+    /// The source's video stream.
+    pub video_index: usize,
+}
+
+/// An encoded audio track and the source track it came from.
+pub struct AudioIn<'a> {
+    pub path: PathBuf,
+    pub track: &'a TrackInfo,
+    pub default: bool,
+}
+
+/// A source subtitle track's packets.
+pub struct SubtitleIn<'a> {
+    pub path: PathBuf,
+    pub track: &'a TrackInfo,
+}
+
+/// How an output stream is labelled.
+#[derive(Debug, Clone, Default)]
+struct Label {
+    language: Option<String>,
+    title: Option<String>,
+    default: bool,
+    forced: bool,
+}
+
+impl Label {
+    fn of(t: &TrackInfo, default: bool) -> Self {
+        Self {
+            language: t.language.clone(),
+            title: t.title.clone(),
+            default,
+            forced: t.forced,
+        }
+    }
+}
+
+/// Where a stream's packets come from.
+enum Source<'a> {
+    Video(ChunkSequence<'a>),
+    File(PacketReader),
+    Memory(std::vec::IntoIter<StoredPacket>),
+}
+
+impl Source<'_> {
+    /// The next packet and whether it starts a chunk.
+    fn next(&mut self) -> Result<Option<(StoredPacket, bool)>> {
+        match self {
+            Self::Video(v) => v.next(),
+            Self::File(r) => Ok(r.next_packet()?.map(|p| (p, false))),
+            Self::Memory(it) => Ok(it.next().map(|p| (p, false))),
+        }
+    }
+}
+
+/// One output stream: parameters, label, packets.
+struct Track<'a> {
+    params: StreamParams,
+    label: Label,
+    source: Source<'a>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -28,6 +94,12 @@ pub struct Stitched {
     /// RFC 6381 codec string where known (`avc1.64001f,mp4a.40.2`).
     pub codecs: Option<String>,
     pub peak_bandwidth: u64,
+    /// Every stream in the output.
+    #[serde(skip)]
+    pub streams: Vec<OutputStream>,
+    /// Segment start times in seconds (segmented outputs), and the end of the last.
+    #[serde(skip)]
+    pub segment_starts: Vec<f64>,
 }
 
 /// Removes a path on drop unless disarmed: failed runs leave nothing half-written.
@@ -114,30 +186,105 @@ fn mux_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::media(path, what, e)
 }
 
-/// Mux everything into `octx` (already created); `only_chunk_starts_are_key` makes segmenting muxers cut
-/// exactly at chunk boundaries.
+/// The output streams of a stitch: the video, then `audio` and `subtitles` as the container carries them.
+fn tracks<'a>(
+    input: &'a StitchInput<'a>,
+    with_video: bool,
+    audio: &[usize],
+    subtitles: Option<TextCodec>,
+) -> Result<Vec<Track<'a>>> {
+    let mut out = Vec::new();
+    if with_video {
+        let video = ChunkSequence::open(input.chunks)?;
+        out.push(Track {
+            params: video.params.clone(),
+            label: Label::default(),
+            source: Source::Video(video),
+        });
+    }
+    for &i in audio {
+        let a = &input.audio[i];
+        let r = PacketReader::open(&a.path)?;
+        out.push(Track {
+            params: r.params.clone(),
+            label: Label::of(a.track, a.default),
+            source: Source::File(r),
+        });
+    }
+    if let Some(codec) = subtitles {
+        for s in &input.subtitles {
+            let c = subtitles::convert(&s.path, codec)?;
+            out.push(Track {
+                params: c.params,
+                label: Label::of(s.track, false),
+                source: Source::Memory(c.cues.into_iter()),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Codec name for reports.
+fn codec_name(p: &StreamParams) -> String {
+    // SAFETY: codec ids were read from FFmpeg.
+    unsafe {
+        let id = std::mem::transmute::<u32, ffi::AVCodecID>(p.codec_id);
+        std::ffi::CStr::from_ptr(ffi::avcodec_get_name(id))
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Mux `tracks` into `octx` (already created). With `cut_at_chunks`, only chunk starts are marked as
+/// keyframes so segmenting muxers cut exactly at chunk boundaries, and only the video's (or, without video,
+/// the first stream's) packets decide where segments start.
 fn mux(
-    input: &StitchInput<'_>,
+    mut tracks: Vec<Track<'_>>,
     octx: &mut format::context::Output,
     out_path: &Path,
     opts: Dictionary,
-    only_chunk_starts_are_key: bool,
+    cut_at_chunks: bool,
+    display_matrix: Option<[i32; 9]>,
 ) -> Result<Stitched> {
-    let mut video = ChunkSequence::open(input.chunks)?;
-    let mut audio = input.audio.map(PacketReader::open).transpose()?;
-    let vparams = video.params.clone();
-    let aparams = audio.as_ref().map(|a| a.params.clone());
+    let mp4_language = octx.format().name().contains("mp4");
     // SAFETY: streams are created on the output context we own and filled before the header is written.
     unsafe {
-        for (i, p) in std::iter::once(&vparams).chain(aparams.iter()).enumerate() {
+        for (i, t) in tracks.iter().enumerate() {
             let st = ffi::avformat_new_stream(octx.as_mut_ptr(), std::ptr::null());
             if st.is_null() {
                 return Err(mux_err(out_path, "cannot add stream", i));
             }
-            p.to_raw((*st).codecpar);
-            (*st).time_base = tb(p.time_base).into();
-            if i == 0 {
-                if let Some(m) = input.display_matrix {
+            t.params.to_raw((*st).codecpar);
+            (*st).time_base = tb(t.params.time_base).into();
+            let l = &t.label;
+            let set = |k: &str, v: &str| {
+                let (k, v) = (
+                    std::ffi::CString::new(k).expect("key"),
+                    std::ffi::CString::new(v.replace('\0', "")).expect("no NUL"),
+                );
+                ffi::av_dict_set(&mut (*st).metadata, k.as_ptr(), v.as_ptr(), 0);
+            };
+            if let Some(lang) = &l.language {
+                // MP4 stores ISO 639-2/T; others take the tag as the source has it.
+                let tag = if mp4_language {
+                    tessera_crds::streams::iso639_2(lang).unwrap_or_else(|| lang.clone())
+                } else {
+                    lang.clone()
+                };
+                set("language", &tag);
+            }
+            if let Some(title) = &l.title {
+                set("title", title);
+                set("handler_name", title);
+            }
+            if l.default {
+                (*st).disposition |= ffi::AV_DISPOSITION_DEFAULT;
+            }
+            if l.forced {
+                (*st).disposition |= ffi::AV_DISPOSITION_FORCED;
+            }
+            if i == 0 && t.params.codec_type == ffi::AVMediaType::AVMEDIA_TYPE_VIDEO as i32 {
+                if let Some(m) = display_matrix {
                     let sd = ffi::av_stream_new_side_data(
                         st,
                         ffi::AVPacketSideDataType::AV_PKT_DATA_DISPLAYMATRIX,
@@ -153,54 +300,61 @@ fn mux(
     let (res, lines) = avlog::capture(|| octx.write_header_with(opts));
     res.map_err(|e| mux_err(out_path, "cannot write header", avlog::explain(e, &lines)))?;
     let out_tb: Vec<Rational> = octx.streams().map(|s| s.time_base()).collect();
-    let in_tb = [
-        tb(vparams.time_base),
-        aparams
-            .as_ref()
-            .map(|a| tb(a.time_base))
-            .unwrap_or(Rational::new(1, 1)),
-    ];
+    let in_tb: Vec<Rational> = tracks.iter().map(|t| tb(t.params.time_base)).collect();
+    let n = tracks.len();
+    let video = tracks
+        .first()
+        .is_some_and(|t| t.params.codec_type == ffi::AVMediaType::AVMEDIA_TYPE_VIDEO as i32);
 
-    let mut last_dts = [i64::MIN; 2];
+    let mut last_dts = vec![i64::MIN; n];
+    let first = tracks.first().map(|t| t.params.clone());
     let mut stats = Stitched {
-        width: vparams.width as u32,
-        height: vparams.height as u32,
+        width: first.as_ref().map_or(0, |p| p.width.max(0) as u32),
+        height: first.as_ref().map_or(0, |p| p.height.max(0) as u32),
         ..Default::default()
     };
     let (mut first_pts, mut end_pts) = (i64::MAX, i64::MIN);
-    let mut vnext = video.next()?;
-    let mut anext = match audio.as_mut() {
-        Some(a) => a.next_packet()?,
-        None => None,
-    };
+    let mut heads: Vec<Option<(StoredPacket, bool)>> = Vec::with_capacity(n);
+    for t in &mut tracks {
+        heads.push(t.source.next()?);
+    }
+    // Audio-only segmenting: a segment starts at the first packet at or after each chunk start.
     loop {
         // Interleave by DTS so the muxer never buffers much.
-        let take_video = match (&vnext, &anext) {
-            (None, None) => break,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (Some((v, _)), Some(a)) => {
-                // SAFETY: pure arithmetic.
-                unsafe { ffi::av_compare_ts(v.dts, in_tb[0].into(), a.dts, in_tb[1].into()) <= 0 }
-            }
-        };
-        let (sp, idx, key) = if take_video {
-            let (p, start) = vnext.take().expect("video packet");
-            vnext = video.next()?;
+        let mut pick: Option<usize> = None;
+        for (i, h) in heads.iter().enumerate() {
+            let Some((p, _)) = h else { continue };
+            pick = match pick {
+                None => Some(i),
+                Some(j) => {
+                    let (q, _) = heads[j].as_ref().expect("picked head");
+                    // SAFETY: pure arithmetic.
+                    let earlier = unsafe {
+                        ffi::av_compare_ts(p.dts, in_tb[i].into(), q.dts, in_tb[j].into()) < 0
+                    };
+                    Some(if earlier { i } else { j })
+                }
+            };
+        }
+        let Some(idx) = pick else { break };
+        let (sp, start) = heads[idx].take().expect("picked head");
+        heads[idx] = tracks[idx].source.next()?;
+        let key = if idx == 0 && video {
             stats.frames += 1;
-            first_pts = first_pts.min(p.pts);
-            end_pts = end_pts.max(p.pts + p.duration);
-            let key = if only_chunk_starts_are_key {
+            first_pts = first_pts.min(sp.pts);
+            end_pts = end_pts.max(sp.pts + sp.duration);
+            if start {
+                stats
+                    .segment_starts
+                    .push(sp.pts as f64 * f64::from(in_tb[0]));
+            }
+            if cut_at_chunks {
                 start
             } else {
-                p.key
-            };
-            (p, 0usize, key)
+                sp.key
+            }
         } else {
-            let p = anext.take().expect("audio packet");
-            anext = audio.as_mut().expect("audio").next_packet()?;
-            let key = p.key;
-            (p, 1usize, key)
+            sp.key
         };
         let mut pkt = sp.to_packet();
         pkt.set_flags(if key {
@@ -234,9 +388,44 @@ fn mux(
     res.map_err(|e| mux_err(out_path, "cannot finish", avlog::explain(e, &lines)))?;
     if stats.frames > 0 {
         stats.duration = (end_pts - first_pts) as f64 * f64::from(in_tb[0]);
+        stats
+            .segment_starts
+            .push(end_pts as f64 * f64::from(in_tb[0]));
     }
-    stats.codecs = codecs_string(&vparams, aparams.as_ref());
+    if video {
+        let audio = tracks
+            .iter()
+            .find(|t| t.params.codec_type == ffi::AVMediaType::AVMEDIA_TYPE_AUDIO as i32)
+            .map(|t| &t.params);
+        stats.codecs = codecs_string(&tracks[0].params, audio);
+    } else if let Some(t) = tracks.first() {
+        stats.codecs = audio_codec_string(&t.params);
+    }
+    stats.streams = tracks
+        .iter()
+        .map(|t| OutputStream {
+            kind: match t.params.codec_type {
+                x if x == ffi::AVMediaType::AVMEDIA_TYPE_VIDEO as i32 => "video",
+                x if x == ffi::AVMediaType::AVMEDIA_TYPE_AUDIO as i32 => "audio",
+                _ => "subtitle",
+            }
+            .into(),
+            codec: codec_name(&t.params),
+            source_index: 0,
+            language: t.label.language.clone(),
+            title: t.label.title.clone(),
+            default: t.label.default,
+            forced: t.label.forced,
+            channels: (t.params.codec_type == ffi::AVMediaType::AVMEDIA_TYPE_AUDIO as i32)
+                .then_some(t.params.channels.max(0) as u32),
+        })
+        .collect();
     Ok(stats)
+}
+
+/// The RFC 6381 string of an audio-only rendition.
+fn audio_codec_string(a: &StreamParams) -> Option<String> {
+    (a.codec_id == ffi::AVCodecID::AV_CODEC_ID_AAC as u32).then(|| "mp4a.40.2".to_string())
 }
 
 /// RFC 6381 codec string for the master playlist, where it can be derived from the parameters.
@@ -316,7 +505,24 @@ impl Staged {
     }
 }
 
-/// Stitch into `<dir>/<name>.mp4` with the index at the front.
+/// A folder output `<dir>/<name>` being written under a temporary name (created empty here).
+fn staged_folder(dir: &Path, name: &str) -> Result<Staged> {
+    let final_path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|source| Error::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    Ok(Staged {
+        guard: Cleanup(Some(tmp.clone())),
+        tmp,
+        final_path,
+    })
+}
+
+/// Stitch into `<dir>/<name>.mp4` with the index at the front: the video, every audio track and every text
+/// subtitle track (as `mov_text`).
 pub fn stitch_mp4(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(Stitched, Staged)> {
     let final_path = dir.join(format!("{name}.mp4"));
     let tmp = dir.join(format!(".{name}.mp4.partial-{}", std::process::id()));
@@ -325,10 +531,20 @@ pub fn stitch_mp4(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
         .map_err(|e| Error::media(&tmp, "cannot create output", e))?;
     let mut opts = Dictionary::new();
     opts.set("movflags", "+faststart");
-    let mut stats = mux(input, &mut octx, &final_path, opts, false)?;
+    let all: Vec<usize> = (0..input.audio.len()).collect();
+    let tracks = tracks(input, true, &all, Some(TextCodec::MovText))?;
+    let mut stats = mux(
+        tracks,
+        &mut octx,
+        &final_path,
+        opts,
+        false,
+        input.display_matrix,
+    )?;
     drop(octx);
     stats.bytes = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
     stats.path = final_path.clone();
+    label_sources(&mut stats, input, true);
     Ok((
         stats,
         Staged {
@@ -339,20 +555,50 @@ pub fn stitch_mp4(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
     ))
 }
 
-/// Stitch into `<dir>/<name>/index.m3u8` with one segment per chunk.
-pub fn stitch_hls(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(Stitched, Staged)> {
-    let final_dir = dir.join(name);
-    let tmp_dir = dir.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp_dir);
-    std::fs::create_dir_all(&tmp_dir).map_err(|source| Error::Write {
-        path: tmp_dir.clone(),
-        source,
-    })?;
-    let guard = Cleanup(Some(tmp_dir.clone()));
-    // MPEG-TS for H.264+AAC (plays everywhere); fragmented MP4 for HEVC and AV1.
-    let h264 = PacketReader::open(&input.chunks[0])?.params.codec_id
-        == ffi::AVCodecID::AV_CODEC_ID_H264 as u32;
-    let (seg_type, ext) = if h264 {
+/// Fill in which source stream each output stream came from (video first, then `audio`, then subtitles).
+fn label_sources(stats: &mut Stitched, input: &StitchInput<'_>, subtitles: bool) {
+    let audio = input.audio.iter().map(|a| a.track.index);
+    let subs = input
+        .subtitles
+        .iter()
+        .map(|s| s.track.index)
+        .filter(|_| subtitles);
+    for (st, i) in stats
+        .streams
+        .iter_mut()
+        .zip(std::iter::once(input.video_index).chain(audio).chain(subs))
+    {
+        st.source_index = i as u32;
+    }
+}
+
+/// Whether segments are MPEG-TS (H.264, plays everywhere) rather than fragmented MP4 (HEVC, AV1).
+pub fn hls_uses_ts(input: &StitchInput<'_>) -> Result<bool> {
+    Ok(PacketReader::open(&input.chunks[0])?.params.codec_id
+        == ffi::AVCodecID::AV_CODEC_ID_H264 as u32)
+}
+
+/// What goes into one HLS media playlist.
+pub enum HlsMedia {
+    /// The video with the first audio track muxed in (one audio track, no subtitles: as before).
+    Muxed,
+    /// The video alone; audio and subtitles are renditions of their own.
+    VideoOnly,
+    /// Audio track `i` alone, segments of about `seconds`.
+    Audio { track: usize, seconds: f64 },
+}
+
+/// Stitch into `<dir>/<name>/index.m3u8`; video playlists get one segment per chunk.
+pub fn stitch_hls(
+    input: &StitchInput<'_>,
+    dir: &Path,
+    name: &str,
+    media: HlsMedia,
+) -> Result<(Stitched, Staged)> {
+    let staged = staged_folder(dir, name)?;
+    let (tmp_dir, final_dir) = (staged.tmp.clone(), staged.final_path.clone());
+    let ts = hls_uses_ts(input)?;
+    let (seg_type, ext) = if ts {
         ("mpegts", "ts")
     } else {
         ("fmp4", "m4s")
@@ -361,8 +607,16 @@ pub fn stitch_hls(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
     let mut octx = format::output_as(&playlist, "hls")
         .map_err(|e| Error::media(&playlist, "cannot create output", e))?;
     let mut opts = Dictionary::new();
-    // Cut at every keyframe; only chunk starts are marked as keyframes, so segments are exactly the chunks.
-    opts.set("hls_time", "0.001");
+    let (tracks, hls_time) = match media {
+        // Cut at every keyframe; only chunk starts are marked as keyframes, so segments are the chunks.
+        HlsMedia::Muxed => {
+            let first: Vec<usize> = (0..input.audio.len().min(1)).collect();
+            (tracks(input, true, &first, None)?, 0.001)
+        }
+        HlsMedia::VideoOnly => (tracks(input, true, &[], None)?, 0.001),
+        HlsMedia::Audio { track, seconds } => (tracks(input, false, &[track], None)?, seconds),
+    };
+    opts.set("hls_time", &format!("{hls_time}"));
     opts.set("hls_list_size", "0");
     opts.set("hls_playlist_type", "vod");
     opts.set("hls_segment_type", seg_type);
@@ -371,16 +625,24 @@ pub fn stitch_hls(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
         "hls_segment_filename",
         &tmp_dir.join(format!("seg_%05d.{ext}")).to_string_lossy(),
     );
-    if !h264 {
+    if !ts {
         opts.set("hls_fmp4_init_filename", "init.mp4");
     }
-    let mut stats = mux(input, &mut octx, &final_dir.join("index.m3u8"), opts, true)?;
+    let mut stats = mux(
+        tracks,
+        &mut octx,
+        &final_dir.join("index.m3u8"),
+        opts,
+        true,
+        input.display_matrix,
+    )?;
     drop(octx);
     let text = std::fs::read_to_string(&playlist).map_err(|source| Error::Read {
         path: playlist.clone(),
         source,
     })?;
     let mut pending_dur = None;
+    let mut total = 0.0;
     for line in text.lines() {
         if let Some(d) = line.strip_prefix("#EXTINF:") {
             pending_dur = d
@@ -393,22 +655,116 @@ pub fn stitch_hls(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
                 .map(|m| m.len())
                 .unwrap_or(0);
             if let Some(d) = pending_dur.take().filter(|d| *d > 0.0) {
+                total += d;
                 stats.peak_bandwidth = stats
                     .peak_bandwidth
                     .max((size as f64 * 8.0 / d).ceil() as u64);
             }
         }
     }
+    if let HlsMedia::Audio { track, .. } = media {
+        stats.duration = total;
+        for st in &mut stats.streams {
+            st.source_index = input.audio[track].track.index as u32;
+        }
+    } else {
+        let mut only_video = StitchInput {
+            chunks: input.chunks,
+            audio: Vec::new(),
+            subtitles: Vec::new(),
+            display_matrix: input.display_matrix,
+            video_index: input.video_index,
+        };
+        if matches!(media, HlsMedia::Muxed) {
+            only_video.audio = input
+                .audio
+                .iter()
+                .take(1)
+                .map(|a| AudioIn {
+                    path: a.path.clone(),
+                    track: a.track,
+                    default: a.default,
+                })
+                .collect();
+        }
+        label_sources(&mut stats, &only_video, false);
+    }
     stats.bytes = dir_size(&tmp_dir);
     stats.path = final_dir.join("index.m3u8");
-    Ok((
-        stats,
-        Staged {
-            tmp: tmp_dir,
-            final_path: final_dir,
-            guard,
-        },
-    ))
+    Ok((stats, staged))
+}
+
+/// Where media time zero lies on the 90 kHz clock of a video playlist's segments (WebVTT's
+/// `X-TIMESTAMP-MAP`): the first packet's timestamp as the segments carry it, less its media time
+/// (`first_seconds`). Measured, since muxers may shift timestamps.
+pub fn timestamp_map(playlist: &Path, first_seconds: f64) -> Result<i64> {
+    Ok(first_pts_90k(playlist)? - (first_seconds * 90_000.0).round() as i64)
+}
+
+fn first_pts_90k(segment: &Path) -> Result<i64> {
+    let mut ictx = crate::probe::open_input(segment)?;
+    let found = ictx
+        .packets()
+        .find_map(|(s, p)| p.pts().map(|pts| (s.time_base(), pts)));
+    Ok(found.map_or(0, |(tb, pts)| {
+        crate::chunk::rescale(pts, tb, Rational::new(1, 90_000))
+    }))
+}
+
+/// Write `<dir>/<name>/index.m3u8`: subtitle track `sub` as WebVTT segments, one per video segment
+/// (`starts`: segment start times, then the end), mapped onto the video's clock at `mpegts`.
+pub fn write_vtt(
+    sub: &SubtitleIn<'_>,
+    dir: &Path,
+    name: &str,
+    starts: &[f64],
+    mpegts: i64,
+) -> Result<(Stitched, Staged)> {
+    let staged = staged_folder(dir, name)?;
+    let (tmp_dir, final_dir) = (staged.tmp.clone(), staged.final_path.clone());
+    let werr = |path: &Path, source| Error::Write {
+        path: path.into(),
+        source,
+    };
+    let c = subtitles::convert(&sub.path, TextCodec::WebVtt)?;
+    let target = starts
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(1.0f64, f64::max)
+        .ceil();
+    let mut list = format!(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{target}\n#EXT-X-MEDIA-SEQUENCE:0\n#EXT-X-PLAYLIST-TYPE:VOD\n"
+    );
+    for (i, w) in starts.windows(2).enumerate() {
+        let seg = format!("seg_{i:05}.vtt");
+        // The first segment also holds cues before the first frame; the last, cues after the last one.
+        let from = if i == 0 {
+            i64::MIN
+        } else {
+            (w[0] * 1000.0).round() as i64
+        };
+        let to = if i + 2 == starts.len() {
+            i64::MAX
+        } else {
+            (w[1] * 1000.0).round() as i64
+        };
+        let body = subtitles::vtt_segment(&c.cues, from, to, mpegts);
+        std::fs::write(tmp_dir.join(&seg), body).map_err(|e| werr(&tmp_dir.join(&seg), e))?;
+        list.push_str(&format!("#EXTINF:{:.6},\n{seg}\n", w[1] - w[0]));
+    }
+    list.push_str("#EXT-X-ENDLIST\n");
+    let playlist = tmp_dir.join("index.m3u8");
+    std::fs::write(&playlist, list).map_err(|e| werr(&playlist, e))?;
+    let stats = Stitched {
+        path: final_dir.join("index.m3u8"),
+        bytes: dir_size(&tmp_dir),
+        duration: starts.last().copied().unwrap_or(0.0) - starts.first().copied().unwrap_or(0.0),
+        streams: vec![crate::streams::output_stream(
+            sub.track, "webvtt", false, None,
+        )],
+        ..Default::default()
+    };
+    Ok((stats, staged))
 }
 
 fn dir_size(d: &Path) -> u64 {
@@ -423,26 +779,140 @@ fn dir_size(d: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The master playlist, written atomically after every rendition's playlist exists.
-pub fn write_master(dir: &Path, variants: &[(String, Stitched, f64)]) -> Result<PathBuf> {
+/// A video variant of the master playlist.
+pub struct Variant {
+    pub name: String,
+    pub stats: Stitched,
+    pub fps: f64,
+    /// The `EXT-X-MEDIA` audio group it plays with (audio in renditions of its own).
+    pub audio_group: Option<String>,
+    /// Whether it plays with the `subs` subtitle group.
+    pub subtitles: bool,
+}
+
+/// An `EXT-X-MEDIA` rendition: an audio track or a subtitle track of its own.
+pub struct MediaRendition {
+    pub audio: bool,
+    pub group: String,
+    /// Folder of its media playlist.
+    pub dir: String,
+    pub stats: Stitched,
+}
+
+fn avg_bandwidth(st: &Stitched) -> u64 {
+    if st.duration > 0.0 {
+        (st.bytes as f64 * 8.0 / st.duration).ceil() as u64
+    } else {
+        0
+    }
+}
+
+/// Quoted-string attribute values may not hold a double quote or a line break (RFC 8216 4.2).
+fn quoted(v: &str) -> String {
+    v.replace(['"', '\n', '\r'], "'")
+}
+
+/// The `EXT-X-MEDIA` line of a rendition: NAME unique in its group (title, else the language's name).
+fn media_line(m: &MediaRendition, taken: &mut Vec<(String, String)>) -> Option<String> {
+    let st = m.stats.streams.first()?;
+    let lang = st
+        .language
+        .as_deref()
+        .and_then(tessera_crds::streams::bcp47);
+    let base = st
+        .title
+        .clone()
+        .or_else(|| {
+            st.language
+                .as_deref()
+                .and_then(tessera_crds::streams::language)
+                .map(|l| l.to_name().to_string())
+        })
+        .unwrap_or_else(|| format!("Track {}", st.source_index));
+    let mut name = quoted(&base);
+    let mut n = 2;
+    while taken.iter().any(|(g, t)| *g == m.group && *t == name) {
+        name = format!("{} ({n})", quoted(&base));
+        n += 1;
+    }
+    taken.push((m.group.clone(), name.clone()));
+    let mut s = format!(
+        "#EXT-X-MEDIA:TYPE={},GROUP-ID=\"{}\",NAME=\"{name}\"",
+        if m.audio { "AUDIO" } else { "SUBTITLES" },
+        m.group
+    );
+    if let Some(l) = lang {
+        s.push_str(&format!(",LANGUAGE=\"{l}\""));
+    }
+    let yes = |b: bool| if b { "YES" } else { "NO" };
+    s.push_str(&format!(",DEFAULT={},AUTOSELECT=YES", yes(st.default)));
+    if !m.audio {
+        s.push_str(&format!(",FORCED={}", yes(st.forced)));
+    }
+    if let Some(c) = st.channels.filter(|_| m.audio) {
+        s.push_str(&format!(",CHANNELS=\"{c}\""));
+    }
+    s.push_str(&format!(",URI=\"{}/index.m3u8\"", m.dir));
+    Some(s)
+}
+
+/// The master playlist text: the media renditions, then each variant with the bandwidth and codecs of what
+/// it plays (its video plus the largest audio rendition of its group).
+pub fn master_text(variants: &[Variant], media: &[MediaRendition]) -> String {
     let mut s = String::from("#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-INDEPENDENT-SEGMENTS\n");
-    for (name, st, fps) in variants {
-        let avg = if st.duration > 0.0 {
-            (st.bytes as f64 * 8.0 / st.duration).ceil() as u64
-        } else {
-            0
-        };
+    let mut taken = Vec::new();
+    for m in media {
+        if let Some(line) = media_line(m, &mut taken) {
+            s.push_str(&line);
+            s.push('\n');
+        }
+    }
+    for v in variants {
+        let st = &v.stats;
+        let group: Vec<&MediaRendition> = media
+            .iter()
+            .filter(|m| m.audio && Some(&m.group) == v.audio_group.as_ref())
+            .collect();
+        let audio_peak = group
+            .iter()
+            .map(|m| m.stats.peak_bandwidth)
+            .max()
+            .unwrap_or(0);
+        let audio_avg = group
+            .iter()
+            .map(|m| avg_bandwidth(&m.stats))
+            .max()
+            .unwrap_or(0);
+        let avg = avg_bandwidth(st) + audio_avg;
         s.push_str(&format!(
-            "#EXT-X-STREAM-INF:BANDWIDTH={},AVERAGE-BANDWIDTH={avg},RESOLUTION={}x{},FRAME-RATE={fps:.3}",
-            st.peak_bandwidth.max(avg),
+            "#EXT-X-STREAM-INF:BANDWIDTH={},AVERAGE-BANDWIDTH={avg},RESOLUTION={}x{},FRAME-RATE={:.3}",
+            (st.peak_bandwidth + audio_peak).max(avg),
             st.width,
-            st.height
+            st.height,
+            v.fps
         ));
-        if let Some(c) = &st.codecs {
+        let audio_codec = group.iter().find_map(|m| m.stats.codecs.clone());
+        let codecs = match (&st.codecs, audio_codec) {
+            (Some(c), Some(a)) if !c.contains(',') => Some(format!("{c},{a}")),
+            (c, _) => c.clone(),
+        };
+        if let Some(c) = codecs {
             s.push_str(&format!(",CODECS=\"{c}\""));
         }
-        s.push_str(&format!("\n{name}/index.m3u8\n"));
+        if let Some(g) = &v.audio_group {
+            s.push_str(&format!(",AUDIO=\"{g}\""));
+        }
+        if v.subtitles {
+            s.push_str(",SUBTITLES=\"subs\"");
+        }
+        s.push_str(&format!("\n{}/index.m3u8\n", v.name));
     }
+    s
+}
+
+/// The master playlist, written atomically after every rendition's playlist exists.
+pub fn write_master(dir: &Path, variants: &[Variant], media: &[MediaRendition]) -> Result<PathBuf> {
+    let s = master_text(variants, media);
     let path = dir.join("master.m3u8");
     let tmp = dir.join(format!(".master.m3u8.partial-{}", std::process::id()));
     let mut guard = Cleanup(Some(tmp.clone()));
