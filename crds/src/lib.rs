@@ -106,7 +106,9 @@ pub struct OutputSpec {
         regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))")
     )]
     pub uri: String,
-    /// `mp4` writes `<rendition>.mp4`; `hls` writes `master.m3u8` and `<rendition>/index.m3u8`.
+    /// `mp4` writes `<rendition>.mp4`; `hls` writes `master.m3u8` and `<rendition>/index.m3u8`; `cmaf` writes
+    /// one set of fragmented-MP4 segments per track, referenced by both `master.m3u8` (HLS) and
+    /// `manifest.mpd` (DASH).
     #[serde(default)]
     pub container: Container,
 }
@@ -117,6 +119,7 @@ pub enum Container {
     #[default]
     Mp4,
     Hls,
+    Cmaf,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

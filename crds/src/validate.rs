@@ -117,7 +117,7 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
             }
         }
         if let Some(a) = &r.audio {
-            if spec.output.container == Container::Hls && a.codec == AudioCodec::Opus {
+            if spec.output.container != Container::Mp4 && a.codec == AudioCodec::Opus {
                 err(
                     at("audio.codec"),
                     "opus is not playable in HLS: use aac".into(),

@@ -78,6 +78,9 @@ pub struct Summary {
     pub decoder: hwdec::DecodeChoice,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_playlist: Option<String>,
+    /// The DASH MPD (`container: cmaf`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
     pub renditions: Vec<RenditionStatus>,
 }
 
@@ -507,6 +510,8 @@ fn assemble(
 pub struct Finished {
     pub renditions: Vec<RenditionStatus>,
     pub master_playlist: Option<String>,
+    /// The DASH MPD (cmaf).
+    pub manifest: Option<String>,
 }
 
 impl Prepared {
@@ -718,7 +723,9 @@ impl Prepared {
         let v = &self.info.video;
         // Stitch every rendition under temporary names.
         progress.stage("stitching");
-        let separate = spec.output.container == Container::Hls && self.hls_renditions();
+        let cmaf = spec.output.container == Container::Cmaf;
+        let separate = cmaf || (spec.output.container == Container::Hls && self.hls_renditions());
+        let mut timelines = Vec::new();
         let mut staged = Vec::new();
         let mut media_staged = Vec::new();
         let mut statuses = Vec::new();
@@ -731,13 +738,18 @@ impl Prepared {
                 .map(|c| dir.join(Self::chunk_file(ri, c.index)))
                 .collect();
             let sin = self.stitch_input(ri, dir, &files);
-            let (st, stg) = match spec.output.container {
+            let (mut st, stg) = match spec.output.container {
                 Container::Mp4 => stitch::stitch_mp4(&sin, &out_dir, &r.name)?,
-                Container::Hls if separate => {
-                    stitch::stitch_hls(&sin, &out_dir, &r.name, HlsMedia::VideoOnly)?
+                _ if separate => {
+                    stitch::stitch_hls(&sin, &out_dir, &r.name, HlsMedia::VideoOnly, cmaf)?
                 }
-                Container::Hls => stitch::stitch_hls(&sin, &out_dir, &r.name, HlsMedia::Muxed)?,
+                _ => stitch::stitch_hls(&sin, &out_dir, &r.name, HlsMedia::Muxed, false)?,
             };
+            if cmaf {
+                let t = crate::cmaf::finish_folder(stg.folder(), true)?;
+                st.peak_bandwidth = t.peak_bandwidth();
+                timelines.push(t);
+            }
             let mut streams = st.streams.clone();
             let mut audio_group = None;
             if separate {
@@ -747,7 +759,7 @@ impl Prepared {
                     if !media.iter().any(|m| m.group == group) {
                         for (i, ain) in sin.audio.iter().enumerate() {
                             let name = format!("_{group}-{}", ain.track.index);
-                            let (ast, astg) = stitch::stitch_hls(
+                            let (mut ast, astg) = stitch::stitch_hls(
                                 &sin,
                                 &out_dir,
                                 &name,
@@ -755,12 +767,22 @@ impl Prepared {
                                     track: i,
                                     seconds: self.target_seconds,
                                 },
+                                cmaf,
                             )?;
+                            let timeline = if cmaf {
+                                let t = crate::cmaf::finish_folder(astg.folder(), false)?;
+                                ast.peak_bandwidth = t.peak_bandwidth();
+                                ast.duration = t.duration();
+                                Some(t)
+                            } else {
+                                None
+                            };
                             media.push(MediaRendition {
                                 audio: true,
                                 group: group.clone(),
                                 dir: name,
                                 stats: ast,
+                                timeline,
                             });
                             media_staged.push(astg);
                         }
@@ -779,13 +801,20 @@ impl Prepared {
                     let mpegts = stitch::timestamp_map(&stg.staged_path(), first)?;
                     for sub in &sin.subtitles {
                         let name = format!("_subtitles-{}", sub.track.index);
-                        let (sst, sstg) =
-                            stitch::write_vtt(sub, &out_dir, &name, &st.segment_starts, mpegts)?;
+                        let (sst, sstg) = stitch::write_vtt(
+                            sub,
+                            &out_dir,
+                            &name,
+                            &st.segment_starts,
+                            mpegts,
+                            cmaf,
+                        )?;
                         media.push(MediaRendition {
                             audio: false,
                             group: "subs".into(),
                             dir: name,
                             stats: sst,
+                            timeline: None,
                         });
                         media_staged.push(sstg);
                     }
@@ -818,6 +847,10 @@ impl Prepared {
                 fps: f64::from(self.fps),
                 audio_group,
                 subtitles: separate && !self.streams.subtitles.is_empty(),
+                iframes: timelines
+                    .last()
+                    .filter(|_| cmaf)
+                    .map(|t| t.iframe_bandwidth()),
             });
             staged.push(stg);
         }
@@ -850,8 +883,13 @@ impl Prepared {
         for s in staged.into_iter().chain(media_staged) {
             s.commit()?;
         }
-        let master = if spec.output.container == Container::Hls {
+        let master = if spec.output.container != Container::Mp4 {
             Some(stitch::write_master(&out_dir, &variants, &media)?)
+        } else {
+            None
+        };
+        let manifest = if cmaf {
+            Some(self.write_mpd(&out_dir, &variants, &timelines, &media)?)
         } else {
             None
         };
@@ -868,19 +906,18 @@ impl Prepared {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
-            let master_rel = master.as_ref().map(|m| {
-                m.strip_prefix(&out_dir)
-                    .unwrap_or(m)
-                    .to_string_lossy()
-                    .into_owned()
-            });
+            let entry_points: Vec<String> = master
+                .iter()
+                .chain(&manifest)
+                .map(|m| {
+                    m.strip_prefix(&out_dir)
+                        .unwrap_or(m)
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
             let s3 = s3::global();
-            let written = s3::block_on(s3::cp::upload_tree(
-                &s3,
-                &out_dir,
-                prefix,
-                master_rel.as_deref(),
-            ))?;
+            let written = s3::block_on(s3::cp::upload_tree(&s3, &out_dir, prefix, &entry_points))?;
             tracing::info!(objects = written.len(), bytes = written.iter().map(|w| w.bytes).sum::<u64>(),
                 prefix = %prefix, "outputs published");
         }
@@ -892,7 +929,149 @@ impl Prepared {
         Ok(Finished {
             renditions: statuses,
             master_playlist: master.map(|m| published(&m)),
+            manifest: manifest.map(|m| published(&m)),
         })
+    }
+
+    /// The DASH MPD of a CMAF output: video renditions grouped by codec, one audio adaptation set per
+    /// source track (a representation per audio setting), one text set per subtitle track.
+    fn write_mpd(
+        &self,
+        out_dir: &Path,
+        variants: &[Variant],
+        timelines: &[crate::cmaf::Timeline],
+        media: &[MediaRendition],
+    ) -> Result<PathBuf> {
+        use crate::cmaf::{AdaptationSet, Representation};
+        use tessera_crds::streams::{bcp47, language};
+        let (n, d) = self.info.video.fps;
+        let frame_rate = if d == 1 {
+            format!("{n}")
+        } else {
+            format!("{n}/{d}")
+        };
+        let mut sets: Vec<AdaptationSet> = Vec::new();
+        let mut families: Vec<String> = Vec::new();
+        for (v, t) in variants.iter().zip(timelines) {
+            let codec = v
+                .stats
+                .codecs
+                .as_deref()
+                .and_then(|c| c.split(',').next())
+                .map(str::to_string);
+            let family = codec
+                .as_deref()
+                .and_then(|c| c.split('.').next())
+                .unwrap_or("")
+                .to_string();
+            let at = match families.iter().position(|f| *f == family) {
+                Some(i) => i,
+                None => {
+                    families.push(family);
+                    sets.push(AdaptationSet {
+                        content: "video",
+                        lang: None,
+                        label: None,
+                        role: "main",
+                        representations: Vec::new(),
+                        vtt: None,
+                        properties: Vec::new(),
+                    });
+                    sets.len() - 1
+                }
+            };
+            sets[at].representations.push(Representation {
+                id: v.name.clone(),
+                dir: v.name.clone(),
+                bandwidth: t.peak_bandwidth(),
+                codecs: codec,
+                width: v.stats.width,
+                height: v.stats.height,
+                frame_rate: Some(frame_rate.clone()),
+                channels: None,
+                timeline: t.clone(),
+            });
+        }
+        let label = |s: &tessera_crds::OutputStream| {
+            s.title.clone().or_else(|| {
+                s.language
+                    .as_deref()
+                    .and_then(language)
+                    .map(|l| l.to_name().to_string())
+            })
+        };
+        for (i, t) in self.streams.audio.iter().enumerate() {
+            let reps: Vec<Representation> = media
+                .iter()
+                .filter(|m| m.audio)
+                .filter(|m| {
+                    m.stats.streams.first().map(|s| s.source_index as usize) == Some(t.index)
+                })
+                .filter_map(|m| {
+                    Some(Representation {
+                        id: m.dir.clone(),
+                        dir: m.dir.clone(),
+                        bandwidth: m.stats.peak_bandwidth,
+                        codecs: m.stats.codecs.clone(),
+                        width: 0,
+                        height: 0,
+                        frame_rate: None,
+                        channels: m.stats.streams.first().and_then(|s| s.channels),
+                        timeline: m.timeline.clone()?,
+                    })
+                })
+                .collect();
+            let Some(first) = media
+                .iter()
+                .find(|m| m.audio && m.dir.ends_with(&format!("-{}", t.index)))
+            else {
+                continue;
+            };
+            sets.push(AdaptationSet {
+                content: "audio",
+                lang: t.language.as_deref().and_then(bcp47),
+                label: first.stats.streams.first().and_then(label),
+                role: if self.streams.audio_default(i) {
+                    "main"
+                } else {
+                    "alternate"
+                },
+                representations: reps,
+                vtt: None,
+                properties: Vec::new(),
+            });
+        }
+        for m in media.iter().filter(|m| !m.audio) {
+            let Some(s) = m.stats.streams.first() else {
+                continue;
+            };
+            sets.push(AdaptationSet {
+                content: "text",
+                lang: s.language.as_deref().and_then(bcp47),
+                label: label(s),
+                role: if s.forced {
+                    "forced-subtitle"
+                } else {
+                    "subtitle"
+                },
+                representations: Vec::new(),
+                vtt: Some(format!("{}/all.vtt", m.dir)),
+                properties: Vec::new(),
+            });
+        }
+        let duration = timelines.iter().map(|t| t.duration()).fold(0.0, f64::max);
+        let text = crate::cmaf::mpd(duration, &sets);
+        let path = out_dir.join("manifest.mpd");
+        let tmp = out_dir.join(format!(".manifest.mpd.partial-{}", std::process::id()));
+        std::fs::write(&tmp, text).map_err(|source| Error::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
     }
 }
 
@@ -1009,6 +1188,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         },
         decoder: prep.decode.clone(),
         master_playlist: fin.master_playlist,
+        manifest: fin.manifest,
         renditions: fin.renditions,
     })
 }

@@ -3,9 +3,11 @@
 pub mod audio;
 pub mod avlog;
 pub mod chunk;
+pub mod cmaf;
 pub mod doctor;
 pub mod encode;
 pub mod error;
+pub mod fmp4;
 pub mod fuzzing;
 pub mod hwdec;
 pub mod job;

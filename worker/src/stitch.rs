@@ -468,6 +468,11 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// The folder being written (for folder outputs).
+    pub fn folder(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Where the finished output can be read before it is committed.
     pub fn staged_path(&self) -> PathBuf {
         if self.tmp.is_dir() {
@@ -594,10 +599,11 @@ pub fn stitch_hls(
     dir: &Path,
     name: &str,
     media: HlsMedia,
+    cmaf: bool,
 ) -> Result<(Stitched, Staged)> {
     let staged = staged_folder(dir, name)?;
     let (tmp_dir, final_dir) = (staged.tmp.clone(), staged.final_path.clone());
-    let ts = hls_uses_ts(input)?;
+    let ts = !cmaf && hls_uses_ts(input)?;
     let (seg_type, ext) = if ts {
         ("mpegts", "ts")
     } else {
@@ -719,6 +725,7 @@ pub fn write_vtt(
     name: &str,
     starts: &[f64],
     mpegts: i64,
+    whole: bool,
 ) -> Result<(Stitched, Staged)> {
     let staged = staged_folder(dir, name)?;
     let (tmp_dir, final_dir) = (staged.tmp.clone(), staged.final_path.clone());
@@ -753,6 +760,13 @@ pub fn write_vtt(
         list.push_str(&format!("#EXTINF:{:.6},\n{seg}\n", w[1] - w[0]));
     }
     list.push_str("#EXT-X-ENDLIST\n");
+    if whole {
+        // DASH reads one WebVTT file for the whole presentation.
+        let all = tmp_dir.join("all.vtt");
+        let body = subtitles::vtt_segment(&c.cues, i64::MIN, i64::MAX, 0);
+        let body = body.replacen("X-TIMESTAMP-MAP=MPEGTS:0,LOCAL:00:00:00.000\n", "", 1);
+        std::fs::write(&all, body).map_err(|e| werr(&all, e))?;
+    }
     let playlist = tmp_dir.join("index.m3u8");
     std::fs::write(&playlist, list).map_err(|e| werr(&playlist, e))?;
     let stats = Stitched {
@@ -788,6 +802,8 @@ pub struct Variant {
     pub audio_group: Option<String>,
     /// Whether it plays with the `subs` subtitle group.
     pub subtitles: bool,
+    /// Its I-frame playlist's peak bandwidth, where it has one (`iframes.m3u8`).
+    pub iframes: Option<u64>,
 }
 
 /// An `EXT-X-MEDIA` rendition: an audio track or a subtitle track of its own.
@@ -797,6 +813,8 @@ pub struct MediaRendition {
     /// Folder of its media playlist.
     pub dir: String,
     pub stats: Stitched,
+    /// Its segments as read back (CMAF).
+    pub timeline: Option<crate::cmaf::Timeline>,
 }
 
 fn avg_bandwidth(st: &Stitched) -> u64 {
@@ -906,6 +924,18 @@ pub fn master_text(variants: &[Variant], media: &[MediaRendition]) -> String {
             s.push_str(",SUBTITLES=\"subs\"");
         }
         s.push_str(&format!("\n{}/index.m3u8\n", v.name));
+    }
+    for v in variants {
+        if let Some(bw) = v.iframes {
+            s.push_str(&format!(
+                "#EXT-X-I-FRAME-STREAM-INF:BANDWIDTH={bw},RESOLUTION={}x{}",
+                v.stats.width, v.stats.height
+            ));
+            if let Some(c) = v.stats.codecs.as_deref().and_then(|c| c.split(',').next()) {
+                s.push_str(&format!(",CODECS=\"{c}\""));
+            }
+            s.push_str(&format!(",URI=\"{}/iframes.m3u8\"\n", v.name));
+        }
     }
     s
 }

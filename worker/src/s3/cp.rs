@@ -337,7 +337,7 @@ pub async fn upload_tree(
     s3: &Arc<S3>,
     dir: &Path,
     prefix: &S3Uri,
-    master: Option<&str>,
+    entry_points: &[String],
 ) -> Result<Vec<Written>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -358,7 +358,7 @@ pub async fn upload_tree(
             .unwrap_or(p)
             .to_string_lossy()
             .into_owned();
-        if Some(rel.as_str()) == master {
+        if entry_points.contains(&rel) {
             2
         } else if rel.ends_with(".m3u8") {
             1
