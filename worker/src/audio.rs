@@ -316,10 +316,12 @@ fn open_encoding(
             "out",
             "",
         )?;
+        // `async=1`: output timestamps count samples (corrected only where the source really jumps), so
+        // sources with coarse timestamps (Matroska's milliseconds) give packets of exact durations.
         graph
             .output("in", 0)?
             .input("out", 0)?
-            .parse(&format!("aresample={rate},aformat=sample_fmts={fmt}:sample_rates={rate}:channel_layouts=0x{out_mask:x}"))?;
+            .parse(&format!("aresample={rate}:async=1,aformat=sample_fmts={fmt}:sample_rates={rate}:channel_layouts=0x{out_mask:x}"))?;
         graph.validate()
     };
     let (res, lines) = avlog::capture(|| build(&mut graph));

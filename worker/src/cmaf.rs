@@ -14,6 +14,8 @@ use crate::fmp4;
 pub struct Timeline {
     pub timescale: u32,
     pub segments: Vec<Segment>,
+    /// The codec string read from the init segment where the stream parameters cannot give one (AV1).
+    pub codecs: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,9 +83,13 @@ pub fn read_timeline(dir: &Path) -> Result<Timeline> {
             first_frame_bytes: frags[0].offset + frags[0].first_sample_end,
         });
     }
+    let codecs = std::fs::read(dir.join("init.mp4"))
+        .ok()
+        .and_then(|b| fmp4::av1_codec_string(&b));
     Ok(Timeline {
         timescale,
         segments,
+        codecs,
     })
 }
 
@@ -342,6 +348,7 @@ mod tests {
                     s
                 })
                 .collect(),
+            codecs: None,
         }
     }
 

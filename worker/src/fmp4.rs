@@ -196,6 +196,23 @@ fn parse_segment(d: &[u8], trex_duration: u32) -> Option<Vec<Fragment>> {
     Some(out)
 }
 
+/// The RFC 6381 string of an AV1 track (`av01.0.04M.08`) from the `av1C` box of an init segment.
+pub fn av1_codec_string(init: &[u8]) -> Option<String> {
+    let at = init.windows(4).position(|w| w == b"av1C")? + 4;
+    let c = init.get(at..at + 3)?;
+    if c[0] != 0x81 {
+        return None;
+    }
+    let (profile, level) = (c[1] >> 5, c[1] & 0x1f);
+    let tier = if c[2] & 0x80 != 0 { 'H' } else { 'M' };
+    let depth = match (c[2] & 0x40 != 0, c[2] & 0x20 != 0) {
+        (true, true) => 12,
+        (true, false) => 10,
+        _ => 8,
+    };
+    Some(format!("av01.{profile}.{level:02}{tier}.{depth:02}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -748,6 +748,9 @@ impl Prepared {
             if cmaf {
                 let t = crate::cmaf::finish_folder(stg.folder(), true)?;
                 st.peak_bandwidth = t.peak_bandwidth();
+                if st.codecs.is_none() {
+                    st.codecs.clone_from(&t.codecs);
+                }
                 timelines.push(t);
             }
             let mut streams = st.streams.clone();

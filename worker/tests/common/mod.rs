@@ -266,3 +266,53 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Where `make setup` installed the test players (hls.js, dash.js, Shaka, puppeteer-core).
+pub fn players_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("TESSERA_PLAYERS") {
+        return PathBuf::from(d);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lock = root.join("e2e/players/package-lock.json");
+    let out = Command::new("sha256sum")
+        .arg(&lock)
+        .output()
+        .expect("sha256sum");
+    let hash: String = String::from_utf8_lossy(&out.stdout)
+        .chars()
+        .take(16)
+        .collect();
+    let home = std::env::var("HOME").unwrap_or_default();
+    let d = PathBuf::from(home).join(format!(".cache/tessera/players-{hash}"));
+    assert!(
+        d.join("node_modules/hls.js").exists(),
+        "{} is missing: run `make setup` (it installs the test players)",
+        d.display()
+    );
+    d
+}
+
+/// Play `manifest` (inside `root`) to its end in a real player (`hls`, `dash` or `shaka`) in headless
+/// Chromium; returns what the player reported (see e2e/players/play.mjs).
+pub fn play(player: &str, root: &Path, manifest: &str, env: &[(&str, &str)]) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/players/play.mjs");
+    let out = Command::new("node")
+        .arg(script)
+        .args([player, root.to_str().unwrap(), manifest])
+        .env("TESSERA_PLAYERS", players_dir())
+        .envs(env.iter().copied())
+        .output()
+        .expect("node runs (the machine has Node.js)");
+    assert!(
+        out.status.success(),
+        "{player} on {manifest}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!(
+            "{player}: no report ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
