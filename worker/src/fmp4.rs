@@ -272,9 +272,16 @@ mod tests {
             }]
         );
         // A truncated segment is refused, not misread.
-        assert!(
-            parse_segment(&seg[..seg.len() / 3], 0).is_none()
-                || parse_segment(&seg[..seg.len() / 3], 0) == Some(vec![])
-        );
+        assert!(parse_segment(&seg[..seg.len() / 3], 0).is_none());
+    }
+
+    #[test]
+    fn av1_codec_strings_come_from_av1c() {
+        // Main profile, level 4.0 (8), main tier, 8-bit; then level 5.1 (13), high tier, 10-bit.
+        let a = [&b"....av1C"[..], &[0x81, 0x08, 0x0c]].concat();
+        assert_eq!(av1_codec_string(&a).as_deref(), Some("av01.0.08M.08"));
+        let b = [&b"....av1C"[..], &[0x81, 0x0d, 0xcc]].concat();
+        assert_eq!(av1_codec_string(&b).as_deref(), Some("av01.0.13H.10"));
+        assert_eq!(av1_codec_string(b"no box here"), None);
     }
 }
