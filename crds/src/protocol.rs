@@ -302,6 +302,7 @@ mod tests {
                     encoders: vec!["libx264".into()],
                     encoder_reasons: vec![],
                     audio: true,
+                    hdr: None,
                 },
                 done: vec![1],
                 audio_done: false,

@@ -82,6 +82,39 @@ pub struct PlanRecord {
     pub encoder_reasons: Vec<String>,
     /// An audio task is needed.
     pub audio: bool,
+    /// The source's HDR10 static metadata, written into every chunk of every HEVC and AV1 rendition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdr: Option<Box<HdrStatic>>,
+}
+
+/// HDR10 static metadata as the source carries it: the mastering display's colour volume (SMPTE ST 2086)
+/// and the content light levels (CTA-861.3).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HdrStatic {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mastering: Option<MasteringDisplay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_light: Option<ContentLight>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MasteringDisplay {
+    /// CIE 1931 xy chromaticity of the red, green and blue primaries, in that order.
+    pub primaries: [[f64; 2]; 3],
+    pub white_point: [f64; 2],
+    /// Luminance in cd/m².
+    pub max_luminance: f64,
+    pub min_luminance: f64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentLight {
+    /// MaxCLL and MaxFALL, cd/m².
+    pub max_cll: u32,
+    pub max_fall: u32,
 }
 
 impl PlanRecord {
@@ -114,6 +147,7 @@ impl PlanRecord {
             encoders: self.encoders.clone(),
             encoder_reasons: self.encoder_reasons.clone(),
             audio: self.audio,
+            hdr: self.hdr.clone(),
         }
     }
 }
@@ -356,6 +390,7 @@ mod tests {
             encoders: encoders.iter().map(|e| e.to_string()).collect(),
             encoder_reasons: vec![],
             audio: true,
+            hdr: None,
         }
     }
 

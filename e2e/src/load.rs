@@ -110,6 +110,7 @@ pub fn sample_plan(chunks: u32, audio: bool) -> TaskResult {
             encoders: vec!["libx264".into()],
             encoder_reasons: vec!["software".into()],
             audio,
+            hdr: None,
         },
         done: vec![],
         audio_done: false,

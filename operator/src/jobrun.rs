@@ -477,6 +477,7 @@ mod tests {
             encoders: vec!["libx264".into()],
             encoder_reasons: vec![],
             audio,
+            hdr: None,
         }
     }
 

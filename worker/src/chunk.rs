@@ -368,7 +368,10 @@ fn open_encoders<'a>(
                         detail: format!("chunk {chunk}: {d}"),
                     }
                 })?;
-            let scaler = Converter::new(pix, t.width, t.height);
+            let scaler = match t.tone_map_from {
+                Some(tin) => Converter::tone_mapping(pix, t.width, t.height, tin),
+                None => Converter::new(pix, t.width, t.height),
+            };
             // SAFETY: the encoder is open; its codec parameters are copied out.
             let params = unsafe {
                 let par = ff::codec::Parameters::from(&*encoder);

@@ -140,6 +140,8 @@ fn trial_target() -> encode::VideoTarget {
             ff::color::Space::Unspecified,
         ),
         threads: 1,
+        hdr: None,
+        tone_map_from: None,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use ffmpeg_next::{self as ff, codec, ffi, format::Pixel, Dictionary, Rational};
 use serde::Serialize;
+use tessera_crds::work::HdrStatic;
 use tessera_crds::{Hardware, Rendition};
 
 use crate::avlog;
@@ -26,6 +27,81 @@ pub struct VideoTarget {
         ff::color::Space,
     ),
     pub threads: usize,
+    /// HDR10 static metadata to signal (HEVC and AV1 renditions of an HDR source).
+    pub hdr: Option<HdrStatic>,
+    /// Tone-map from this HDR transfer (zimg's name) to SDR BT.709: H.264 renditions of an HDR source.
+    pub tone_map_from: Option<&'static str>,
+}
+
+/// x265's HDR10 parameters: SMPTE ST 2086 primaries in 0.00002 units (G, B, R, white point), luminance in
+/// 0.0001 cd/m², content light levels, and HDR10 signalling.
+pub fn x265_hdr_params(h: &HdrStatic) -> String {
+    let mut p = Vec::new();
+    if let Some(m) = &h.mastering {
+        let xy = |c: [f64; 2]| {
+            format!(
+                "({},{})",
+                (c[0] * 50_000.0).round(),
+                (c[1] * 50_000.0).round()
+            )
+        };
+        p.push(format!(
+            "master-display=G{}B{}R{}WP{}L({},{})",
+            xy(m.primaries[1]),
+            xy(m.primaries[2]),
+            xy(m.primaries[0]),
+            xy(m.white_point),
+            (m.max_luminance * 10_000.0).round(),
+            (m.min_luminance * 10_000.0).round()
+        ));
+    }
+    if let Some(c) = &h.content_light {
+        p.push(format!("max-cll={},{}", c.max_cll, c.max_fall));
+    }
+    p.push("hdr10=1".into());
+    p.join(":")
+}
+
+/// SVT-AV1's HDR10 parameters: chromaticities and luminance as decimals, G, B, R order as x265's.
+pub fn svtav1_hdr_params(h: &HdrStatic) -> String {
+    let mut p = Vec::new();
+    if let Some(m) = &h.mastering {
+        let xy = |c: [f64; 2]| format!("({:.4},{:.4})", c[0], c[1]);
+        p.push(format!(
+            "mastering-display=G{}B{}R{}WP{}L({:.4},{:.4})",
+            xy(m.primaries[1]),
+            xy(m.primaries[2]),
+            xy(m.primaries[0]),
+            xy(m.white_point),
+            m.max_luminance,
+            m.min_luminance
+        ));
+    }
+    if let Some(c) = &h.content_light {
+        p.push(format!("content-light={},{}", c.max_cll, c.max_fall));
+    }
+    p.join(":")
+}
+
+/// What a hardware encoder that reads HDR10 metadata from frames (NVENC in newer FFmpeg) is given: the
+/// mastering display as FFmpeg's rationals (primaries R, G, B and white point in 1/50000, luminance in
+/// 1/10000 cd/m²) and the content light levels. Unverified on hardware: no machine here has NVENC.
+pub fn frame_hdr_side_data(
+    h: &HdrStatic,
+) -> (Option<crate::probe::RawMastering>, Option<(u32, u32)>) {
+    let q = |v: f64, den: i32| ffi::AVRational {
+        num: (v * f64::from(den)).round() as i32,
+        den,
+    };
+    let m = h.mastering.map(|m| crate::probe::RawMastering {
+        display_primaries: m.primaries.map(|c| [q(c[0], 50_000), q(c[1], 50_000)]),
+        white_point: [q(m.white_point[0], 50_000), q(m.white_point[1], 50_000)],
+        min_luminance: q(m.min_luminance, 10_000),
+        max_luminance: q(m.max_luminance, 10_000),
+        has_primaries: 1,
+        has_luminance: 1,
+    });
+    (m, h.content_light.map(|c| (c.max_cll, c.max_fall)))
 }
 
 /// The encoder a rendition uses for all of its chunks, and why.
@@ -145,11 +221,25 @@ pub fn open_video(
         opts.set(k, v);
     }
     match plan::family(name) {
-        Family::X26x if name == "libx265" => opts.set(
-            "x265-params",
-            &format!("log-level=error:pools={}", t.threads.max(1)),
-        ),
-        Family::SvtAv1 => opts.set("svtav1-params", &format!("lp={}", t.threads.max(1))),
+        Family::X26x if name == "libx265" => {
+            // HDR10: the metadata SEI with the parameter sets at every keyframe, so each chunk carries it.
+            let hdr = t
+                .hdr
+                .map(|h| format!(":repeat-headers=1:{}", x265_hdr_params(&h)))
+                .unwrap_or_default();
+            opts.set(
+                "x265-params",
+                &format!("log-level=error:pools={}{hdr}", t.threads.max(1)),
+            )
+        }
+        Family::SvtAv1 => {
+            let hdr = t
+                .hdr
+                .map(|h| format!(":{}", svtav1_hdr_params(&h)))
+                .filter(|p| p.len() > 1)
+                .unwrap_or_default();
+            opts.set("svtav1-params", &format!("lp={}{hdr}", t.threads.max(1)))
+        }
         _ => {}
     }
     let (res, lines) = avlog::capture(|| enc.open_with(opts));
@@ -313,4 +403,52 @@ fn hw_name(hw: Hardware) -> String {
         .ok()
         .and_then(|v| v.as_str().map(String::from))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod hdr_tests {
+    use super::*;
+    use tessera_crds::work::{ContentLight, MasteringDisplay};
+
+    fn p3_d65() -> HdrStatic {
+        HdrStatic {
+            mastering: Some(MasteringDisplay {
+                primaries: [[0.68, 0.32], [0.265, 0.69], [0.15, 0.06]],
+                white_point: [0.3127, 0.329],
+                max_luminance: 1000.0,
+                min_luminance: 0.0001,
+            }),
+            content_light: Some(ContentLight {
+                max_cll: 1000,
+                max_fall: 400,
+            }),
+        }
+    }
+
+    #[test]
+    fn hdr10_metadata_maps_to_each_encoders_terms() {
+        assert_eq!(
+            x265_hdr_params(&p3_d65()),
+            "master-display=G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1):max-cll=1000,400:hdr10=1"
+        );
+        assert_eq!(
+            svtav1_hdr_params(&p3_d65()),
+            "mastering-display=G(0.2650,0.6900)B(0.1500,0.0600)R(0.6800,0.3200)WP(0.3127,0.3290)L(1000.0000,0.0001):content-light=1000,400"
+        );
+        let (m, c) = frame_hdr_side_data(&p3_d65());
+        let m = m.expect("mastering");
+        assert_eq!(
+            (m.display_primaries[0][0].num, m.display_primaries[0][0].den),
+            (34_000, 50_000)
+        );
+        assert_eq!((m.max_luminance.num, m.min_luminance.num), (10_000_000, 1));
+        assert_eq!(c, Some((1000, 400)));
+        // Light levels alone: no mastering display in any encoder's terms.
+        let cll = HdrStatic {
+            mastering: None,
+            ..p3_d65()
+        };
+        assert_eq!(x265_hdr_params(&cll), "max-cll=1000,400:hdr10=1");
+        assert_eq!(svtav1_hdr_params(&cll), "content-light=1000,400");
+    }
 }

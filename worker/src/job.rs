@@ -254,6 +254,10 @@ struct RenditionPlan {
     target: VideoTarget,
     encoder: EncoderChoice,
     audio: Option<AudioPlan>,
+    /// `PQ` or `HLG` where the rendition stays HDR.
+    range: Option<&'static str>,
+    /// What of the source's picture metadata this rendition does not carry, and why.
+    left_out: Vec<tessera_crds::LeftOutStream>,
 }
 
 /// Check a spec as `tessera run` and workers do: every problem, the first one's field named.
@@ -350,6 +354,7 @@ pub fn prepare_planned(
     let mut info = probe::header(&input)?;
     info.video.frames = plan.frames;
     info.video.vfr = plan.vfr;
+    info.video.hdr = plan.hdr.as_deref().copied();
     let chunks = plan
         .chunks
         .iter()
@@ -469,6 +474,63 @@ fn assemble(
             sar: scaled_sar(v.sar, v.width, v.height, w, h),
             color: v.color,
             threads: encoder_threads,
+            hdr: None,
+            tone_map_from: None,
+        };
+        // HDR sources: HEVC and AV1 keep HDR and its metadata; 8-bit H.264 is tone-mapped to SDR BT.709.
+        let hdr_transfer = match v.color.2 {
+            ff::color::TransferCharacteristic::SMPTE2084 => Some("smpte2084"),
+            ff::color::TransferCharacteristic::ARIB_STD_B67 => Some("arib-std-b67"),
+            _ => None,
+        };
+        let range = match v.color.2 {
+            _ if r.video.codec == tessera_crds::VideoCodec::H264 => None,
+            ff::color::TransferCharacteristic::SMPTE2084 => Some("PQ"),
+            ff::color::TransferCharacteristic::ARIB_STD_B67 => Some("HLG"),
+            _ => None,
+        };
+        let mut left_out = Vec::new();
+        let video_note = |reason: String| tessera_crds::LeftOutStream {
+            source_index: v.index as u32,
+            kind: "video".into(),
+            codec: v.codec.clone(),
+            language: None,
+            reason,
+        };
+        if hdr_transfer.is_some() && range.is_none() {
+            left_out.push(video_note(format!(
+                "HDR ({}) is tone-mapped to SDR BT.709: an 8-bit H.264 rendition cannot carry it; its HDR \
+                 metadata is not carried",
+                if v.color.2 == ff::color::TransferCharacteristic::SMPTE2084 { "PQ" } else { "HLG" }
+            )));
+        }
+        for d in &v.dynamic_hdr {
+            left_out.push(video_note(match *d {
+                "Dolby Vision" => "Dolby Vision metadata is not carried: its RPU describes the source's pictures \
+                    and would be wrong after re-encoding (the HDR10 base layer and its static metadata are kept)"
+                    .into(),
+                other => format!(
+                    "{other} dynamic metadata is not carried: this FFmpeg's encoders cannot write it per frame \
+                     (the HDR10 static metadata is kept)"
+                ),
+            }));
+        }
+        let target = match (r.video.codec, hdr_transfer) {
+            (tessera_crds::VideoCodec::H264, Some(tin)) => VideoTarget {
+                color: (
+                    ff::color::Range::MPEG,
+                    ff::color::Primaries::BT709,
+                    ff::color::TransferCharacteristic::BT709,
+                    ff::color::Space::BT709,
+                ),
+                tone_map_from: Some(tin),
+                ..target
+            },
+            (_, Some(_)) => VideoTarget {
+                hdr: v.hdr,
+                ..target
+            },
+            _ => target,
         };
         let only = encoders.and_then(|e| e.get(ri)).map(String::as_str);
         let encoder = encode::select(r, spec.hardware, &target, v.bit_depth, only)?;
@@ -482,6 +544,8 @@ fn assemble(
             },
             encoder,
             audio,
+            range,
+            left_out,
         });
     }
     let mut audio: Vec<AudioPlan> = Vec::new();
@@ -842,7 +906,11 @@ impl Prepared {
                 psnr: None,
                 ssim: None,
                 streams,
-                left_out: self.streams.left_out_of(p.audio.is_some()),
+                left_out: {
+                    let mut l = self.streams.left_out_of(p.audio.is_some());
+                    l.extend(p.left_out.iter().cloned());
+                    l
+                },
             });
             variants.push(Variant {
                 name: r.name.clone(),
@@ -854,6 +922,7 @@ impl Prepared {
                     .last()
                     .filter(|_| cmaf)
                     .map(|t| t.iframe_bandwidth()),
+                video_range: p.range,
             });
             staged.push(stg);
         }
@@ -962,11 +1031,26 @@ impl Prepared {
                 .as_deref()
                 .and_then(|c| c.split(',').next())
                 .map(str::to_string);
-            let family = codec
-                .as_deref()
-                .and_then(|c| c.split('.').next())
-                .unwrap_or("")
-                .to_string();
+            let family = format!(
+                "{}/{}",
+                codec
+                    .as_deref()
+                    .and_then(|c| c.split('.').next())
+                    .unwrap_or(""),
+                v.video_range.unwrap_or("SDR")
+            );
+            // HDR: the colour of the set, as DASH-IF signals it (CICP code points).
+            let properties = match v.video_range {
+                Some(range) => vec![
+                    "<SupplementalProperty schemeIdUri=\"urn:mpeg:mpegB:cicp:ColourPrimaries\" value=\"9\"/>".into(),
+                    format!(
+                        "<EssentialProperty schemeIdUri=\"urn:mpeg:mpegB:cicp:TransferCharacteristics\" value=\"{}\"/>",
+                        if range == "PQ" { 16 } else { 18 }
+                    ),
+                    "<SupplementalProperty schemeIdUri=\"urn:mpeg:mpegB:cicp:MatrixCoefficients\" value=\"9\"/>".into(),
+                ],
+                None => Vec::new(),
+            };
             let at = match families.iter().position(|f| *f == family) {
                 Some(i) => i,
                 None => {
@@ -978,7 +1062,7 @@ impl Prepared {
                         role: "main",
                         representations: Vec::new(),
                         vtt: None,
-                        properties: Vec::new(),
+                        properties,
                     });
                     sets.len() - 1
                 }

@@ -64,6 +64,13 @@ pub struct VideoInfo {
     ),
     #[serde(skip)]
     pub sar: Rational,
+    /// HDR10 static metadata (mastering display, content light level), from the container or the first
+    /// frame's SEI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hdr: Option<tessera_crds::work::HdrStatic>,
+    /// Dynamic HDR metadata the source carries (`Dolby Vision`, `HDR10+`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dynamic_hdr: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -358,6 +365,18 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
         false
     };
 
+    // HDR metadata carried only in the bitstream (SEI): the first frame tells, for PQ sources.
+    if info.video.color.2 == ff::color::TransferCharacteristic::SMPTE2084
+        && info.video.hdr.is_none_or(|h| h.mastering.is_none())
+    {
+        let (hdr, plus) = first_frame_hdr(&mut ictx, vindex, path)?;
+        if hdr.mastering.is_some() || hdr.content_light.is_some() {
+            info.video.hdr = Some(hdr);
+        }
+        if plus {
+            info.video.dynamic_hdr.push("HDR10+");
+        }
+    }
     info.video.frames = frames;
     info.video.frames_exact = frames_exact;
     info.video.vfr = vfr;
@@ -534,6 +553,25 @@ fn read_header(path: &Path) -> Result<(Input, ProbeInfo, i64)> {
             codec_id: par.id(),
             color,
             sar,
+            // SAFETY: the stream belongs to the open context.
+            hdr: unsafe { stream_hdr(vstream.as_ptr()) },
+            dynamic_hdr: {
+                // SAFETY: side data lookup on a valid stream.
+                let dovi = unsafe {
+                    let mut size = 0usize;
+                    !ffi::av_stream_get_side_data(
+                        vstream.as_ptr(),
+                        ffi::AVPacketSideDataType::AV_PKT_DATA_DOVI_CONF,
+                        &mut size,
+                    )
+                    .is_null()
+                };
+                if dovi {
+                    vec!["Dolby Vision"]
+                } else {
+                    Vec::new()
+                }
+            },
         },
         tracks,
         keyframes: Vec::new(),
@@ -585,6 +623,165 @@ fn track_info(s: ff::format::stream::Stream<'_>) -> TrackInfo {
         sample_rate: sample_rate.max(0) as u32,
         time_base: rat(s.time_base()),
     }
+}
+
+/// libavutil's `AVMasteringDisplayMetadata` (mastering_display_metadata.h, which the bindings leave out).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawMastering {
+    /// R, G, B; x then y.
+    pub display_primaries: [[ffi::AVRational; 2]; 3],
+    pub white_point: [ffi::AVRational; 2],
+    pub min_luminance: ffi::AVRational,
+    pub max_luminance: ffi::AVRational,
+    pub has_primaries: i32,
+    pub has_luminance: i32,
+}
+
+/// libavutil's `AVContentLightMetadata`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawContentLight {
+    pub max_cll: u32,
+    pub max_fall: u32,
+}
+
+fn ratio(r: ffi::AVRational) -> f64 {
+    if r.den == 0 {
+        0.0
+    } else {
+        f64::from(r.num) / f64::from(r.den)
+    }
+}
+
+/// # Safety
+/// `m` must point to valid mastering display metadata.
+unsafe fn mastering(m: *const RawMastering) -> Option<tessera_crds::work::MasteringDisplay> {
+    // SAFETY: the caller guarantees `m` is valid.
+    let m = unsafe { &*m };
+    (m.has_primaries != 0 && m.has_luminance != 0).then(|| tessera_crds::work::MasteringDisplay {
+        primaries: [0, 1, 2].map(|i| {
+            [
+                ratio(m.display_primaries[i][0]),
+                ratio(m.display_primaries[i][1]),
+            ]
+        }),
+        white_point: [ratio(m.white_point[0]), ratio(m.white_point[1])],
+        max_luminance: ratio(m.max_luminance),
+        min_luminance: ratio(m.min_luminance),
+    })
+}
+
+/// # Safety
+/// `c` must point to valid content light metadata.
+unsafe fn content_light(c: *const RawContentLight) -> Option<tessera_crds::work::ContentLight> {
+    // SAFETY: the caller guarantees `c` is valid.
+    let c = unsafe { &*c };
+    (c.max_cll > 0 || c.max_fall > 0).then_some(tessera_crds::work::ContentLight {
+        max_cll: c.max_cll,
+        max_fall: c.max_fall,
+    })
+}
+
+/// HDR10 metadata the container carries for a stream (Matroska's colour elements, MP4's mdcv/clli).
+///
+/// # Safety
+/// `st` must be a stream of an open input.
+unsafe fn stream_hdr(st: *const ffi::AVStream) -> Option<tessera_crds::work::HdrStatic> {
+    /// The stream's side data of `kind` when it holds at least a `T`.
+    unsafe fn get<T>(
+        st: *const ffi::AVStream,
+        kind: ffi::AVPacketSideDataType,
+    ) -> Option<*const T> {
+        let mut size = 0usize;
+        // SAFETY: a side data lookup on a valid stream (the caller's guarantee).
+        let p = unsafe { ffi::av_stream_get_side_data(st, kind, &mut size) };
+        (!p.is_null() && size >= std::mem::size_of::<T>()).then_some(p as *const T)
+    }
+    // SAFETY: the pointers come from `get`, which checked their sizes.
+    unsafe {
+        let mastering = get::<RawMastering>(
+            st,
+            ffi::AVPacketSideDataType::AV_PKT_DATA_MASTERING_DISPLAY_METADATA,
+        )
+        .and_then(|m| mastering(m));
+        let content_light = get::<RawContentLight>(
+            st,
+            ffi::AVPacketSideDataType::AV_PKT_DATA_CONTENT_LIGHT_LEVEL,
+        )
+        .and_then(|c| content_light(c));
+        (mastering.is_some() || content_light.is_some()).then_some(tessera_crds::work::HdrStatic {
+            mastering,
+            content_light,
+        })
+    }
+}
+
+/// Decode the first video frame for the HDR metadata its SEI carries: (static metadata, HDR10+ present).
+fn first_frame_hdr(
+    ictx: &mut Input,
+    vindex: usize,
+    path: &Path,
+) -> Result<(tessera_crds::work::HdrStatic, bool)> {
+    // SAFETY: rewinding an open input context.
+    unsafe {
+        ffi::av_seek_frame(
+            ictx.as_mut_ptr(),
+            vindex as i32,
+            i64::MIN + 1,
+            ffi::AVSEEK_FLAG_BACKWARD,
+        )
+    };
+    let par = ictx
+        .stream(vindex)
+        .ok_or_else(|| Error::media(path, "stream vanished", vindex))?
+        .parameters();
+    let mut dec = ff::codec::context::Context::from_parameters(par)
+        .and_then(|c| c.decoder().video())
+        .map_err(|e| Error::media(path, "cannot open the video decoder", e))?;
+    let mut frame = ff::frame::Video::empty();
+    let mut out = (tessera_crds::work::HdrStatic::default(), false);
+    let mut sent = 0;
+    for (s, p) in ictx.packets() {
+        if s.index() != vindex {
+            continue;
+        }
+        sent += 1;
+        if dec.send_packet(&p).is_err() && sent > 50 {
+            break;
+        }
+        if dec.receive_frame(&mut frame).is_ok() {
+            // SAFETY: side data lookups on a decoded frame we own.
+            unsafe {
+                let f = frame.as_ptr();
+                let m = ffi::av_frame_get_side_data(
+                    f,
+                    ffi::AVFrameSideDataType::AV_FRAME_DATA_MASTERING_DISPLAY_METADATA,
+                );
+                if !m.is_null() {
+                    out.0.mastering = mastering((*m).data as *const _);
+                }
+                let c = ffi::av_frame_get_side_data(
+                    f,
+                    ffi::AVFrameSideDataType::AV_FRAME_DATA_CONTENT_LIGHT_LEVEL,
+                );
+                if !c.is_null() {
+                    out.0.content_light = content_light((*c).data as *const _);
+                }
+                out.1 = !ffi::av_frame_get_side_data(
+                    f,
+                    ffi::AVFrameSideDataType::AV_FRAME_DATA_DYNAMIC_HDR_PLUS,
+                )
+                .is_null();
+            }
+            break;
+        }
+        if sent > 50 {
+            break;
+        }
+    }
+    ictx.check()?;
+    Ok(out)
 }
 
 /// (keyframes, timestamps of every non-discarded sample) from the stream's index.

@@ -804,6 +804,8 @@ pub struct Variant {
     pub subtitles: bool,
     /// Its I-frame playlist's peak bandwidth, where it has one (`iframes.m3u8`).
     pub iframes: Option<u64>,
+    /// `PQ` or `HLG` for HDR video (SDR when absent).
+    pub video_range: Option<&'static str>,
 }
 
 /// An `EXT-X-MEDIA` rendition: an audio track or a subtitle track of its own.
@@ -916,6 +918,9 @@ pub fn master_text(variants: &[Variant], media: &[MediaRendition]) -> String {
         };
         if let Some(c) = codecs {
             s.push_str(&format!(",CODECS=\"{c}\""));
+        }
+        if let Some(r) = v.video_range {
+            s.push_str(&format!(",VIDEO-RANGE={r}"));
         }
         if let Some(g) = &v.audio_group {
             s.push_str(&format!(",AUDIO=\"{g}\""));

@@ -162,6 +162,7 @@ fn make_plan(
         encoders: p.encoders(),
         encoder_reasons: p.encoder_reasons(),
         audio: p.has_audio(),
+        hdr: p.info.video.hdr.map(Box::new),
     };
     let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
     s3::block_on(s3.put_small(manifest, Bytes::from(body)))?;
@@ -600,6 +601,7 @@ mod tests {
             encoders: vec!["libx264".into()],
             encoder_reasons: vec![],
             audio: true,
+            hdr: None,
         };
         let json = serde_json::to_vec(&rec).unwrap();
         match serde_json::from_slice::<Manifest>(&json).unwrap() {

@@ -303,7 +303,7 @@ fn mp4_keeps_every_track_with_its_language_and_reports_the_bitmap_one() {
     for (a, b) in starts.iter().zip(EN_STARTS) {
         assert!((a - b).abs() <= 0.040, "cue at {a}s, source {b}s");
     }
-    // HEVC is not playable in this Chromium: mediainfo must see the same languages.
+    // A second reader, mediainfo, sees the same languages.
     let mi = std::process::Command::new("mediainfo")
         .arg("--Output=Audio;%Language%,")
         .arg(&mp4)
@@ -656,4 +656,148 @@ fn av1_cmaf_plays_in_hls_js_and_dash_js() {
         let r = play(player, &out, manifest, &[]);
         check_played(&r, FRAMES, &["fr"], &[]);
     }
+}
+
+/// 4 s of 10-bit HEVC in BT.2020/PQ whose SEI (not the container) carries HDR10 mastering display and
+/// content light level metadata, a keyframe a second.
+fn hdr10_source() -> PathBuf {
+    fixture(
+        "hdr10.mkv",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=4",
+            "-pix_fmt",
+            "yuv420p10le",
+            "-c:v",
+            "libx265",
+            "-preset",
+            "ultrafast",
+            "-x265-params",
+            "keyint=25:min-keyint=25:colorprim=bt2020:transfer=smpte2084:colormatrix=bt2020nc:\
+             master-display=G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1):\
+             max-cll=1000,400:hdr10=1:log-level=error",
+            "-color_primaries",
+            "bt2020",
+            "-color_trc",
+            "smpte2084",
+            "-colorspace",
+            "bt2020nc",
+        ],
+    )
+}
+
+#[test]
+fn hdr10_metadata_reaches_every_chunk_and_h264_is_tone_mapped_to_sdr() {
+    let out = out_dir("streams-hdr10");
+    let yaml = job_yaml(
+        &hdr10_source(),
+        &out,
+        "cmaf",
+        "    - {name: hevc, video: {codec: hevc, crf: 30, preset: ultrafast}}\n    - {name: av1, video: {codec: av1, crf: 45, preset: \"12\"}}\n    - {name: sdr, video: {codec: h264, crf: 30, preset: ultrafast}}\n",
+        "  chunking: {targetSeconds: 1}\n  hardware: software\n",
+    );
+    let s = tessera_ok(&out, &yaml, &["--workers", "2"]);
+    assert_eq!(s["chunks"].as_u64(), Some(4), "{s}");
+    // The first frame of every chunk, decoded on its own (init + that segment), carries the source's values.
+    for r in ["hevc", "av1"] {
+        let init = std::fs::read(out.join(r).join("init.mp4")).unwrap();
+        for i in 0..4 {
+            let mut bytes = init.clone();
+            bytes.extend(std::fs::read(out.join(r).join(format!("seg_{i:05}.m4s"))).unwrap());
+            let f = target_dir().join(format!("hdr-{r}-{i}.mp4"));
+            std::fs::write(&f, bytes).unwrap();
+            let v = ffprobe(
+                &f,
+                &["-read_intervals", "%+#1", "-show_entries", "frame_side_data=side_data_type,red_x,green_y,max_luminance,min_luminance,max_content,max_average:stream=color_transfer,color_primaries,pix_fmt"],
+            );
+            let sd = v["frames"][0]["side_data_list"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{r} chunk {i}: no side data: {v}"));
+            let md = sd
+                .iter()
+                .find(|d| d["side_data_type"] == "Mastering display metadata")
+                .unwrap_or_else(|| panic!("{r} chunk {i}: {v}"));
+            // HEVC stores 1/50000 and 1/10000 units, AV1 16- and 8/14-bit fixed point: compare values.
+            let val = |k: &str| -> f64 {
+                let (n, d) = md[k]
+                    .as_str()
+                    .and_then(|v| v.split_once('/'))
+                    .unwrap_or_else(|| panic!("{k}: {md}"));
+                n.parse::<f64>().unwrap() / d.parse::<f64>().unwrap()
+            };
+            for (k, want, tol) in [
+                ("red_x", 0.68, 1e-3),
+                ("green_y", 0.69, 1e-3),
+                ("max_luminance", 1000.0, 0.5),
+                ("min_luminance", 0.0001, 5e-5),
+            ] {
+                assert!(
+                    (val(k) - want).abs() <= tol,
+                    "{r} chunk {i}: {k} = {}: {v}",
+                    val(k)
+                );
+            }
+            let cl = sd
+                .iter()
+                .find(|d| d["side_data_type"] == "Content light level metadata")
+                .unwrap_or_else(|| panic!("{r} chunk {i}: {v}"));
+            assert_eq!(
+                (cl["max_content"].as_u64(), cl["max_average"].as_u64()),
+                (Some(1000), Some(400)),
+                "{r} chunk {i}: {v}"
+            );
+            let st = &v["streams"][0];
+            assert_eq!(
+                (st["color_transfer"].as_str(), st["pix_fmt"].as_str()),
+                (Some("smpte2084"), Some("yuv420p10le")),
+                "{r}: {v}"
+            );
+        }
+    }
+    let master = std::fs::read_to_string(out.join("master.m3u8")).unwrap();
+    let range = |name: &str| {
+        let lines: Vec<&str> = master.lines().collect();
+        let i = lines
+            .iter()
+            .position(|l| *l == format!("{name}/index.m3u8"))
+            .unwrap();
+        lines[i - 1].contains("VIDEO-RANGE=PQ")
+    };
+    assert!(range("hevc") && range("av1") && !range("sdr"), "{master}");
+    let mpd = std::fs::read_to_string(out.join("manifest.mpd")).unwrap();
+    assert!(mpd.contains("<EssentialProperty schemeIdUri=\"urn:mpeg:mpegB:cicp:TransferCharacteristics\" value=\"16\"/>"), "{mpd}");
+    // The H.264 rendition is SDR BT.709, says so, and carries no HDR metadata.
+    let v = ffprobe(
+        &out.join("sdr/index.m3u8"),
+        &[
+            "-read_intervals",
+            "%+#1",
+            "-show_entries",
+            "stream=color_transfer,color_primaries,pix_fmt:frame_side_data=side_data_type",
+        ],
+    );
+    let st = &v["streams"][0];
+    assert_eq!(
+        (
+            st["color_transfer"].as_str(),
+            st["color_primaries"].as_str(),
+            st["pix_fmt"].as_str()
+        ),
+        (Some("bt709"), Some("bt709"), Some("yuv420p")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains("Mastering display"), "{v}");
+    let sdr = &s["renditions"][2];
+    assert!(
+        sdr["leftOut"]
+            .to_string()
+            .contains("tone-mapped to SDR BT.709"),
+        "{sdr}"
+    );
+    // AV1 plays in a real player; this Chromium has no HEVC decoder (checked above with ffprobe).
+    let r = play("dash", &out, "manifest.mpd", &[]);
+    assert_eq!(r["ended"], true, "{r}");
+    assert_eq!(r["frames"].as_u64(), Some(100), "{r}");
 }
