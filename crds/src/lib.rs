@@ -56,6 +56,10 @@ pub struct TranscodeJobSpec {
     /// an output lacks is listed in its status with the reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<StreamsSpec>,
+    /// Thumbnails for scrubbing: JPEG sprite sheets and a WebVTT thumbnail track under `_thumbnails/` (and an
+    /// image adaptation set in the DASH MPD of cmaf outputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnails: Option<ThumbnailSpec>,
     /// How the input is cut into chunks that are encoded in parallel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunking: Option<ChunkingSpec>,
@@ -204,6 +208,28 @@ pub enum AudioCodec {
     None,
 }
 
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThumbnailSpec {
+    /// One thumbnail every this many seconds (default 10).
+    #[serde(default = "ThumbnailSpec::default_interval")]
+    #[schemars(range(min = 0.5, max = 600.0))]
+    pub interval_seconds: f64,
+    /// Thumbnail width in pixels (default 160); the height keeps the aspect ratio.
+    #[serde(default = "ThumbnailSpec::default_width")]
+    #[schemars(range(min = 32, max = 1920))]
+    pub width: u32,
+}
+
+impl ThumbnailSpec {
+    fn default_interval() -> f64 {
+        10.0
+    }
+    fn default_width() -> u32 {
+        160
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChunkingSpec {
@@ -348,9 +374,15 @@ pub struct TranscodeJobStatus {
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renditions: Vec<RenditionStatus>,
-    /// `master.m3u8` for hls outputs.
+    /// `master.m3u8` for hls and cmaf outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_playlist: Option<String>,
+    /// `manifest.mpd` (DASH) for cmaf outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// The WebVTT thumbnail track, when thumbnails were asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnails: Option<String>,
     /// Video encoder(s) used, e.g. `libx264` or `h264_nvenc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<String>,

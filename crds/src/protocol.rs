@@ -303,6 +303,7 @@ mod tests {
                     encoder_reasons: vec![],
                     audio: true,
                     hdr: None,
+                    captions: false,
                 },
                 done: vec![1],
                 audio_done: false,

@@ -151,6 +151,20 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
             }
         }
     }
+    if let Some(t) = &spec.thumbnails {
+        if !(t.interval_seconds.is_finite() && (0.5..=600.0).contains(&t.interval_seconds)) {
+            err(
+                "spec.thumbnails.intervalSeconds".into(),
+                format!("{} is out of range (0.5..=600)", t.interval_seconds),
+            );
+        }
+        if !(32..=1920).contains(&t.width) {
+            err(
+                "spec.thumbnails.width".into(),
+                format!("{} is out of range (32..=1920)", t.width),
+            );
+        }
+    }
     if let Some(t) = spec.chunking.as_ref().and_then(|c| c.target_seconds) {
         if !(t.is_finite() && (0.5..=3600.0).contains(&t)) {
             err(

@@ -85,6 +85,9 @@ pub struct PlanRecord {
     /// The source's HDR10 static metadata, written into every chunk of every HEVC and AV1 rendition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hdr: Option<Box<HdrStatic>>,
+    /// The source's video carries CEA-608/708 captions (A/53), kept in renditions whose encoder can.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub captions: bool,
 }
 
 /// HDR10 static metadata as the source carries it: the mastering display's colour volume (SMPTE ST 2086)
@@ -148,6 +151,7 @@ impl PlanRecord {
             encoder_reasons: self.encoder_reasons.clone(),
             audio: self.audio,
             hdr: self.hdr.clone(),
+            captions: self.captions,
         }
     }
 }
@@ -237,6 +241,12 @@ pub struct StitchResult {
     pub renditions: Vec<RenditionStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_playlist: Option<String>,
+    /// The DASH MPD (`cmaf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// The WebVTT thumbnail track.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnails: Option<String>,
     pub seconds: f64,
 }
 
@@ -391,6 +401,7 @@ mod tests {
             encoder_reasons: vec![],
             audio: true,
             hdr: None,
+            captions: false,
         }
     }
 

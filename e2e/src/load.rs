@@ -111,6 +111,7 @@ pub fn sample_plan(chunks: u32, audio: bool) -> TaskResult {
             encoder_reasons: vec!["software".into()],
             audio,
             hdr: None,
+            captions: false,
         },
         done: vec![],
         audio_done: false,

@@ -705,3 +705,168 @@ fn identical_work_is_done_once_across_jobs() {
         None,
     );
 }
+
+/// A job with several audio tracks and subtitles, packaged as CMAF with thumbnails, runs through the plan,
+/// chunk, audio and stitch tasks as it does in local mode: the status lists every stream, and dash.js plays
+/// the published MPD from the bucket with every track.
+#[test]
+fn every_track_reaches_cmaf_outputs_on_the_cluster() {
+    let _c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let srt = dir.path().join("en.srt");
+    std::fs::write(
+        &srt,
+        "1\n00:00:00,500 --> 00:00:02,500\nHello\n\n2\n00:00:03,000 --> 00:00:03,800\nBye\n",
+    )
+    .unwrap();
+    let file = dir.path().join("tracks.mkv");
+    let st = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=4",
+        ])
+        .args(["-f", "lavfi", "-i", "sine=f=440:d=4:sample_rate=48000"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=f=220:d=4:sample_rate=48000,aformat=channel_layouts=5.1",
+        ])
+        .arg("-i")
+        .arg(&srt)
+        .args([
+            "-map",
+            "0",
+            "-map",
+            "1",
+            "-map",
+            "2",
+            "-map",
+            "3",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ])
+        .args([
+            "-g", "25", "-pix_fmt", "yuv420p", "-c:a", "aac", "-c:s", "srt",
+        ])
+        .args([
+            "-metadata:s:a:0",
+            "language=eng",
+            "-metadata:s:a:1",
+            "language=fre",
+        ])
+        .args(["-metadata:s:s:0", "language=eng"])
+        .arg(&file)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(st.success());
+    let src = tessera_e2e::jobs::upload(&file, "inputs/tracks.mkv");
+    let yaml = job_yaml(
+        "tracks",
+        &src,
+        "  thumbnails: {intervalSeconds: 1, width: 64}\n",
+    )
+    .replace(
+        "output: {uri: \"s3://tessera/outputs/tracks/\"}",
+        "output: {uri: \"s3://tessera/outputs/tracks/\", container: cmaf}",
+    );
+    assert!(yaml.contains("container: cmaf"), "{yaml}");
+    kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    let job = wait_complete("tracks", Duration::from_secs(120));
+    let status = &job["status"];
+    assert_eq!(
+        status["manifest"], "s3://tessera/outputs/tracks/manifest.mpd",
+        "{status}"
+    );
+    assert_eq!(
+        status["masterPlaylist"], "s3://tessera/outputs/tracks/master.m3u8",
+        "{status}"
+    );
+    assert_eq!(
+        status["thumbnails"], "s3://tessera/outputs/tracks/_thumbnails/thumbnails.vtt",
+        "{status}"
+    );
+    let streams: Vec<String> = status["renditions"][0]["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {}",
+                s["kind"].as_str().unwrap(),
+                s["codec"].as_str().unwrap(),
+                s["language"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(
+        streams,
+        [
+            "video h264 -",
+            "audio aac eng",
+            "audio aac fre",
+            "subtitle webvtt eng"
+        ],
+        "{status}"
+    );
+    let out = s3_dir().join("tessera/outputs/tracks");
+    for f in [
+        "master.m3u8",
+        "manifest.mpd",
+        "small/init.mp4",
+        "small/iframes.m3u8",
+        "_subtitles-3/all.vtt",
+        "_thumbnails/sprite_001.jpg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} published");
+    }
+    // dash.js plays what the bucket holds.
+    let lock = root().join("e2e/players/package-lock.json");
+    let hash = std::process::Command::new("sha256sum")
+        .arg(&lock)
+        .output()
+        .unwrap();
+    let players = std::env::var("TESSERA_PLAYERS").unwrap_or_else(|_| {
+        tessera_e2e::s3server::cache_dir()
+            .join(format!(
+                "players-{}",
+                &String::from_utf8_lossy(&hash.stdout)[..16]
+            ))
+            .to_string_lossy()
+            .into_owned()
+    });
+    let run = std::process::Command::new("node")
+        .arg(root().join("e2e/players/play.mjs"))
+        .args(["dash", out.to_str().unwrap(), "manifest.mpd"])
+        .env("TESSERA_PLAYERS", players)
+        .output()
+        .expect("node runs");
+    let text = String::from_utf8_lossy(&run.stdout);
+    let r: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| {
+            panic!(
+                "dash.js: no report ({e}): {text} {}",
+                String::from_utf8_lossy(&run.stderr)
+            )
+        });
+    assert_eq!(
+        (r["ended"].as_bool(), r["frames"].as_u64()),
+        (Some(true), Some(100)),
+        "{r}"
+    );
+    let langs: Vec<&str> = r["audio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["lang"].as_str())
+        .collect();
+    assert_eq!(langs, ["en", "fr"], "{r}");
+    assert_eq!(r["text"][0]["lang"], "en", "{r}");
+}

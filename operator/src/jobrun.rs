@@ -430,6 +430,8 @@ impl JobRun {
             progress: (total > 0).then_some(progress),
             renditions,
             master_playlist: self.result.as_ref().and_then(|r| r.master_playlist.clone()),
+            manifest: self.result.as_ref().and_then(|r| r.manifest.clone()),
+            thumbnails: self.result.as_ref().and_then(|r| r.thumbnails.clone()),
             encoder,
             gpu_seconds: (self.worker_seconds > 0.0)
                 .then(|| (self.worker_seconds * 10.0).round() / 10.0),
@@ -478,6 +480,7 @@ mod tests {
             encoder_reasons: vec![],
             audio,
             hdr: None,
+            captions: false,
         }
     }
 

@@ -128,7 +128,13 @@ impl RenditionEncoder<'_> {
         })?;
         // The decoder's frame is shared by every rendition: pass-through frames are copied before their
         // timestamp and picture type are rewritten.
-        let f = converted.unwrap_or_else(|| src.clone());
+        let f = match converted {
+            Some(f) => {
+                keep_captions(src, &f);
+                f
+            }
+            None => src.clone(),
+        };
         // SAFETY: `f` is a frame we own; only its pts and type are written.
         unsafe {
             let raw = f.as_ptr() as *mut ffi::AVFrame;
@@ -197,6 +203,30 @@ impl RenditionEncoder<'_> {
             self.writer.write(&pkt)?;
         }
         Ok(())
+    }
+}
+
+/// Carry a frame's CEA-608/708 caption data (A/53) over to its scaled copy, where encoders with a caption
+/// path (libx264, NVENC H.264) write it back as SEI.
+fn keep_captions(src: &frame::Video, dst: &frame::Video) {
+    // SAFETY: side data is read from a decoded frame and copied into a new side data buffer of the frame we
+    // own, of the same size.
+    unsafe {
+        let sd = ffi::av_frame_get_side_data(
+            src.as_ptr(),
+            ffi::AVFrameSideDataType::AV_FRAME_DATA_A53_CC,
+        );
+        if sd.is_null() {
+            return;
+        }
+        let n = ffi::av_frame_new_side_data(
+            dst.as_ptr() as *mut ffi::AVFrame,
+            ffi::AVFrameSideDataType::AV_FRAME_DATA_A53_CC,
+            (*sd).size,
+        );
+        if !n.is_null() {
+            std::ptr::copy_nonoverlapping((*sd).data, (*n).data, (*sd).size);
+        }
     }
 }
 

@@ -183,6 +183,23 @@ pub struct AdaptationSet {
     pub vtt: Option<String>,
     /// `EssentialProperty`/`SupplementalProperty` lines (colour, accessibility) written as they are.
     pub properties: Vec<String>,
+    /// Image: thumbnail sprite sheets.
+    pub image: Option<ImageTiles>,
+}
+
+/// Thumbnail sprite sheets as a DASH-IF image adaptation set.
+#[derive(Debug, Clone)]
+pub struct ImageTiles {
+    /// Folder of the sheets, relative to the MPD; sheets are `sprite_001.jpg`, ...
+    pub dir: String,
+    pub columns: u32,
+    pub rows: u32,
+    /// One sheet's size in pixels.
+    pub width: u32,
+    pub height: u32,
+    /// Seconds one sheet covers.
+    pub seconds_per_sheet: f64,
+    pub bandwidth: u64,
 }
 
 fn iso_duration(seconds: f64) -> String {
@@ -255,6 +272,7 @@ pub fn mpd(duration: f64, sets: &[AdaptationSet]) -> String {
         let mime = match a.content {
             "video" => "video/mp4",
             "audio" => "audio/mp4",
+            "image" => "image/jpeg",
             _ => "text/vtt",
         };
         let _ = write!(
@@ -262,7 +280,7 @@ pub fn mpd(duration: f64, sets: &[AdaptationSet]) -> String {
             "    <AdaptationSet id=\"{id}\" contentType=\"{}\" mimeType=\"{mime}\"",
             a.content
         );
-        if a.content != "text" {
+        if a.content == "video" || a.content == "audio" {
             s.push_str(" segmentAlignment=\"true\" startWithSAP=\"1\"");
         }
         if let Some(l) = &a.lang {
@@ -271,6 +289,23 @@ pub fn mpd(duration: f64, sets: &[AdaptationSet]) -> String {
         s.push_str(">\n");
         for p in &a.properties {
             let _ = writeln!(s, "      {p}");
+        }
+        if let Some(t) = &a.image {
+            let _ = writeln!(
+                s,
+                "      <Representation id=\"thumbnails\" bandwidth=\"{}\" codecs=\"jpeg\" width=\"{}\" height=\"{}\">\n        \
+                 <EssentialProperty schemeIdUri=\"http://dashif.org/thumbnail_tile\" value=\"{}x{}\"/>\n        \
+                 <SegmentTemplate media=\"{}/sprite_$Number%03d$.jpg\" timescale=\"1000\" duration=\"{}\" startNumber=\"1\"/>\n      \
+                 </Representation>\n    </AdaptationSet>",
+                t.bandwidth.max(1),
+                t.width,
+                t.height,
+                t.columns,
+                t.rows,
+                xml(&t.dir),
+                (t.seconds_per_sheet * 1000.0).round() as u64
+            );
+            continue;
         }
         let _ = writeln!(
             s,
@@ -397,6 +432,7 @@ mod tests {
                 representations: vec![rep],
                 vtt: None,
                 properties: vec![],
+                image: None,
             }],
         );
         assert!(

@@ -33,6 +33,16 @@ pub struct VideoTarget {
     pub tone_map_from: Option<&'static str>,
 }
 
+/// Whether an encoder writes CEA-608/708 caption data (A/53) found on its frames back into the bitstream in
+/// this FFmpeg (5.1): libx264 and NVENC (`a53cc`, on by default) and QSV H.264. libx265 and SVT-AV1 have no
+/// such path. The NVENC and QSV entries are unverified here (no such hardware).
+pub fn carries_captions(encoder: &str) -> bool {
+    matches!(
+        encoder,
+        "libx264" | "h264_nvenc" | "hevc_nvenc" | "h264_qsv"
+    )
+}
+
 /// x265's HDR10 parameters: SMPTE ST 2086 primaries in 0.00002 units (G, B, R, white point), luminance in
 /// 0.0001 cd/m², content light levels, and HDR10 signalling.
 pub fn x265_hdr_params(h: &HdrStatic) -> String {

@@ -81,6 +81,9 @@ pub struct Summary {
     /// The DASH MPD (`container: cmaf`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// The WebVTT thumbnail track (`spec.thumbnails`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thumbnails: Option<String>,
     pub renditions: Vec<RenditionStatus>,
 }
 
@@ -258,6 +261,8 @@ struct RenditionPlan {
     range: Option<&'static str>,
     /// What of the source's picture metadata this rendition does not carry, and why.
     left_out: Vec<tessera_crds::LeftOutStream>,
+    /// The source's CEA-608/708 captions are carried.
+    captions: bool,
 }
 
 /// Check a spec as `tessera run` and workers do: every problem, the first one's field named.
@@ -355,6 +360,7 @@ pub fn prepare_planned(
     info.video.frames = plan.frames;
     info.video.vfr = plan.vfr;
     info.video.hdr = plan.hdr.as_deref().copied();
+    info.video.captions = plan.captions;
     let chunks = plan
         .chunks
         .iter()
@@ -537,6 +543,14 @@ fn assemble(
         let audio = (!streams.audio.is_empty())
             .then(|| plan::audio_plan(r.audio.as_ref()))
             .flatten();
+        let captions = v.captions && encode::carries_captions(&encoder.name);
+        if v.captions && !captions {
+            left_out.push(video_note(format!(
+                "CEA-608/708 captions (in the source video's SEI) are not carried: {} in this FFmpeg has no \
+                 caption path; an H.264 rendition keeps them",
+                encoder.name
+            )));
+        }
         plans.push(RenditionPlan {
             target: VideoTarget {
                 pix_fmt: encoder.pix_fmt,
@@ -546,6 +560,7 @@ fn assemble(
             audio,
             range,
             left_out,
+            captions,
         });
     }
     let mut audio: Vec<AudioPlan> = Vec::new();
@@ -576,6 +591,8 @@ pub struct Finished {
     pub master_playlist: Option<String>,
     /// The DASH MPD (cmaf).
     pub manifest: Option<String>,
+    /// The WebVTT thumbnail track.
+    pub thumbnails: Option<String>,
 }
 
 impl Prepared {
@@ -818,6 +835,17 @@ impl Prepared {
                 timelines.push(t);
             }
             let mut streams = st.streams.clone();
+            if p.captions {
+                streams.insert(
+                    1,
+                    tessera_crds::OutputStream {
+                        kind: "captions".into(),
+                        codec: "eia_608".into(),
+                        source_index: v.index as u32,
+                        ..Default::default()
+                    },
+                );
+            }
             let mut audio_group = None;
             if separate {
                 // Audio renditions, one group per distinct audio setting, shared by the variants using it.
@@ -923,9 +951,30 @@ impl Prepared {
                     .filter(|_| cmaf)
                     .map(|t| t.iframe_bandwidth()),
                 video_range: p.range,
+                captions: p.captions,
             });
             staged.push(stg);
         }
+
+        // Thumbnails: sprite sheets and their WebVTT track, staged like the renditions.
+        let thumbs = match &spec.thumbnails {
+            Some(t) => {
+                progress.stage("thumbnails");
+                let stg = stitch::staged_folder(&out_dir, THUMBNAILS_DIR)?;
+                let th =
+                    crate::thumbnails::make(&self.info, t.interval_seconds, t.width, stg.folder())?;
+                let vtt = stg.folder().join("thumbnails.vtt");
+                std::fs::write(&vtt, th.vtt(self.info.duration)).map_err(|source| {
+                    Error::Write {
+                        path: vtt.clone(),
+                        source,
+                    }
+                })?;
+                media_staged.push(stg);
+                Some(th)
+            }
+            None => None,
+        };
 
         // Quality, measured on the staged outputs before they are published.
         let metrics: Vec<QualityMetric> = spec
@@ -961,10 +1010,13 @@ impl Prepared {
             None
         };
         let manifest = if cmaf {
-            Some(self.write_mpd(&out_dir, &variants, &timelines, &media)?)
+            Some(self.write_mpd(&out_dir, &variants, &timelines, &media, thumbs.as_ref())?)
         } else {
             None
         };
+        let thumbnails = thumbs
+            .as_ref()
+            .map(|_| out_dir.join(THUMBNAILS_DIR).join("thumbnails.vtt"));
         // Name each output by where it ends up.
         let published = |p: &Path| -> String {
             match &dest {
@@ -1002,6 +1054,7 @@ impl Prepared {
             renditions: statuses,
             master_playlist: master.map(|m| published(&m)),
             manifest: manifest.map(|m| published(&m)),
+            thumbnails: thumbnails.map(|t| published(&t)),
         })
     }
 
@@ -1013,6 +1066,7 @@ impl Prepared {
         variants: &[Variant],
         timelines: &[crate::cmaf::Timeline],
         media: &[MediaRendition],
+        thumbs: Option<&crate::thumbnails::Thumbnails>,
     ) -> Result<PathBuf> {
         use crate::cmaf::{AdaptationSet, Representation};
         use tessera_crds::streams::{bcp47, language};
@@ -1032,12 +1086,13 @@ impl Prepared {
                 .and_then(|c| c.split(',').next())
                 .map(str::to_string);
             let family = format!(
-                "{}/{}",
+                "{}/{}/{}",
                 codec
                     .as_deref()
                     .and_then(|c| c.split('.').next())
                     .unwrap_or(""),
-                v.video_range.unwrap_or("SDR")
+                v.video_range.unwrap_or("SDR"),
+                v.captions
             );
             // HDR: the colour of the set, as DASH-IF signals it (CICP code points).
             let properties = match v.video_range {
@@ -1051,6 +1106,13 @@ impl Prepared {
                 ],
                 None => Vec::new(),
             };
+            let mut properties = properties;
+            if v.captions {
+                properties.push(
+                    "<Accessibility schemeIdUri=\"urn:scte:dash:cc:cea-608:2015\" value=\"CC1\"/>"
+                        .into(),
+                );
+            }
             let at = match families.iter().position(|f| *f == family) {
                 Some(i) => i,
                 None => {
@@ -1063,6 +1125,7 @@ impl Prepared {
                         representations: Vec::new(),
                         vtt: None,
                         properties,
+                        image: None,
                     });
                     sets.len() - 1
                 }
@@ -1126,6 +1189,7 @@ impl Prepared {
                 representations: reps,
                 vtt: None,
                 properties: Vec::new(),
+                image: None,
             });
         }
         for m in media.iter().filter(|m| !m.audio) {
@@ -1144,9 +1208,39 @@ impl Prepared {
                 representations: Vec::new(),
                 vtt: Some(format!("{}/all.vtt", m.dir)),
                 properties: Vec::new(),
+                image: None,
             });
         }
         let duration = timelines.iter().map(|t| t.duration()).fold(0.0, f64::max);
+        if let Some(t) = thumbs {
+            use crate::thumbnails::{COLUMNS, ROWS};
+            let dir = out_dir.join(THUMBNAILS_DIR);
+            let bytes: u64 = t
+                .sheets
+                .iter()
+                .map(|s| std::fs::metadata(dir.join(s)).map(|m| m.len()).unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            let seconds = t.interval * f64::from(COLUMNS * ROWS);
+            sets.push(AdaptationSet {
+                content: "image",
+                lang: None,
+                label: None,
+                role: "main",
+                representations: Vec::new(),
+                vtt: None,
+                properties: Vec::new(),
+                image: Some(crate::cmaf::ImageTiles {
+                    dir: THUMBNAILS_DIR.into(),
+                    columns: COLUMNS,
+                    rows: ROWS,
+                    width: t.tile_width * COLUMNS,
+                    height: t.tile_height * ROWS,
+                    seconds_per_sheet: seconds,
+                    bandwidth: (bytes as f64 * 8.0 / seconds).ceil() as u64,
+                }),
+            });
+        }
         let text = crate::cmaf::mpd(duration, &sets);
         let path = out_dir.join("manifest.mpd");
         let tmp = out_dir.join(format!(".manifest.mpd.partial-{}", std::process::id()));
@@ -1161,6 +1255,9 @@ impl Prepared {
         Ok(path)
     }
 }
+
+/// The output folder of the thumbnails (a rendition name cannot start with `_`).
+const THUMBNAILS_DIR: &str = "_thumbnails";
 
 /// Run a job here. Outputs become visible only when every rendition is complete.
 pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
@@ -1276,6 +1373,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         decoder: prep.decode.clone(),
         master_playlist: fin.master_playlist,
         manifest: fin.manifest,
+        thumbnails: fin.thumbnails,
         renditions: fin.renditions,
     })
 }

@@ -22,5 +22,6 @@ pub mod stitch;
 pub mod streams;
 pub mod subtitles;
 pub mod task;
+pub mod thumbnails;
 
 pub use error::{Error, Result};

@@ -71,6 +71,8 @@ pub struct VideoInfo {
     /// Dynamic HDR metadata the source carries (`Dolby Vision`, `HDR10+`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dynamic_hdr: Vec<&'static str>,
+    /// CEA-608/708 captions ride in the video's SEI (ATSC A/53), as found in its first packets.
+    pub captions: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -377,6 +379,7 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
             info.video.dynamic_hdr.push("HDR10+");
         }
     }
+    info.video.captions = has_a53_captions(&mut ictx, vindex, info.video.codec_id)?;
     info.video.frames = frames;
     info.video.frames_exact = frames_exact;
     info.video.vfr = vfr;
@@ -572,6 +575,7 @@ fn read_header(path: &Path) -> Result<(Input, ProbeInfo, i64)> {
                     Vec::new()
                 }
             },
+            captions: false,
         },
         tracks,
         keyframes: Vec::new(),
@@ -715,6 +719,45 @@ unsafe fn stream_hdr(st: *const ffi::AVStream) -> Option<tessera_crds::work::Hdr
             content_light,
         })
     }
+}
+
+/// How many of the first video packets are searched for captions.
+const CAPTION_SCAN_PACKETS: usize = 300;
+
+/// Whether the first video packets carry ATSC A/53 caption data: the ITU-T T.35 prefix of a
+/// `user_data_registered` SEI (country 0xB5, provider 0x0031) followed by `GA94`. Demux only; codecs that
+/// carry A/53 in SEI or user data (H.264, HEVC, MPEG-2) are searched.
+fn has_a53_captions(ictx: &mut Input, vindex: usize, codec: ff::codec::Id) -> Result<bool> {
+    use ff::codec::Id;
+    if !matches!(codec, Id::H264 | Id::HEVC | Id::MPEG2VIDEO) {
+        return Ok(false);
+    }
+    // SAFETY: rewinding an open input context.
+    unsafe {
+        ffi::av_seek_frame(
+            ictx.as_mut_ptr(),
+            vindex as i32,
+            i64::MIN + 1,
+            ffi::AVSEEK_FLAG_BACKWARD,
+        )
+    };
+    let found = ictx
+        .packets()
+        .filter(|(s, _)| s.index() == vindex)
+        .take(CAPTION_SCAN_PACKETS)
+        .any(|(_, p)| p.data().is_some_and(a53_marker));
+    ictx.check()?;
+    Ok(found)
+}
+
+/// The A/53 marker in a packet: `B5 00 31 'G' 'A' '9' '4'` (H.264/HEVC SEI) or `00 00 01 B2 'G' 'A' '9' '4'
+/// 03` (MPEG-2 user data).
+pub(crate) fn a53_marker(data: &[u8]) -> bool {
+    data.windows(7)
+        .any(|w| w == [0xB5, 0x00, 0x31, b'G', b'A', b'9', b'4'])
+        || data
+            .windows(9)
+            .any(|w| w[..4] == [0, 0, 1, 0xB2] && w[4..8] == *b"GA94" && w[8] == 3)
 }
 
 /// Decode the first video frame for the HDR metadata its SEI carries: (static metadata, HDR10+ present).

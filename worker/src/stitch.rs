@@ -511,7 +511,7 @@ impl Staged {
 }
 
 /// A folder output `<dir>/<name>` being written under a temporary name (created empty here).
-fn staged_folder(dir: &Path, name: &str) -> Result<Staged> {
+pub fn staged_folder(dir: &Path, name: &str) -> Result<Staged> {
     let final_path = dir.join(name);
     let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -806,6 +806,8 @@ pub struct Variant {
     pub iframes: Option<u64>,
     /// `PQ` or `HLG` for HDR video (SDR when absent).
     pub video_range: Option<&'static str>,
+    /// Carries CEA-608 captions in its video (`CLOSED-CAPTIONS`).
+    pub captions: bool,
 }
 
 /// An `EXT-X-MEDIA` rendition: an audio track or a subtitle track of its own.
@@ -881,6 +883,9 @@ fn media_line(m: &MediaRendition, taken: &mut Vec<(String, String)>) -> Option<S
 pub fn master_text(variants: &[Variant], media: &[MediaRendition]) -> String {
     let mut s = String::from("#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-INDEPENDENT-SEGMENTS\n");
     let mut taken = Vec::new();
+    if variants.iter().any(|v| v.captions) {
+        s.push_str("#EXT-X-MEDIA:TYPE=CLOSED-CAPTIONS,GROUP-ID=\"cc\",NAME=\"Captions\",INSTREAM-ID=\"CC1\",DEFAULT=NO,AUTOSELECT=YES\n");
+    }
     for m in media {
         if let Some(line) = media_line(m, &mut taken) {
             s.push_str(&line);
@@ -927,6 +932,9 @@ pub fn master_text(variants: &[Variant], media: &[MediaRendition]) -> String {
         }
         if v.subtitles {
             s.push_str(",SUBTITLES=\"subs\"");
+        }
+        if v.captions {
+            s.push_str(",CLOSED-CAPTIONS=\"cc\"");
         }
         s.push_str(&format!("\n{}/index.m3u8\n", v.name));
     }

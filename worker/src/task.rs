@@ -163,6 +163,7 @@ fn make_plan(
         encoder_reasons: p.encoder_reasons(),
         audio: p.has_audio(),
         hdr: p.info.video.hdr.map(Box::new),
+        captions: p.info.video.captions,
     };
     let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
     s3::block_on(s3.put_small(manifest, Bytes::from(body)))?;
@@ -570,6 +571,8 @@ fn stitch(
     let result = StitchResult {
         renditions: fin.renditions,
         master_playlist: fin.master_playlist,
+        manifest: fin.manifest,
+        thumbnails: fin.thumbnails,
         seconds: started.elapsed().as_secs_f64(),
     };
     // The result goes into the ledger before the chunks go: a report lost in a failover is then found by
@@ -602,6 +605,7 @@ mod tests {
             encoder_reasons: vec![],
             audio: true,
             hdr: None,
+            captions: false,
         };
         let json = serde_json::to_vec(&rec).unwrap();
         match serde_json::from_slice::<Manifest>(&json).unwrap() {

@@ -471,6 +471,30 @@ fn check_mpd(dir: &Path) -> Vec<String> {
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0.0);
                     let media = t.attribute("media").unwrap_or("");
+                    if a.attribute("contentType") == Some("image") {
+                        // Thumbnail tiles: one image per @duration, numbered from @startNumber.
+                        let d: f64 = t
+                            .attribute("duration")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0.0);
+                        if ts <= 0.0 || d <= 0.0 || !media.contains("$Number") {
+                            bad.push(format!(
+                                "{id}: image SegmentTemplate needs @timescale, @duration, @media"
+                            ));
+                            continue;
+                        }
+                        let first: u64 = t
+                            .attribute("startNumber")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(1);
+                        for n in first..first + (total / (d / ts)).ceil() as u64 {
+                            let file = media.replace("$Number%03d$", &format!("{n:03}"));
+                            if !dir.join(&file).is_file() {
+                                bad.push(format!("{id}: {file} missing"));
+                            }
+                        }
+                        continue;
+                    }
                     let init = t.attribute("initialization").unwrap_or("");
                     if ts <= 0.0 || !media.contains("$Number") || !dir.join(init).is_file() {
                         bad.push(format!(
@@ -611,7 +635,7 @@ fn cmaf_is_one_set_of_segments_for_hls_and_dash_that_every_player_plays() {
         "cmaf",
         // Lossless, so the stitched segments can be compared with the source frame for frame.
         "    - {name: v, video: {codec: h264, crf: 0, preset: ultrafast}}\n",
-        "",
+        "  thumbnails: {intervalSeconds: 1, width: 64}\n",
     );
     check_status(&s["renditions"][0], "webvtt");
     assert!(
@@ -634,9 +658,71 @@ fn cmaf_is_one_set_of_segments_for_hls_and_dash_that_every_player_plays() {
         ("dash", "manifest.mpd"),
         ("shaka", "manifest.mpd"),
     ] {
-        let r = play(player, &out, manifest, &[]);
+        // Shaka also resolves each thumbnail interval (mid-interval times) through its thumbnail API.
+        let times = "0.5,1.5,2.5,3.5,4.5,5.5,6.5,7.5";
+        let env: &[(&str, &str)] = if player == "shaka" {
+            &[("THUMBNAIL_TIMES", times)]
+        } else {
+            &[]
+        };
+        let r = play(player, &out, manifest, env);
         check_played(&r, FRAMES, &["en", "fr", "de"], &["en", "es"]);
         check_cues(&r);
+        if player == "shaka" {
+            check_thumbnails(&out, &r["thumbnails"]);
+        }
+    }
+    let vtt = std::fs::read_to_string(out.join("_thumbnails/thumbnails.vtt")).unwrap();
+    assert!(
+        vtt.contains("00:00:07.000 --> 00:00:08.000\nsprite_001.jpg#xywh=128,48,64,48"),
+        "{vtt}"
+    );
+}
+
+/// 8 thumbnails of 64x48 (1 s apart) in one 5x5 sheet of 320x240: every interval resolves to its own tile,
+/// inside the sheet.
+fn check_thumbnails(out: &Path, t: &Value) {
+    // Shaka reports the image track by its tile size.
+    assert_eq!(
+        (t["track"]["width"].as_u64(), t["track"]["height"].as_u64()),
+        (Some(64), Some(48)),
+        "{t}"
+    );
+    let sheet = ffprobe(
+        &out.join("_thumbnails/sprite_001.jpg"),
+        &["-show_entries", "stream=width,height"],
+    );
+    assert_eq!(
+        (
+            sheet["streams"][0]["width"].as_u64(),
+            sheet["streams"][0]["height"].as_u64()
+        ),
+        (Some(320), Some(240))
+    );
+    let all = t["thumbnails"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no thumbnails: {t}"));
+    assert_eq!(all.len(), 8, "{t}");
+    for (k, th) in all.iter().enumerate() {
+        let (x, y) = (th["x"].as_u64().unwrap(), th["y"].as_u64().unwrap());
+        assert_eq!(
+            (x, y),
+            ((k as u64 % 5) * 64, (k as u64 / 5) * 48),
+            "thumbnail {k}: {th}"
+        );
+        assert_eq!(
+            (th["w"].as_u64(), th["h"].as_u64()),
+            (Some(64), Some(48)),
+            "thumbnail {k}: {th}"
+        );
+        assert!(x + 64 <= 320 && y + 48 <= 240);
+        assert!(
+            th["uris"][0]
+                .as_str()
+                .unwrap()
+                .ends_with("_thumbnails/sprite_001.jpg"),
+            "{th}"
+        );
     }
 }
 
@@ -800,4 +886,168 @@ fn hdr10_metadata_reaches_every_chunk_and_h264_is_tone_mapped_to_sdr() {
     let r = play("dash", &out, "manifest.mpd", &[]);
     assert_eq!(r["ended"], true, "{r}");
     assert_eq!(r["frames"].as_u64(), Some(100), "{r}");
+}
+
+/// 4 s of H.264 (no B-frames, a keyframe a second) whose every frame carries CEA-608 caption data in an
+/// ATSC A/53 SEI: FFmpeg cannot insert captions into video, so the SEI NAL units are written here, one after
+/// each access unit's parameter sets (before its slice) in the raw stream.
+fn captioned_source() -> PathBuf {
+    let dir = target_dir();
+    let path = dir.join("captions.mp4");
+    if path.exists() {
+        return path;
+    }
+    let raw = fixture(
+        "captions-raw.h264",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=4",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-bf",
+            "0",
+            "-g",
+            "25",
+            "-x264-params",
+            "aud=1",
+            "-f",
+            "h264",
+        ],
+    );
+    let data = std::fs::read(&raw).unwrap();
+    // T.35 (USA, ATSC) "GA94", cc_data: process flags + 2 triplets ("HI" in field 1, then padding), markers.
+    let payload = [
+        0xB5, 0x00, 0x31, b'G', b'A', b'9', b'4', 0x03, 0xC2, 0xFF, 0xFC, 0xC8, 0x49, 0xFD, 0x80,
+        0x80, 0xFF,
+    ];
+    let mut sei = vec![0, 0, 0, 1, 0x06, 0x04, payload.len() as u8];
+    sei.extend_from_slice(&payload);
+    sei.push(0x80);
+    // NAL units start after 00 00 01 (x264 writes 4-byte start codes before parameter sets, 3-byte ones
+    // before slices): the SEI goes before the start code of each access unit's first slice.
+    let starts: Vec<usize> = (0..data.len().saturating_sub(3))
+        .filter(|&p| data[p..p + 3] == [0, 0, 1])
+        .collect();
+    let mut out = Vec::with_capacity(data.len() + 30 * 100);
+    let (mut copied, mut pending) = (0, false);
+    for &p in &starts {
+        let kind = data[p + 3] & 0x1f;
+        if kind == 9 {
+            pending = true;
+        }
+        if pending && (kind == 1 || kind == 5) {
+            let at = if p > 0 && data[p - 1] == 0 { p - 1 } else { p };
+            out.extend_from_slice(&data[copied..at]);
+            out.extend_from_slice(&sei);
+            copied = at;
+            pending = false;
+        }
+    }
+    out.extend_from_slice(&data[copied..]);
+    let with_sei = dir.join("captions-sei.h264");
+    std::fs::write(&with_sei, out).unwrap();
+    fixture(
+        "captions.mp4",
+        &[
+            "-framerate",
+            "25",
+            "-i",
+            with_sei.to_str().unwrap(),
+            "-c",
+            "copy",
+        ],
+    )
+}
+
+/// Frames carrying A/53 caption side data, decoded from `path`.
+fn caption_frames(path: &Path) -> usize {
+    let v = ffprobe(
+        path,
+        &[
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "frame_side_data=side_data_type",
+        ],
+    );
+    v["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f.to_string().contains("ATSC A53 Part 4 Closed Captions"))
+        .count()
+}
+
+#[test]
+fn cea608_captions_are_kept_in_every_chunk_of_h264_and_reported_for_hevc() {
+    let src = captioned_source();
+    assert_eq!(
+        caption_frames(&src),
+        100,
+        "the fixture carries captions on every frame"
+    );
+    let out = out_dir("streams-captions");
+    let yaml = job_yaml(
+        &src,
+        &out,
+        "hls",
+        "    - {name: small, video: {codec: h264, width: 160, crf: 30, preset: ultrafast}}\n    - {name: hevc, video: {codec: hevc, crf: 30, preset: ultrafast}}\n",
+        "  chunking: {targetSeconds: 1}\n  hardware: software\n",
+    );
+    let s = tessera_ok(&out, &yaml, &["--workers", "2"]);
+    assert_eq!(s["chunks"].as_u64(), Some(4), "{s}");
+    let small = out.join("small/index.m3u8");
+    assert_eq!(
+        caption_frames(&small),
+        100,
+        "every frame of every chunk keeps its captions"
+    );
+    // ffprobe's stream line says "Closed Captions" (its JSON field stays 0 unless it decodes).
+    let says_cc = |p: &Path| {
+        let o = std::process::Command::new("ffprobe")
+            .arg("-hide_banner")
+            .arg(p)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stderr).contains("Closed Captions")
+    };
+    assert!(
+        says_cc(&small),
+        "ffprobe reports Closed Captions in the H.264 rendition"
+    );
+    assert!(
+        !says_cc(&out.join("hevc/index.m3u8")),
+        "and none in the HEVC one"
+    );
+    let r0 = &s["renditions"][0];
+    assert!(
+        r0["streams"].to_string().contains("\"kind\":\"captions\""),
+        "{r0}"
+    );
+    let r1 = &s["renditions"][1];
+    assert!(
+        r1["leftOut"].to_string().contains("CEA-608/708 captions"),
+        "{r1}"
+    );
+    let master = std::fs::read_to_string(out.join("master.m3u8")).unwrap();
+    assert!(
+        master.contains("#EXT-X-MEDIA:TYPE=CLOSED-CAPTIONS,GROUP-ID=\"cc\""),
+        "{master}"
+    );
+    let lines: Vec<&str> = master.lines().collect();
+    let inf = |name: &str| {
+        lines[lines
+            .iter()
+            .position(|l| *l == format!("{name}/index.m3u8"))
+            .unwrap()
+            - 1]
+    };
+    assert!(
+        inf("small").contains("CLOSED-CAPTIONS=\"cc\"") && !inf("hevc").contains("CLOSED-CAPTIONS"),
+        "{master}"
+    );
 }
