@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod faultproxy;
 pub mod jobs;
 pub mod load;
+pub mod players;
 pub mod s3server;
 
 /// `kubectl`: the machine's, or the one `scripts/k8s-tools.sh` put in the cache.

@@ -828,34 +828,7 @@ fn every_track_reaches_cmaf_outputs_on_the_cluster() {
         assert!(out.join(f).is_file(), "{f} published");
     }
     // dash.js plays what the bucket holds.
-    let lock = root().join("e2e/players/package-lock.json");
-    let hash = std::process::Command::new("sha256sum")
-        .arg(&lock)
-        .output()
-        .unwrap();
-    let players = std::env::var("TESSERA_PLAYERS").unwrap_or_else(|_| {
-        tessera_e2e::s3server::cache_dir()
-            .join(format!(
-                "players-{}",
-                &String::from_utf8_lossy(&hash.stdout)[..16]
-            ))
-            .to_string_lossy()
-            .into_owned()
-    });
-    let run = std::process::Command::new("node")
-        .arg(root().join("e2e/players/play.mjs"))
-        .args(["dash", out.to_str().unwrap(), "manifest.mpd"])
-        .env("TESSERA_PLAYERS", players)
-        .output()
-        .expect("node runs");
-    let text = String::from_utf8_lossy(&run.stdout);
-    let r: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| {
-            panic!(
-                "dash.js: no report ({e}): {text} {}",
-                String::from_utf8_lossy(&run.stderr)
-            )
-        });
+    let r = tessera_e2e::players::play("dash", &out, "manifest.mpd", &[]);
     assert_eq!(
         (r["ended"].as_bool(), r["frames"].as_u64()),
         (Some(true), Some(100)),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
+use tessera_e2e::players::play;
 
 /// A PGS (Blu-ray bitmap) subtitle file with two captions: FFmpeg cannot make one from text, so it is
 /// written here, segment by segment (presentation composition, window, palette, object, end).
