@@ -1052,3 +1052,100 @@ fn cea608_captions_are_kept_in_every_chunk_of_h264_and_reported_for_hevc() {
         "{master}"
     );
 }
+
+/// An HEVC MP4 that declares Dolby Vision (profile 8.1: an HDR10-compatible base layer with RPUs): a
+/// `dvcC` configuration box is added to its `hvc1` sample entry, and every enclosing box grows by its size.
+/// The index sits after the media data, so no sample offset moves.
+fn dolby_vision_source() -> PathBuf {
+    let path = target_dir().join("dovi.mp4");
+    if path.exists() {
+        return path;
+    }
+    let plain = fixture(
+        "dovi-plain.mp4",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=2",
+            "-pix_fmt",
+            "yuv420p10le",
+            "-c:v",
+            "libx265",
+            "-preset",
+            "ultrafast",
+            "-tag:v",
+            "hvc1",
+            "-x265-params",
+            "keyint=25:log-level=error",
+        ],
+    );
+    let mut d = std::fs::read(plain).unwrap();
+    let find = |d: &[u8], kind: &[u8; 4], from: usize| {
+        d[from..]
+            .windows(4)
+            .position(|w| w == kind)
+            .map(|p| from + p - 4)
+    };
+    // moov/trak/mdia/minf/stbl/stsd/hvc1, each found after its parent.
+    // The top-level boxes are walked (media data could hold any bytes); inside moov a search suffices.
+    let mut moov = 0;
+    while &d[moov + 4..moov + 8] != b"moov" {
+        moov += u32::from_be_bytes(d[moov..moov + 4].try_into().unwrap()) as usize;
+    }
+    let mut path_at = vec![moov];
+    let mut from = moov + 8;
+    for kind in [b"trak", b"mdia", b"minf", b"stbl", b"stsd", b"hvc1"] {
+        let at = find(&d, kind, from).unwrap_or_else(|| panic!("no {kind:?} box"));
+        path_at.push(at);
+        from = at + 8;
+    }
+    let mut dvcc = vec![0, 0, 0, 32, b'd', b'v', b'c', b'C', 1, 0];
+    let bits: u16 = (8 << 9) | (4 << 3) | (1 << 2) | 1;
+    dvcc.extend_from_slice(&bits.to_be_bytes());
+    dvcc.extend_from_slice(&[0x10, 0, 0, 0]);
+    dvcc.extend_from_slice(&[0; 16]);
+    assert_eq!(dvcc.len(), 32);
+    let hvc1 = *path_at.last().unwrap();
+    let hvc1_end = hvc1 + u32::from_be_bytes(d[hvc1..hvc1 + 4].try_into().unwrap()) as usize;
+    for &at in &path_at {
+        let size = u32::from_be_bytes(d[at..at + 4].try_into().unwrap()) + 32;
+        d[at..at + 4].copy_from_slice(&size.to_be_bytes());
+    }
+    d.splice(hvc1_end..hvc1_end, dvcc);
+    std::fs::write(&path, d).unwrap();
+    path
+}
+
+#[test]
+fn dolby_vision_is_reported_as_left_out() {
+    let src = dolby_vision_source();
+    let probe = ffprobe(
+        &src,
+        &[
+            "-show_entries",
+            "stream_side_data=side_data_type,dv_profile",
+        ],
+    );
+    assert!(
+        probe.to_string().contains("DOVI configuration record"),
+        "the fixture declares Dolby Vision: {probe}"
+    );
+    let out = out_dir("streams-dovi");
+    let yaml = job_yaml(
+        &src,
+        &out,
+        "mp4",
+        "    - {name: hevc, video: {codec: hevc, crf: 30, preset: ultrafast}}\n",
+        "  hardware: software\n",
+    );
+    let s = tessera_ok(&out, &yaml, &[]);
+    let left = s["renditions"][0]["leftOut"].to_string();
+    assert!(left.contains("Dolby Vision metadata is not carried"), "{s}");
+    // The output is plain HEVC: no Dolby Vision signalling that would no longer be true.
+    let o = ffprobe(
+        &out.join("hevc.mp4"),
+        &["-show_entries", "stream_side_data=side_data_type"],
+    );
+    assert!(!o.to_string().contains("DOVI"), "{o}");
+}
