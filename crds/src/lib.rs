@@ -190,7 +190,8 @@ impl fmt::Display for VideoCodec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AudioSpec {
     pub codec: AudioCodec,
-    /// e.g. `128k`; ignored for `copy` and `none`.
+    /// e.g. `128k`; ignored for `copy` and `none`. Default: AAC 128k and Opus 96k for stereo, scaled by the
+    /// channel count for more channels (5.1 AAC: 384k).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitrate: Option<Bitrate>,
     /// Down- or up-mix to this many channels (default: keep, at most 2 for opus).

@@ -341,7 +341,7 @@ fn open_encoding(
             ffi::av_get_sample_fmt(std::ffi::CString::new(fmt).expect("static").as_ptr());
     }
     enc.set_time_base(Rational::new(1, rate as i32));
-    enc.set_bit_rate(plan.bitrate as usize);
+    enc.set_bit_rate(plan.bitrate_for(channels) as usize);
     // OR the flag in: `set_flags` would replace codec defaults such as libx264's closed GOP (`+cgop`).
     // SAFETY: plain field of the context being configured.
     unsafe { (*enc.as_mut_ptr()).flags |= ffi::AV_CODEC_FLAG_GLOBAL_HEADER as i32 };

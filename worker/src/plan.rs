@@ -288,6 +288,20 @@ pub struct AudioPlan {
     pub codec: AudioCodec,
     pub bitrate: u64,
     pub channels: Option<u32>,
+    /// The bitrate is the default, meant for stereo: tracks with more channels get as much per channel
+    /// (5.1 AAC at 384 kb/s rather than a starved 128).
+    pub scaled: bool,
+}
+
+impl AudioPlan {
+    /// The bitrate for a track of `channels` output channels.
+    pub fn bitrate_for(&self, channels: u32) -> u64 {
+        if self.scaled && channels > 2 {
+            self.bitrate / 2 * u64::from(channels)
+        } else {
+            self.bitrate
+        }
+    }
 }
 
 pub fn audio_plan(spec: Option<&AudioSpec>) -> Option<AudioPlan> {
@@ -307,11 +321,13 @@ pub fn audio_plan(spec: Option<&AudioSpec>) -> Option<AudioPlan> {
             codec: AudioCodec::Copy,
             bitrate: 0,
             channels: None,
+            scaled: false,
         }),
         c => Some(AudioPlan {
             codec: c,
             bitrate: bitrate.0,
             channels: a.channels,
+            scaled: a.bitrate.is_none(),
         }),
     }
 }
@@ -502,9 +518,22 @@ mod tests {
             Some(AudioPlan {
                 codec: AudioCodec::Aac,
                 bitrate: 128_000,
-                channels: None
+                channels: None,
+                scaled: true,
             })
         );
+        // The default grows with the channels; a bitrate the spec names does not.
+        let default = audio_plan(None).unwrap();
+        assert_eq!(
+            (default.bitrate_for(2), default.bitrate_for(6)),
+            (128_000, 384_000)
+        );
+        let given = AudioSpec {
+            codec: AudioCodec::Aac,
+            bitrate: Some(Bitrate(256_000)),
+            channels: None,
+        };
+        assert_eq!(audio_plan(Some(&given)).unwrap().bitrate_for(6), 256_000);
         let none = AudioSpec {
             codec: AudioCodec::None,
             bitrate: None,

@@ -721,8 +721,11 @@ unsafe fn stream_hdr(st: *const ffi::AVStream) -> Option<tessera_crds::work::Hdr
     }
 }
 
-/// How many of the first video packets are searched for captions.
+/// How many of the first video packets, and at most how many of their bytes, are searched for captions: A/53
+/// data rides in (nearly) every frame where a programme has it, and the probe must stay a small read of a
+/// large object (the S3 tests hold it under 1 % of a 2 GiB input).
 const CAPTION_SCAN_PACKETS: usize = 300;
+const CAPTION_SCAN_BYTES: usize = 2 << 20;
 
 /// Whether the first video packets carry ATSC A/53 caption data: the ITU-T T.35 prefix of a
 /// `user_data_registered` SEI (country 0xB5, provider 0x0031) followed by `GA94`. Demux only; codecs that
@@ -741,10 +744,15 @@ fn has_a53_captions(ictx: &mut Input, vindex: usize, codec: ff::codec::Id) -> Re
             ffi::AVSEEK_FLAG_BACKWARD,
         )
     };
+    let mut read = 0usize;
     let found = ictx
         .packets()
         .filter(|(s, _)| s.index() == vindex)
         .take(CAPTION_SCAN_PACKETS)
+        .take_while(|(_, p)| {
+            read += p.size();
+            read <= CAPTION_SCAN_BYTES
+        })
         .any(|(_, p)| p.data().is_some_and(a53_marker));
     ictx.check()?;
     Ok(found)
