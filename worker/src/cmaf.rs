@@ -61,7 +61,7 @@ impl Timeline {
 
 /// Read the timeline of an HLS fMP4 folder (`init.mp4` and the segments its `index.m3u8` lists).
 pub fn read_timeline(dir: &Path) -> Result<Timeline> {
-    let (timescale, trex) = fmp4::init_info(&dir.join("init.mp4"))?;
+    let (timescale, trex, codecs) = fmp4::init_info(&dir.join("init.mp4"))?;
     let index = dir.join("index.m3u8");
     let text = std::fs::read_to_string(&index).map_err(|source| Error::Read {
         path: index.clone(),
@@ -83,9 +83,6 @@ pub fn read_timeline(dir: &Path) -> Result<Timeline> {
             first_frame_bytes: frags[0].offset + frags[0].first_sample_end,
         });
     }
-    let codecs = std::fs::read(dir.join("init.mp4"))
-        .ok()
-        .and_then(|b| fmp4::av1_codec_string(&b));
     Ok(Timeline {
         timescale,
         segments,
@@ -95,26 +92,15 @@ pub fn read_timeline(dir: &Path) -> Result<Timeline> {
 
 /// A media playlist with the segments' real durations.
 pub fn media_playlist(t: &Timeline) -> String {
-    let target = t
-        .segments
-        .iter()
-        .map(|s| t.seconds(s.duration))
-        .fold(1.0f64, f64::max)
-        .round()
-        .max(1.0);
-    let mut s = format!(
-        "#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-TARGETDURATION:{target}\n#EXT-X-MEDIA-SEQUENCE:0\n\
-         #EXT-X-PLAYLIST-TYPE:VOD\n#EXT-X-INDEPENDENT-SEGMENTS\n#EXT-X-MAP:URI=\"init.mp4\"\n"
-    );
-    for seg in &t.segments {
-        let _ = write!(s, "#EXTINF:{:.6},\n{}\n", t.seconds(seg.duration), seg.file);
-    }
-    s.push_str("#EXT-X-ENDLIST\n");
-    s
+    playlist(t, false)
 }
 
 /// The I-frame playlist: each segment's first frame, by byte range.
 pub fn iframe_playlist(t: &Timeline) -> String {
+    playlist(t, true)
+}
+
+fn playlist(t: &Timeline, iframes: bool) -> String {
     let target = t
         .segments
         .iter()
@@ -124,16 +110,19 @@ pub fn iframe_playlist(t: &Timeline) -> String {
         .max(1.0);
     let mut s = format!(
         "#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-TARGETDURATION:{target}\n#EXT-X-MEDIA-SEQUENCE:0\n\
-         #EXT-X-PLAYLIST-TYPE:VOD\n#EXT-X-I-FRAMES-ONLY\n#EXT-X-INDEPENDENT-SEGMENTS\n#EXT-X-MAP:URI=\"init.mp4\"\n"
+         #EXT-X-PLAYLIST-TYPE:VOD\n{}#EXT-X-INDEPENDENT-SEGMENTS\n#EXT-X-MAP:URI=\"init.mp4\"\n",
+        if iframes {
+            "#EXT-X-I-FRAMES-ONLY\n"
+        } else {
+            ""
+        }
     );
     for seg in &t.segments {
-        let _ = write!(
-            s,
-            "#EXTINF:{:.6},\n#EXT-X-BYTERANGE:{}@0\n{}\n",
-            t.seconds(seg.duration),
-            seg.first_frame_bytes,
-            seg.file
-        );
+        let _ = writeln!(s, "#EXTINF:{:.6},", t.seconds(seg.duration));
+        if iframes {
+            let _ = writeln!(s, "#EXT-X-BYTERANGE:{}@0", seg.first_frame_bytes);
+        }
+        let _ = writeln!(s, "{}", seg.file);
     }
     s.push_str("#EXT-X-ENDLIST\n");
     s

@@ -68,12 +68,15 @@ fn u64_at(d: &[u8], at: usize) -> Option<u64> {
 }
 
 /// The first track's timescale and default sample duration (`trex`) from an init segment.
-pub fn init_info(path: &Path) -> Result<(u32, u32)> {
+/// Also the codec string where only the init segment tells it (AV1, from `av1C`).
+pub fn init_info(path: &Path) -> Result<(u32, u32, Option<String>)> {
     let data = std::fs::read(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
-    parse_init(&data).ok_or_else(|| bad(path, "no moov/trak/mdia/mdhd"))
+    let (timescale, duration) =
+        parse_init(&data).ok_or_else(|| bad(path, "no moov/trak/mdia/mdhd"))?;
+    Ok((timescale, duration, av1_codec_string(&data)))
 }
 
 fn parse_init(d: &[u8]) -> Option<(u32, u32)> {

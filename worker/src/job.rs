@@ -1095,7 +1095,7 @@ impl Prepared {
                 v.captions
             );
             // HDR: the colour of the set, as DASH-IF signals it (CICP code points).
-            let properties = match v.video_range {
+            let mut properties = match v.video_range {
                 Some(range) => vec![
                     "<SupplementalProperty schemeIdUri=\"urn:mpeg:mpegB:cicp:ColourPrimaries\" value=\"9\"/>".into(),
                     format!(
@@ -1106,7 +1106,6 @@ impl Prepared {
                 ],
                 None => Vec::new(),
             };
-            let mut properties = properties;
             if v.captions {
                 properties.push(
                     "<Accessibility schemeIdUri=\"urn:scte:dash:cc:cea-608:2015\" value=\"CC1\"/>"
@@ -1241,18 +1240,7 @@ impl Prepared {
                 }),
             });
         }
-        let text = crate::cmaf::mpd(duration, &sets);
-        let path = out_dir.join("manifest.mpd");
-        let tmp = out_dir.join(format!(".manifest.mpd.partial-{}", std::process::id()));
-        std::fs::write(&tmp, text).map_err(|source| Error::Write {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| Error::Write {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(path)
+        stitch::write_atomically(out_dir, "manifest.mpd", &crate::cmaf::mpd(duration, &sets))
     }
 }
 

@@ -297,19 +297,8 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
     // Keyframes and per-sample timing from the container index. Matroska reads its cues lazily, on the
     // first seek: seeking to the start loads them without reading the clusters.
     let (mut keyframes, mut samples) = index_entries(&ictx, vindex, vtb, start_time);
-    if keyframes.len() < 2 && format.contains("matroska") {
-        // SAFETY: seeking an open input context.
-        if unsafe {
-            ffi::av_seek_frame(
-                ictx.as_mut_ptr(),
-                vindex as i32,
-                i64::MIN + 1,
-                ffi::AVSEEK_FLAG_BACKWARD,
-            )
-        } >= 0
-        {
-            (keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
-        }
+    if keyframes.len() < 2 && format.contains("matroska") && rewind(&mut ictx, vindex) {
+        (keyframes, samples) = index_entries(&ictx, vindex, vtb, start_time);
     }
     let mut keyframe_source = "container index";
     let mut frames_exact = false;
@@ -341,15 +330,7 @@ pub fn probe(path: &Path) -> Result<ProbeInfo> {
     keyframes.dedup_by_key(|k| k.seek_ts);
     if sample_ts.is_empty() {
         // The index lists keyframes only (Matroska cues): frame timing from the first packets, demux only.
-        // SAFETY: rewinding an open input context.
-        unsafe {
-            ffi::av_seek_frame(
-                ictx.as_mut_ptr(),
-                vindex as i32,
-                i64::MIN + 1,
-                ffi::AVSEEK_FLAG_BACKWARD,
-            )
-        };
+        rewind(&mut ictx, vindex);
         sample_ts = ictx
             .packets()
             .filter(|(s, _)| s.index() == vindex)
@@ -721,6 +702,19 @@ unsafe fn stream_hdr(st: *const ffi::AVStream) -> Option<tessera_crds::work::Hdr
     }
 }
 
+/// Seek back to the start of the video stream (loading Matroska's cues on the way); false if it failed.
+fn rewind(ictx: &mut Input, vindex: usize) -> bool {
+    // SAFETY: seeking an open input context.
+    unsafe {
+        ffi::av_seek_frame(
+            ictx.as_mut_ptr(),
+            vindex as i32,
+            i64::MIN + 1,
+            ffi::AVSEEK_FLAG_BACKWARD,
+        ) >= 0
+    }
+}
+
 /// How many of the first video packets, and at most how many of their bytes, are searched for captions: A/53
 /// data rides in (nearly) every frame where a programme has it, and the probe must stay a small read of a
 /// large object (the S3 tests hold it under 1 % of a 2 GiB input).
@@ -735,15 +729,7 @@ fn has_a53_captions(ictx: &mut Input, vindex: usize, codec: ff::codec::Id) -> Re
     if !matches!(codec, Id::H264 | Id::HEVC | Id::MPEG2VIDEO) {
         return Ok(false);
     }
-    // SAFETY: rewinding an open input context.
-    unsafe {
-        ffi::av_seek_frame(
-            ictx.as_mut_ptr(),
-            vindex as i32,
-            i64::MIN + 1,
-            ffi::AVSEEK_FLAG_BACKWARD,
-        )
-    };
+    rewind(ictx, vindex);
     let mut read = 0usize;
     let found = ictx
         .packets()
@@ -774,15 +760,7 @@ fn first_frame_hdr(
     vindex: usize,
     path: &Path,
 ) -> Result<(tessera_crds::work::HdrStatic, bool)> {
-    // SAFETY: rewinding an open input context.
-    unsafe {
-        ffi::av_seek_frame(
-            ictx.as_mut_ptr(),
-            vindex as i32,
-            i64::MIN + 1,
-            ffi::AVSEEK_FLAG_BACKWARD,
-        )
-    };
+    rewind(ictx, vindex);
     let par = ictx
         .stream(vindex)
         .ok_or_else(|| Error::media(path, "stream vanished", vindex))?

@@ -40,6 +40,8 @@ pub struct SubtitleIn<'a> {
 /// How an output stream is labelled.
 #[derive(Debug, Clone, Default)]
 struct Label {
+    /// The source stream it was made from.
+    source: usize,
     language: Option<String>,
     title: Option<String>,
     default: bool,
@@ -49,6 +51,7 @@ struct Label {
 impl Label {
     fn of(t: &TrackInfo, default: bool) -> Self {
         Self {
+            source: t.index,
             language: t.language.clone(),
             title: t.title.clone(),
             default,
@@ -198,7 +201,10 @@ fn tracks<'a>(
         let video = ChunkSequence::open(input.chunks)?;
         out.push(Track {
             params: video.params.clone(),
-            label: Label::default(),
+            label: Label {
+                source: input.video_index,
+                ..Label::default()
+            },
             source: Source::Video(video),
         });
     }
@@ -411,7 +417,7 @@ fn mux(
             }
             .into(),
             codec: codec_name(&t.params),
-            source_index: 0,
+            source_index: t.label.source as u32,
             language: t.label.language.clone(),
             title: t.label.title.clone(),
             default: t.label.default,
@@ -549,7 +555,6 @@ pub fn stitch_mp4(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
     drop(octx);
     stats.bytes = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
     stats.path = final_path.clone();
-    label_sources(&mut stats, input, true);
     Ok((
         stats,
         Staged {
@@ -558,23 +563,6 @@ pub fn stitch_mp4(input: &StitchInput<'_>, dir: &Path, name: &str) -> Result<(St
             guard,
         },
     ))
-}
-
-/// Fill in which source stream each output stream came from (video first, then `audio`, then subtitles).
-fn label_sources(stats: &mut Stitched, input: &StitchInput<'_>, subtitles: bool) {
-    let audio = input.audio.iter().map(|a| a.track.index);
-    let subs = input
-        .subtitles
-        .iter()
-        .map(|s| s.track.index)
-        .filter(|_| subtitles);
-    for (st, i) in stats
-        .streams
-        .iter_mut()
-        .zip(std::iter::once(input.video_index).chain(audio).chain(subs))
-    {
-        st.source_index = i as u32;
-    }
 }
 
 /// Whether segments are MPEG-TS (H.264, plays everywhere) rather than fragmented MP4 (HEVC, AV1).
@@ -668,32 +656,8 @@ pub fn stitch_hls(
             }
         }
     }
-    if let HlsMedia::Audio { track, .. } = media {
+    if let HlsMedia::Audio { .. } = media {
         stats.duration = total;
-        for st in &mut stats.streams {
-            st.source_index = input.audio[track].track.index as u32;
-        }
-    } else {
-        let mut only_video = StitchInput {
-            chunks: input.chunks,
-            audio: Vec::new(),
-            subtitles: Vec::new(),
-            display_matrix: input.display_matrix,
-            video_index: input.video_index,
-        };
-        if matches!(media, HlsMedia::Muxed) {
-            only_video.audio = input
-                .audio
-                .iter()
-                .take(1)
-                .map(|a| AudioIn {
-                    path: a.path.clone(),
-                    track: a.track,
-                    default: a.default,
-                })
-                .collect();
-        }
-        label_sources(&mut stats, &only_video, false);
     }
     stats.bytes = dir_size(&tmp_dir);
     stats.path = final_dir.join("index.m3u8");
@@ -955,9 +919,13 @@ pub fn master_text(variants: &[Variant], media: &[MediaRendition]) -> String {
 
 /// The master playlist, written atomically after every rendition's playlist exists.
 pub fn write_master(dir: &Path, variants: &[Variant], media: &[MediaRendition]) -> Result<PathBuf> {
-    let s = master_text(variants, media);
-    let path = dir.join("master.m3u8");
-    let tmp = dir.join(format!(".master.m3u8.partial-{}", std::process::id()));
+    write_atomically(dir, "master.m3u8", &master_text(variants, media))
+}
+
+/// Write `<dir>/<name>` under a temporary name and rename it into place: readers see all of it or nothing.
+pub fn write_atomically(dir: &Path, name: &str, s: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
     let mut guard = Cleanup(Some(tmp.clone()));
     std::fs::write(&tmp, s).map_err(|source| Error::Write {
         path: tmp.clone(),
