@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::work::{
-    ChunkResult, PlanResult, StitchResult, TaskFailure, TaskProgress, Work, WorkKind,
+    ChunkResult, CollectResult, MissingResults, PlanResult, StitchResult, TaskFailure,
+    TaskProgress, Work, WorkKind,
 };
 
 /// A task's id: unique across leaders (an epoch in the high bits).
@@ -129,7 +130,10 @@ pub enum TaskResult {
     Chunk(ChunkResult),
     Audio(ChunkResult),
     Stitch(StitchResult),
+    /// The stitch found results gone from the store: encode these again, then stitch.
+    Missing(MissingResults),
     Cleanup(CleanupResult),
+    Collect(CollectResult),
 }
 
 impl TaskResult {
@@ -138,8 +142,9 @@ impl TaskResult {
             Self::Plan(_) => WorkKind::Plan,
             Self::Chunk(_) => WorkKind::Chunk,
             Self::Audio(_) => WorkKind::Audio,
-            Self::Stitch(_) => WorkKind::Stitch,
+            Self::Stitch(_) | Self::Missing(_) => WorkKind::Stitch,
             Self::Cleanup(_) => WorkKind::Cleanup,
+            Self::Collect(_) => WorkKind::Collect,
         }
     }
 }
@@ -317,7 +322,18 @@ mod tests {
             }),
             TaskResult::Audio(ChunkResult::default()),
             TaskResult::Stitch(StitchResult::default()),
+            TaskResult::Missing(MissingResults {
+                chunks: vec![0, 2],
+                audio: true,
+            }),
             TaskResult::Cleanup(CleanupResult { deleted: 4 }),
+            TaskResult::Collect(CollectResult {
+                listed: 9,
+                deleted: 3,
+                bytes_deleted: 1 << 20,
+                kept_needed: 2,
+                stopped_early: false,
+            }),
         ] {
             let kind = result.kind();
             let req = CompleteRequest {
@@ -326,7 +342,9 @@ mod tests {
                 seconds: 1.5,
             };
             let v = serde_json::to_value(&req).unwrap();
-            assert_eq!(v["result"]["kind"], serde_json::to_value(kind).unwrap());
+            if !matches!(req.result, TaskResult::Missing(_)) {
+                assert_eq!(v["result"]["kind"], serde_json::to_value(kind).unwrap());
+            }
             round_trip(req);
         }
         round_trip(CompleteReply {

@@ -34,6 +34,8 @@ pub enum WorkKind {
     Audio,
     Stitch,
     Cleanup,
+    /// Delete results in the pool's result store that no one has made or used for its retention time.
+    Collect,
 }
 
 /// One task's instructions.
@@ -57,6 +59,133 @@ pub struct Work {
     /// chunks and audio are filed there by [`chunk_keys`] and [`audio_key`] and taken from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results: Option<String>,
+    /// How long results in that store are kept after their last use (`WorkerPool.spec.resultRetentionSeconds`):
+    /// a chunk task takes only results that will outlive a collection running now ([`fresh_enough`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_seconds: Option<u64>,
+    /// A collection task's instructions (`kind: collect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collect: Option<Collect>,
+}
+
+/// A pool's result store as a job uses it: where (namespace filled in) and for how long results are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultStore {
+    pub uri: String,
+    pub retention_seconds: u64,
+}
+
+/// What a collection of the result store must not delete: the content addresses that jobs still running
+/// with this store need (every chunk and audio address of their plans), as the leader knew them when it
+/// handed the task out.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Collect {
+    pub keep: Vec<String>,
+}
+
+/// A collection task's answer.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectResult {
+    /// Results found in the store.
+    pub listed: u64,
+    pub deleted: u64,
+    pub bytes_deleted: u64,
+    /// Past their retention but needed by a running job.
+    pub kept_needed: u64,
+    /// The time a collection may take ([`grace_seconds`]) ran out before every expired result was deleted
+    /// (the next collection goes on).
+    #[serde(default)]
+    pub stopped_early: bool,
+}
+
+/// The stitch's answer when results it needs are no longer in the store (collected while the job waited,
+/// or deleted by hand): these chunks (and the audio) must be encoded again. Their completion records were
+/// removed from the ledger.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MissingResults {
+    pub chunks: Vec<u32>,
+    pub audio: bool,
+}
+
+/// How long a collection may go on deleting after it read the store's clock, and so how much younger than
+/// the retention a result must be for a chunk task to take it: half the retention, at most 10 minutes.
+pub fn grace_seconds(retention_seconds: u64) -> u64 {
+    (retention_seconds / 2).min(600)
+}
+
+/// A result last made or used at `last_used` may be taken at `now` (both the store's clock, seconds): a
+/// collection that started before `now` cannot delete it (its cutoff is older) and one that starts later
+/// finds it refreshed by this use.
+pub fn fresh_enough(last_used: i64, now: i64, retention_seconds: u64) -> bool {
+    let margin = retention_seconds.saturating_sub(grace_seconds(retention_seconds));
+    last_used > now.saturating_sub(margin as i64)
+}
+
+/// One object in a result store, as a collection lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredResult {
+    /// The key below the store's prefix (`chunks/<address>.tpk`, `audio/<address>-<name>`).
+    pub key: String,
+    /// Last made or used, the store's clock in seconds.
+    pub last_used: i64,
+    pub size: u64,
+}
+
+/// The content address a result store's key files its object under.
+pub fn address_of(key: &str) -> Option<&str> {
+    let rest = key
+        .strip_prefix("chunks/")
+        .or_else(|| key.strip_prefix("audio/"))?;
+    let addr = rest.get(..64)?;
+    addr.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then_some(addr)
+        .filter(|_| matches!(rest.as_bytes().get(64), Some(b'.' | b'-')))
+}
+
+/// What a collection at `now` deletes: results not made or used for the retention time, unless a running
+/// job needs their address. Keys that are not results (nothing Tessera wrote) are never touched. Answers
+/// the indices to delete and how many expired ones were kept because a job needs them.
+pub fn collectable(
+    objects: &[StoredResult],
+    now: i64,
+    retention_seconds: u64,
+    keep: &std::collections::HashSet<&str>,
+) -> (Vec<usize>, u64) {
+    let cutoff = now.saturating_sub(retention_seconds as i64);
+    let mut kept = 0;
+    let delete = objects
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.last_used < cutoff)
+        .filter_map(|(i, o)| {
+            let addr = address_of(&o.key)?;
+            if keep.contains(addr) {
+                kept += 1;
+                None
+            } else {
+                Some(i)
+            }
+        })
+        .collect();
+    (delete, kept)
+}
+
+/// Every content address a job's plan uses in the store: each rendition of each chunk, and the audio.
+pub fn needed_addresses(spec: &TranscodeJobSpec, plan: &PlanRecord) -> Vec<String> {
+    let mut out: Vec<String> = plan
+        .chunks
+        .iter()
+        .filter_map(|c| chunk_keys(spec, plan, c.index))
+        .flatten()
+        .collect();
+    if plan.audio {
+        out.extend(audio_key(spec, plan));
+    }
+    out
 }
 
 /// The job's plan: `manifest.json` in the ledger, and part of every later task.
@@ -450,6 +579,60 @@ mod tests {
     }
 
     #[test]
+    fn a_collection_deletes_only_expired_results_no_running_job_needs() {
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        let c = "c".repeat(64);
+        let obj = |key: String, last_used: i64| StoredResult {
+            key,
+            last_used,
+            size: 10,
+        };
+        let objects = vec![
+            obj(format!("chunks/{a}.tpk"), 100),              // expired
+            obj(format!("chunks/{b}.tpk"), 100),              // expired, but a running job needs it
+            obj(format!("audio/{a}-audio-0.tpk"), 100),       // expired
+            obj(format!("chunks/{c}.tpk"), 950),              // recent
+            obj("notes/readme.txt".into(), 0),                // not ours
+            obj(format!("chunks/{}.tpk", "z".repeat(64)), 0), // not an address
+        ];
+        let keep: std::collections::HashSet<&str> = [b.as_str()].into();
+        let (delete, kept) = collectable(&objects, 1000, 600, &keep);
+        assert_eq!(delete, vec![0, 2]);
+        assert_eq!(kept, 1);
+        // Exactly at the cutoff is kept.
+        assert_eq!(
+            collectable(&[obj(format!("chunks/{a}.tpk"), 400)], 1000, 600, &keep).0,
+            Vec::<usize>::new()
+        );
+        assert_eq!(
+            address_of(&format!("audio/{a}-audio-1-0.tpk")),
+            Some(a.as_str())
+        );
+        assert_eq!(address_of(&format!("chunks/{a}")), None);
+    }
+
+    #[test]
+    fn a_result_is_taken_only_if_it_outlives_a_collection_running_now() {
+        // Retention 1 h: grace 10 min, so a result last used 50 min ago or earlier is encoded again.
+        assert_eq!(grace_seconds(3600), 600);
+        assert_eq!(grace_seconds(4), 2);
+        assert!(fresh_enough(10_000 - 2_999, 10_000, 3600));
+        assert!(!fresh_enough(10_000 - 3_000, 10_000, 3600));
+        // A collection that read its clock at `t0 <= now` deletes only what was last used before
+        // `t0 - retention`; whatever `fresh_enough` takes is younger than that.
+        for t0 in [9_000, 9_999, 10_000] {
+            let last = 10_000 - 2_999;
+            assert!(last >= t0 - 3600);
+        }
+        let spec = job(HD);
+        let p = plan(&["libx264"]);
+        let needed = needed_addresses(&spec, &p);
+        assert_eq!(needed.len(), 3 + 1, "three chunks and the audio");
+        assert!(needed.contains(&chunk_keys(&spec, &p, 2).unwrap()[0]));
+    }
+
+    #[test]
     fn identical_tasks_coalesce_only_with_a_store() {
         let spec = job(HD);
         let work = |results: Option<&str>, chunk: u32| Work {
@@ -462,6 +645,8 @@ mod tests {
             plan: Some(plan(&["libx264"])),
             chunk: Some(chunk),
             results: results.map(String::from),
+            retention_seconds: None,
+            collect: None,
         };
         assert_eq!(coalesce_key(&work(None, 0)), None);
         let a = coalesce_key(&work(Some("s3://b/r/n/"), 0)).unwrap();

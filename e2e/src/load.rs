@@ -133,6 +133,7 @@ pub fn sample_result(kind: WorkKind, chunks: u32) -> TaskResult {
         WorkKind::Audio => TaskResult::Audio(encoded),
         WorkKind::Stitch => TaskResult::Stitch(StitchResult::default()),
         WorkKind::Cleanup => TaskResult::Cleanup(CleanupResult::default()),
+        WorkKind::Collect => TaskResult::Collect(Default::default()),
     }
 }
 

@@ -598,6 +598,25 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
     delete_job("drain");
 }
 
+/// The leader's `/metrics` text (its queue address is on the leader Lease).
+fn leader_metrics() -> String {
+    let url = kubectl_ok(
+        &[
+            "get",
+            "lease",
+            "tessera-operator-leader",
+            "-n",
+            "tessera-system",
+            "-o",
+            "jsonpath={.metadata.annotations.tessera\\.dev/queue-url}",
+        ],
+        None,
+    );
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(tessera_e2e::load::metrics(url.trim()))
+}
+
 #[test]
 fn identical_work_is_done_once_across_jobs() {
     let _c = cluster();
@@ -676,21 +695,7 @@ fn identical_work_is_done_once_across_jobs() {
         "the shared rendition is the same"
     );
     // The leader counts what it did not have encoded again.
-    let url = kubectl_ok(
-        &[
-            "get",
-            "lease",
-            "tessera-operator-leader",
-            "-n",
-            "tessera-system",
-            "-o",
-            "jsonpath={.metadata.annotations.tessera\\.dev/queue-url}",
-        ],
-        None,
-    );
-    let metrics = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(tessera_e2e::load::metrics(url.trim()));
+    let metrics = leader_metrics();
     let reused = tessera_e2e::load::metric(&metrics, "tessera_chunks_reused_total", "");
     assert!(
         reused.is_some_and(|n| n >= (2 * chunks) as f64),
@@ -702,6 +707,102 @@ fn identical_work_is_done_once_across_jobs() {
     }
     kubectl_ok(
         &["delete", "workerpool", "reuse", "-n", "tessera-system"],
+        None,
+    );
+}
+
+/// A result store keeps results for the pool's retention after their last use: a result older than that
+/// is encoded again rather than taken (it could be collected under the job), and a collection that runs
+/// with a later job's stitch deletes what no job has used since, keeping what is still in use.
+#[test]
+fn a_result_store_is_collected_after_its_retention() {
+    let _c = cluster();
+    const RETENTION: u64 = 6;
+    let mut spec = json(&["get", "workerpool", "default", "-n", "tessera-system"])["spec"].clone();
+    spec["resultStore"] = "s3://tessera/collect/{namespace}/".into();
+    spec["resultRetentionSeconds"] = RETENTION.into();
+    let pool = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkerPool",
+        "metadata": {"name": "collect", "namespace": "tessera-system"}, "spec": spec});
+    kubectl_ok(&["apply", "-f", "-"], Some(&pool.to_string()));
+    let src = input("collect4", 4);
+    let on_pool = "  pool: tessera-system/collect\n";
+    let job = |name: &str, crf: u32| {
+        job_yaml(name, &src, on_pool).replace("crf: 30", &format!("crf: {crf}"))
+    };
+    let store = s3_dir().join("tessera/collect/default/chunks");
+    let results = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&store)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tpk"))
+            .collect()
+    };
+
+    kubectl_ok(&["apply", "-f", "-"], Some(&job("gc-x", 30)));
+    wait_complete("gc-x", Duration::from_secs(120));
+    let x = results();
+    let chunks = get_job("gc-x").unwrap()["status"]["progress"]["chunksTotal"]
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(x.len(), chunks, "one result per chunk: {x:?}");
+    kubectl_ok(&["apply", "-f", "-"], Some(&job("gc-y", 31)));
+    wait_complete("gc-y", Duration::from_secs(120));
+    let y: std::collections::BTreeSet<String> = results().difference(&x).cloned().collect();
+    assert_eq!(y.len(), chunks, "another crf, other results");
+
+    // Let every result pass its retention (the store's times are its files' times here).
+    let age = |n: &String| {
+        std::fs::metadata(store.join(n))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default()
+    };
+    wait_until(
+        "every result to pass its retention",
+        Duration::from_secs(30),
+        || {
+            results()
+                .iter()
+                .all(|n| age(n) > Duration::from_secs(RETENTION + 1))
+        },
+    );
+
+    // gc-y again: its results are past their retention, so they are encoded again, not taken; the
+    // collection that runs with its stitch deletes gc-x's (used by no job since) and keeps gc-y's.
+    let before = rendition_encodes("gc-y");
+    delete_job("gc-y");
+    kubectl_ok(&["apply", "-f", "-"], Some(&job("gc-y", 31)));
+    wait_complete("gc-y", Duration::from_secs(120));
+    assert_eq!(
+        rendition_encodes("gc-y") - before,
+        chunks,
+        "results past their retention are encoded again"
+    );
+    wait_until(
+        "the collection to delete gc-x's results",
+        Duration::from_secs(60),
+        || results().is_disjoint(&x),
+    );
+    assert_eq!(results(), y, "gc-y's results, just made again, are kept");
+    assert_eq!(
+        ffprobe(&s3_dir().join("tessera/outputs/gc-y/small.mp4"))["streams"][0]["nb_read_frames"],
+        "100"
+    );
+    let metrics = leader_metrics();
+    let collected = tessera_e2e::load::metric(&metrics, "tessera_results_collected_total", "");
+    assert!(
+        collected.is_some_and(|n| n >= chunks as f64),
+        "tessera_results_collected_total {collected:?} after {chunks} results expired"
+    );
+    eprintln!("collect: {chunks} results of gc-x collected, {chunks} of gc-y encoded again after {RETENTION} s and kept");
+    for name in ["gc-x", "gc-y"] {
+        delete_job(name);
+    }
+    kubectl_ok(
+        &["delete", "workerpool", "collect", "-n", "tessera-system"],
         None,
     );
 }

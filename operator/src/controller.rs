@@ -156,7 +156,7 @@ pub fn resolve_pool(spec_pool: Option<&str>, job_ns: &str, default: &str) -> Str
 pub enum Admission {
     /// With the pool's result store for the job, where it has one.
     Admitted {
-        results: Option<String>,
+        results: Option<tessera_crds::work::ResultStore>,
     },
     /// The pool does not exist in the job's own namespace: the job waits for it (the namespace is the
     /// user's own, so saying so leaks nothing).
@@ -214,7 +214,12 @@ pub fn admit(
                 labels,
             )
         }) {
-            Ok(results) => Admission::Admitted { results },
+            Ok(results) => Admission::Admitted {
+                results: results.map(|uri| tessera_crds::work::ResultStore {
+                    uri,
+                    retention_seconds: p.result_retention_seconds,
+                }),
+            },
             Err(m) => Admission::AccessNotAllowed(m),
         },
     }

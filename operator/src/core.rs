@@ -56,6 +56,10 @@ pub struct Counters {
     pub completed: AtomicU64,
     /// Encodes taken from earlier or concurrent identical work.
     pub chunks_reused: AtomicU64,
+    /// Results deleted from result stores by collection tasks.
+    pub results_collected: AtomicU64,
+    /// Results a stitch found gone from the store (encoded again).
+    pub results_missing: AtomicU64,
     pub failed: AtomicU64,
     pub expired: AtomicU64,
     pub rejected: AtomicU64,
@@ -115,7 +119,9 @@ pub enum Observation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
     /// Run, with the pool's result store for the job (where results are filed by content).
-    Run { results: Option<String> },
+    Run {
+        results: Option<tessera_crds::work::ResultStore>,
+    },
     /// Its pool does not exist in its own namespace: it waits (the message says for what).
     Wait(String),
     /// It cannot run, for good (`InvalidSpec`, `PoolNotAllowed`, `AccessNotAllowed`).
@@ -343,6 +349,8 @@ pub struct Core {
     /// them with the finalizer, and finalizing them again would queue a second cleanup and leave an entry
     /// behind for an object that is gone.
     finalized: HashMap<String, Instant>,
+    /// When a collection of each result store (by URI) was last queued.
+    collections: HashMap<String, Instant>,
     /// Task ids of different leaders never collide: a worker still holding an old leader's task gets 404
     /// from the new one (keep going), never another task's answer.
     epoch: u64,
@@ -368,6 +376,7 @@ impl Core {
             idle_since: HashMap::new(),
             jobs: HashMap::new(),
             finalized: HashMap::new(),
+            collections: HashMap::new(),
             epoch: fastrand::u64(1..(1 << 20)) << 32,
             seq: 0,
             max_attempts: 3,
@@ -568,6 +577,17 @@ impl Core {
             return Ok(None);
         };
         self.shared.counters.leases.fetch_add(1, Ordering::Relaxed);
+        let mut task = task;
+        if let (Some(c), Some(store)) = (task.work.collect.as_mut(), task.work.results.as_deref()) {
+            // What running jobs need from the store, as of now (a job planned later takes only results
+            // that outlive this collection: `work::fresh_enough`).
+            c.keep = self
+                .jobs
+                .values()
+                .filter(|e| e.run.results.as_ref().is_some_and(|r| r.uri == store))
+                .flat_map(|e| e.run.needed_results())
+                .collect();
+        }
         if task.work.kind == WorkKind::Plan {
             if let Some(e) = self
                 .jobs
@@ -770,9 +790,12 @@ impl Core {
 
     // ---- jobs ----------------------------------------------------------------------------------------
 
-    fn enqueue(&mut self, key: &Key, works: Vec<Work>) {
+    fn enqueue(&mut self, key: &Key, mut works: Vec<Work>) {
         if works.is_empty() {
             return;
+        }
+        if works.iter().any(|w| w.kind == WorkKind::Stitch) {
+            works.extend(self.collection_due(key));
         }
         let now = self.now_ms();
         let Some(e) = self.jobs.get_mut(key) else {
@@ -800,6 +823,23 @@ impl Core {
             );
         }
         self.shared.queued.notify_waiters();
+    }
+
+    /// A collection of the job's result store, when the last one was queued a quarter of the retention
+    /// ago or more: stores are collected while they are in use, alongside a job's stitch.
+    fn collection_due(&mut self, key: &Key) -> Option<Work> {
+        let run = &self.jobs.get(key)?.run;
+        let store = run.results.as_ref()?;
+        let every = Duration::from_secs((store.retention_seconds / 4).max(1));
+        if self
+            .collections
+            .get(&store.uri)
+            .is_some_and(|t| t.elapsed() < every)
+        {
+            return None;
+        }
+        self.collections.insert(store.uri.clone(), Instant::now());
+        run.collection()
     }
 
     fn observe(&mut self, job: Observed) -> Observation {
@@ -1069,8 +1109,39 @@ impl Core {
                     }
                     Vec::new()
                 }
+                TaskResult::Missing(m) => {
+                    let n = m.chunks.len() + usize::from(m.audio);
+                    self.shared
+                        .counters
+                        .results_missing
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    let note = format!(
+                        "{n} results were gone from the result store (collected or deleted); encoding chunks {:?}{} again",
+                        m.chunks,
+                        if m.audio { " and the audio" } else { "" }
+                    );
+                    tracing::warn!(job = %format!("{}/{}", key.0, key.1), chunks = ?m.chunks, audio = m.audio, "results missing from the store at the stitch");
+                    e.events.push((EventType::Warning, "ResultsMissing", note));
+                    e.run.on(Event::Missing(m), now_time())
+                }
                 TaskResult::Cleanup(_) => {
                     e.cleanup_done = true;
+                    Vec::new()
+                }
+                TaskResult::Collect(r) => {
+                    self.shared
+                        .counters
+                        .results_collected
+                        .fetch_add(r.deleted, Ordering::Relaxed);
+                    tracing::info!(
+                        store = work.results.as_deref().unwrap_or(""),
+                        listed = r.listed,
+                        deleted = r.deleted,
+                        bytes = r.bytes_deleted,
+                        kept_needed = r.kept_needed,
+                        stopped_early = r.stopped_early,
+                        "result store collected"
+                    );
                     Vec::new()
                 }
             };
@@ -1085,6 +1156,11 @@ impl Core {
             };
             e.tasks.remove(&id);
             e.dirty = true;
+            if work.kind == WorkKind::Collect {
+                // The job does not depend on it; the next collection tries again.
+                tracing::warn!(store = work.results.as_deref().unwrap_or(""), error = %f.message, "could not collect the result store");
+                continue;
+            }
             if work.kind == WorkKind::Cleanup {
                 // Nothing more can be done about a ledger that cannot be deleted: say so and let go.
                 tracing::warn!(ledger = %work.ledger, error = %f.message, "could not delete a job's temporary objects");
@@ -1165,5 +1241,173 @@ impl Core {
             *out.entry(e.run.stage.name()).or_default() += 1;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_crds::protocol::CompleteRequest;
+    use tessera_crds::work::{ChunkPlan, ChunkResult, PlanRecord, PlanResult, ResultStore};
+
+    const POOL: &str = "media/gpu";
+    const STORE: &str = "s3://b/results/media/";
+
+    fn who() -> Identity {
+        Identity {
+            username: "system:serviceaccount:media:gpu-worker".into(),
+        }
+    }
+
+    fn core() -> Core {
+        let mut core = Core::new(QueueConfig::default());
+        let mut access = PoolAccess::default();
+        access
+            .pools
+            .insert(POOL.into(), ("media".into(), "gpu-worker".into()));
+        core.apply(Cmd::SetAccess(access));
+        core
+    }
+
+    fn accept(core: &mut Core, name: &str, crf: u32) {
+        let spec: TranscodeJobSpec = serde_json::from_value(serde_json::json!({
+            "input": {"uri": "s3://b/in.mp4"}, "output": {"uri": format!("s3://b/out/{name}/")},
+            "renditions": [{"name": "a", "video": {"codec": "h264", "crf": crf}}]}))
+        .unwrap();
+        let run = JobRun::new("media", name, &format!("uid-{name}"), 1, spec, POOL.into());
+        let (reply, _) = oneshot::channel();
+        core.apply(Cmd::Accept {
+            run: Box::new(run),
+            status: None,
+            admit: Admit::Run {
+                results: Some(ResultStore {
+                    uri: STORE.into(),
+                    retention_seconds: 400,
+                }),
+            },
+            reply,
+        });
+    }
+
+    fn lease(core: &mut Core) -> Option<LeasedTask> {
+        core.lease(POOL, "w", &who()).unwrap().map(|r| r.task)
+    }
+
+    fn complete(core: &mut Core, id: TaskId, result: TaskResult) {
+        let req = CompleteRequest {
+            worker: "w".into(),
+            result,
+            seconds: 1.0,
+        };
+        core.complete(id, "w", Ok(req)).unwrap();
+    }
+
+    fn plan() -> TaskResult {
+        TaskResult::Plan(PlanResult {
+            plan: PlanRecord {
+                input_etag: Some("\"e\"".into()),
+                target_seconds: 2.0,
+                chunks: ChunkPlan::uniform(2, 2.0, 25.0),
+                frames: 100,
+                duration_seconds: 4.0,
+                fps: 25.0,
+                vfr: false,
+                encoders: vec!["libx264".into()],
+                encoder_reasons: vec![],
+                audio: false,
+                hdr: None,
+                captions: false,
+            },
+            done: vec![],
+            audio_done: false,
+            finished: None,
+        })
+    }
+
+    /// A collection of a result store is queued with a job's stitch, and when a worker leases it, it is
+    /// told every address the jobs still running with that store need, and nothing of finished jobs.
+    #[test]
+    fn a_collection_keeps_what_running_jobs_need() {
+        let mut core = core();
+        accept(&mut core, "a", 20);
+        accept(&mut core, "b", 30);
+        for _ in 0..2 {
+            let t = lease(&mut core).expect("a plan task");
+            assert_eq!(t.work.kind, WorkKind::Plan);
+            complete(&mut core, t.id, plan());
+        }
+        let needed = |core: &Core, name: &str| {
+            core.jobs[&("media".to_string(), name.to_string())]
+                .run
+                .needed_results()
+        };
+        let (need_a, need_b) = (needed(&core, "a"), needed(&core, "b"));
+        assert_eq!((need_a.len(), need_b.len()), (2, 2));
+        assert!(
+            need_a.iter().all(|a| !need_b.contains(a)),
+            "other crf, other addresses"
+        );
+        // Encode job a's chunks: its stitch and a collection follow; job b is still encoding.
+        let mut collect = None;
+        let mut stitch = None;
+        while let Some(t) = lease(&mut core) {
+            match (t.work.kind, t.job.as_str()) {
+                (WorkKind::Chunk, "a") => {
+                    complete(&mut core, t.id, TaskResult::Chunk(ChunkResult::default()))
+                }
+                (WorkKind::Chunk, "b") => {}
+                (WorkKind::Stitch, "a") => stitch = Some(t),
+                (WorkKind::Collect, _) => collect = Some(t),
+                other => panic!("unexpected task {other:?}"),
+            }
+        }
+        let collect = collect.expect("a collection is queued with the stitch");
+        assert!(stitch.is_some());
+        assert_eq!(collect.work.results.as_deref(), Some(STORE));
+        assert_eq!(collect.work.retention_seconds, Some(400));
+        let mut keep = collect.work.collect.unwrap().keep;
+        keep.sort();
+        let mut want = [need_a.clone(), need_b.clone()].concat();
+        want.sort();
+        assert_eq!(keep, want, "both jobs run: everything of both is kept");
+        // The collection's answer changes nothing about the job that carried it; a second stitch within
+        // a quarter of the retention queues no second collection.
+        complete(
+            &mut core,
+            collect.id,
+            TaskResult::Collect(tessera_crds::work::CollectResult {
+                deleted: 3,
+                ..Default::default()
+            }),
+        );
+        assert_eq!(
+            core.shared
+                .counters
+                .results_collected
+                .load(Ordering::Relaxed),
+            3
+        );
+        complete(
+            &mut core,
+            stitch.unwrap().id,
+            TaskResult::Stitch(Default::default()),
+        );
+        assert_eq!(
+            core.jobs[&("media".to_string(), "a".to_string())].run.stage,
+            Stage::Succeeded
+        );
+        assert!(
+            needed(&core, "a").is_empty(),
+            "a finished job needs nothing"
+        );
+        accept(&mut core, "c", 20);
+        let t = lease(&mut core).unwrap();
+        complete(&mut core, t.id, plan());
+        while let Some(t) = lease(&mut core) {
+            assert_ne!(t.work.kind, WorkKind::Collect, "collected a moment ago");
+            if t.work.kind == WorkKind::Chunk && t.job == "c" {
+                complete(&mut core, t.id, TaskResult::Chunk(ChunkResult::default()));
+            }
+        }
     }
 }

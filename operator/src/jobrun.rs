@@ -9,6 +9,7 @@
 //! PoolMissing      any running stage ──Suspend──▶ Suspended ──Resume──▶ Queued (re-plan from the ledger)
 //! any unfinished stage ──Failed{reason}──▶ Failed (invalid spec, pool not allowed, a task failed for good)
 //! any stage ──Delete──▶ Deleting (the owner cancels the tasks and runs the cleanup)
+//! Stitching ──Missing{chunks}──▶ Encoding (results collected from the store are encoded again)
 //! ```
 //! A restarted or new leader starts every unfinished job at Queued; the plan task reads the ledger and
 //! reports the chunks already recorded, so only the rest is queued.
@@ -17,7 +18,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use tessera_crds::work::{ChunkResult, PlanResult, StitchResult, Work, WorkKind};
+use tessera_crds::work::{ChunkResult, MissingResults, PlanResult, StitchResult, Work, WorkKind};
 use tessera_crds::{Phase, Progress, RenditionStatus, TranscodeJobSpec, TranscodeJobStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,8 @@ pub enum Event {
         result: StitchResult,
         seconds: f64,
     },
+    /// The stitch found these results gone from the store: encode them again.
+    Missing(MissingResults),
     /// It cannot go on, for good: an invalid spec, a pool it may not use, a task that failed for good.
     Failed {
         reason: String,
@@ -98,7 +101,7 @@ pub struct JobRun {
     pub stage: Stage,
     pub plan: Option<tessera_crds::work::PlanRecord>,
     /// The pool's result store for this job (its namespace filled in), where results are filed by content.
-    pub results: Option<String>,
+    pub results: Option<tessera_crds::work::ResultStore>,
     pub done: BTreeSet<u32>,
     pub audio_done: bool,
     /// Chunks found already encoded in the ledger (not encoded again).
@@ -165,7 +168,26 @@ impl JobRun {
             ledger: self.ledger.clone(),
             plan: self.plan.as_ref().map(|p| p.for_task(kind, chunk)),
             chunk,
-            results: self.results.clone(),
+            results: self.results.as_ref().map(|r| r.uri.clone()),
+            retention_seconds: self.results.as_ref().map(|r| r.retention_seconds),
+            collect: None,
+        }
+    }
+
+    /// A collection of this job's result store (the addresses to keep are filled in when it is leased).
+    pub fn collection(&self) -> Option<Work> {
+        self.results.as_ref()?;
+        Some(Work {
+            collect: Some(tessera_crds::work::Collect::default()),
+            ..self.work(WorkKind::Collect, None)
+        })
+    }
+
+    /// Every content address this job needs from its result store, while it runs.
+    pub fn needed_results(&self) -> Vec<String> {
+        match (&self.plan, self.finished()) {
+            (Some(p), false) => tessera_crds::work::needed_addresses(&self.spec, p),
+            _ => Vec::new(),
         }
     }
 
@@ -213,6 +235,7 @@ impl JobRun {
                 self.on_stitched(result, seconds, now);
                 Vec::new()
             }
+            (Stitching, Event::Missing(m)) => self.on_missing(m),
             (Queued | Planning | Encoding | Stitching | PoolMissing, Event::Suspend) => {
                 self.stage = Suspended;
                 Vec::new()
@@ -310,6 +333,24 @@ impl JobRun {
             return vec![self.work(WorkKind::Stitch, None)];
         }
         Vec::new()
+    }
+
+    /// Results the stitch needed were gone: back to encoding, for those only.
+    fn on_missing(&mut self, m: MissingResults) -> Vec<Work> {
+        for c in &m.chunks {
+            self.done.remove(c);
+        }
+        if m.audio {
+            self.audio_done = false;
+        }
+        self.stage = Stage::Encoding;
+        let again = self.remaining();
+        if again.is_empty() {
+            // Nothing named that this job has: stitching again is all that is left.
+            self.stage = Stage::Stitching;
+            return vec![self.work(WorkKind::Stitch, None)];
+        }
+        again
     }
 
     fn on_stitched(&mut self, r: StitchResult, seconds: f64, now: Time) {
@@ -541,6 +582,20 @@ mod tests {
         assert_eq!(st.encoded_or_default(), 60);
         let w = j.on(enc(WorkKind::Chunk, Some(1)), now());
         assert_eq!((w.len(), w[0].kind), (1, WorkKind::Stitch));
+        // The stitch finds chunk 2's result and the audio collected from the store: those two again.
+        let w = j.on(
+            Event::Missing(MissingResults {
+                chunks: vec![2],
+                audio: true,
+            }),
+            now(),
+        );
+        let kinds: Vec<_> = w.iter().map(|w| (w.kind, w.chunk)).collect();
+        assert_eq!(kinds, [(WorkKind::Chunk, Some(2)), (WorkKind::Audio, None)]);
+        assert_eq!(j.stage, Stage::Encoding);
+        assert!(j.on(enc(WorkKind::Chunk, Some(2)), now()).is_empty());
+        let w = j.on(enc(WorkKind::Audio, None), now());
+        assert_eq!((w.len(), w[0].kind), (1, WorkKind::Stitch));
         j.on(
             Event::Stitched {
                 result: StitchResult::default(),
@@ -554,7 +609,7 @@ mod tests {
             .conditions
             .iter()
             .any(|c| c.type_ == "Complete" && c.status == "True"));
-        assert_eq!(st.gpu_seconds, Some(7.0));
+        assert_eq!(st.gpu_seconds, Some(9.0));
     }
 
     #[test]

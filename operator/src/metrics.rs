@@ -83,6 +83,17 @@ pub fn render(shared: &Shared, snap: &Snapshot, ctx: Option<&Ctx>) -> String {
         counter(c.chunks_reused.load(Ordering::Relaxed)),
     );
     reg.register(
+        "results_collected",
+        "Results deleted from result stores by collection tasks (not made or used for the pool's \
+         resultRetentionSeconds, and needed by no running job)",
+        counter(c.results_collected.load(Ordering::Relaxed)),
+    );
+    reg.register(
+        "results_missing",
+        "Chunk and audio results a stitch found gone from the result store, encoded again",
+        counter(c.results_missing.load(Ordering::Relaxed)),
+    );
+    reg.register(
         "tasks_failed",
         "Tasks failed for good",
         counter(c.failed.load(Ordering::Relaxed)),

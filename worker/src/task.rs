@@ -12,7 +12,8 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tessera_crds::protocol::{CleanupResult, TaskResult};
 use tessera_crds::work::{
-    ChunkEncode, ChunkResult, PlanRecord, PlanResult, StitchResult, TaskFailure, Work, WorkKind,
+    ChunkEncode, ChunkResult, CollectResult, MissingResults, PlanRecord, PlanResult, StitchResult,
+    StoredResult, TaskFailure, Work, WorkKind,
 };
 
 use crate::error::{Error, Result, StorageKind};
@@ -71,9 +72,8 @@ pub fn execute(
             chunk(work, &s3, &ledger, slots, cancel, frames, started).map(TaskResult::Chunk)
         }
         WorkKind::Audio => audio(work, &s3, &ledger, slots, cancel, started).map(TaskResult::Audio),
-        WorkKind::Stitch => {
-            stitch(work, &s3, &ledger, slots, cancel, started).map(TaskResult::Stitch)
-        }
+        WorkKind::Stitch => stitch(work, &s3, &ledger, slots, cancel, started),
+        WorkKind::Collect => collect(work, &s3, cancel).map(TaskResult::Collect),
         WorkKind::Cleanup => s3::block_on(s3.delete_prefix(&ledger)).map(|n| {
             tracing::info!(ledger = %ledger, objects = n, "ledger deleted");
             TaskResult::Cleanup(CleanupResult { deleted: n as u64 })
@@ -317,6 +317,43 @@ impl<'a> Pieces<'a> {
         self.store.is_some()
     }
 
+    /// Whether `uri` is one of the store's results (not the ledger's).
+    fn in_store(&self, uri: &S3Uri) -> bool {
+        self.store
+            .as_ref()
+            .is_some_and(|s| uri.bucket == s.bucket && uri.key.starts_with(&s.key))
+    }
+
+    /// Whether a result found in the store may be taken: it exists, and it was made or used recently
+    /// enough that no collection can delete it before this job's stitch reads it
+    /// ([`tessera_crds::work::fresh_enough`], on the store's clock). Taking it marks it used
+    /// (`used/<address>`), which keeps it for another retention period. A result near expiry is
+    /// encoded again (and written over).
+    fn reusable(&self, s3: &Arc<S3>, uri: &S3Uri) -> Result<bool> {
+        let (Some(store), true) = (&self.store, self.in_store(uri)) else {
+            return Ok(false);
+        };
+        let Some(piece) = s3::block_on(s3.head_opt(uri))? else {
+            return Ok(false);
+        };
+        let rel = &uri.key[store.key.len()..];
+        let Some(addr) = tessera_crds::work::address_of(rel) else {
+            return Ok(false);
+        };
+        let marker = store.join(&format!("used/{addr}"));
+        let before = s3::block_on(s3.head_opt(&marker))?.and_then(|m| m.last_modified);
+        let now = s3::block_on(s3.stamp(&marker))?;
+        let last = piece.last_modified.unwrap_or(0).max(before.unwrap_or(0));
+        let fresh = self
+            .work
+            .retention_seconds
+            .is_none_or(|r| tessera_crds::work::fresh_enough(last, now, r));
+        if !fresh {
+            tracing::info!(result = %uri, age_seconds = now - last, "a result in the store is close to its expiry; encoding it again");
+        }
+        Ok(fresh)
+    }
+
     /// Each rendition's encode of chunk `c`, in spec order.
     fn chunk(&self, c: usize) -> Vec<S3Uri> {
         let keys = self
@@ -403,7 +440,7 @@ fn chunk(
     let mut found = vec![false; renditions];
     if pieces.shared() {
         for (f, uri) in found.iter_mut().zip(&uris) {
-            *f = s3::block_on(s3.exists(uri))?;
+            *f = pieces.reusable(s3, uri)?;
         }
     }
     let wanted: Vec<usize> = (0..renditions).filter(|r| !found[*r]).collect();
@@ -498,7 +535,7 @@ fn audio(
         if !reused {
             break;
         }
-        reused = s3::block_on(s3.exists(uri))?;
+        reused = pieces.reusable(s3, uri)?;
     }
     let mut n = 0;
     if !reused {
@@ -532,24 +569,31 @@ fn stitch(
     slots: usize,
     cancel: &AtomicBool,
     started: Instant,
-) -> Result<StitchResult> {
+) -> Result<TaskResult> {
     let prep = prepared(work, s3, slots)?;
     let dir = scratch()?;
     let pieces = Pieces::new(work, ledger)?;
-    let mut files: Vec<(S3Uri, String)> = Vec::new();
+    // Each file and the chunk it belongs to (`None`: the audio).
+    let mut files: Vec<(S3Uri, String, Option<u32>)> = Vec::new();
     for c in &prep.chunks {
         files.extend(
             pieces
                 .chunk(c.index)
                 .into_iter()
                 .enumerate()
-                .map(|(r, uri)| (uri, Prepared::chunk_file(r, c.index))),
+                .map(|(r, uri)| (uri, Prepared::chunk_file(r, c.index), Some(c.index as u32))),
         );
     }
     let names = prep.audio_files();
-    files.extend(pieces.audio(&names).into_iter().zip(names));
-    s3::block_on(async {
-        stream::iter(files.iter().map(|(src, n)| {
+    files.extend(
+        pieces
+            .audio(&names)
+            .into_iter()
+            .zip(names)
+            .map(|(u, n)| (u, n, None)),
+    );
+    let fetched: Vec<Result<()>> = s3::block_on(async {
+        stream::iter(files.iter().map(|(src, n, _)| {
             let dst = dir.path().join(n);
             async move {
                 s3::cp::download_file(s3, src, &dst, &CopyProgress::default())
@@ -557,10 +601,41 @@ fn stitch(
                     .map(drop)
             }
         }))
-        .buffer_unordered(6)
-        .try_collect::<Vec<()>>()
+        .buffered(6)
+        .collect()
         .await
-    })?;
+    });
+    // A result gone from the store (collected while the job waited, or deleted by hand) is encoded again;
+    // any other failure is the stitch's.
+    let mut missing = MissingResults::default();
+    for ((uri, _, owner), r) in files.iter().zip(fetched) {
+        match r {
+            Err(Error::Storage {
+                kind: StorageKind::NotFound,
+                ..
+            }) if pieces.in_store(uri) => match owner {
+                Some(c) if !missing.chunks.contains(c) => missing.chunks.push(*c),
+                Some(_) => {}
+                None => missing.audio = true,
+            },
+            r => r?,
+        }
+    }
+    if !missing.chunks.is_empty() || missing.audio {
+        let mut records: Vec<S3Uri> = missing
+            .chunks
+            .iter()
+            .map(|c| ledger.join(&format!("done/c{c}.json")))
+            .collect();
+        if missing.audio {
+            records.push(ledger.join("done/audio.json"));
+        }
+        for r in &records {
+            s3::block_on(s3.delete(r))?;
+        }
+        tracing::warn!(chunks = ?missing.chunks, audio = missing.audio, "results are gone from the store; they will be encoded again");
+        return Ok(TaskResult::Missing(missing));
+    }
     let mut fin = prep.finish(&work.spec, dir.path(), cancel, &Progress::default())?;
     if let Some(rec) = &work.plan {
         // The plan's reasons name the hardware encoders that failed; this worker only opened the chosen one.
@@ -584,7 +659,86 @@ fn stitch(
         n += s3::block_on(s3.delete_prefix(&ledger.join(sub)))?;
     }
     tracing::info!(ledger = %ledger, objects = n, "outputs published; chunks deleted");
-    Ok(result)
+    Ok(TaskResult::Stitch(result))
+}
+
+/// Collect the result store: delete results not made or used for the retention time, except those running
+/// jobs need (`work.collect.keep`). Times are the store's own (a marker's LastModified), never this
+/// machine's; deleting stops when the grace period runs out, so a chunk task that took a result after this
+/// began is never undercut ([`tessera_crds::work::fresh_enough`]).
+fn collect(work: &Work, s3: &Arc<S3>, cancel: &AtomicBool) -> Result<CollectResult> {
+    let store = work
+        .results
+        .as_deref()
+        .and_then(S3Uri::parse)
+        .ok_or_else(|| field("results", "a collection names no s3:// result store"))?;
+    let retention = work
+        .retention_seconds
+        .ok_or_else(|| field("retentionSeconds", "a collection names no retention"))?;
+    let keep: std::collections::HashSet<&str> = work
+        .collect
+        .iter()
+        .flat_map(|c| c.keep.iter().map(String::as_str))
+        .collect();
+    let began = Instant::now();
+    let now = s3::block_on(s3.stamp(&store.join("collected.json")))?;
+    let grace = std::time::Duration::from_secs(tessera_crds::work::grace_seconds(retention));
+    let rel = |u: &S3Uri| u.key[store.key.len()..].to_string();
+    let mut used: std::collections::HashMap<String, (i64, S3Uri)> = Default::default();
+    for m in s3::block_on(s3.list_objects(&store.join("used/")))? {
+        let r = rel(&m.uri);
+        let addr = r.trim_start_matches("used/").to_string();
+        used.insert(addr, (m.last_modified, m.uri));
+    }
+    let mut objects = Vec::new();
+    let mut uris = Vec::new();
+    for sub in ["chunks/", "audio/"] {
+        for o in s3::block_on(s3.list_objects(&store.join(sub)))? {
+            let key = rel(&o.uri);
+            let marked = tessera_crds::work::address_of(&key)
+                .and_then(|a| used.get(a))
+                .map_or(0, |(t, _)| *t);
+            objects.push(StoredResult {
+                key,
+                last_used: o.last_modified.max(marked),
+                size: o.size,
+            });
+            uris.push(o.uri);
+        }
+    }
+    let (delete, kept_needed) = tessera_crds::work::collectable(&objects, now, retention, &keep);
+    let mut out = CollectResult {
+        listed: objects.len() as u64,
+        kept_needed,
+        ..Default::default()
+    };
+    let mut gone = std::collections::HashSet::new();
+    for i in delete {
+        if began.elapsed() >= grace || cancel.load(Ordering::Relaxed) {
+            out.stopped_early = true;
+            break;
+        }
+        s3::block_on(s3.delete(&uris[i]))?;
+        out.deleted += 1;
+        out.bytes_deleted += objects[i].size;
+        gone.insert(i);
+    }
+    // A use marker goes with the last of its address's results.
+    let live: std::collections::HashSet<&str> = objects
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !gone.contains(i))
+        .filter_map(|(_, o)| tessera_crds::work::address_of(&o.key))
+        .collect();
+    let cutoff = now - retention as i64;
+    for (addr, (t, uri)) in &used {
+        if !live.contains(addr.as_str()) && *t < cutoff && began.elapsed() < grace {
+            s3::block_on(s3.delete(uri))?;
+        }
+    }
+    tracing::info!(store = %store, listed = out.listed, deleted = out.deleted, bytes = out.bytes_deleted,
+        kept_needed = out.kept_needed, stopped_early = out.stopped_early, "result store collected");
+    Ok(out)
 }
 
 #[cfg(test)]

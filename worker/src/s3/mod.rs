@@ -206,6 +206,17 @@ impl Stats {
 pub struct ObjectMeta {
     pub size: u64,
     pub etag: String,
+    /// When the object was last written, by the store's clock (seconds since the epoch).
+    pub last_modified: Option<i64>,
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub uri: S3Uri,
+    pub size: u64,
+    /// The store's clock, seconds since the epoch (0 when the server did not say).
+    pub last_modified: i64,
 }
 
 /// One endpoint: its client, breaker, settings and counters.
@@ -450,6 +461,7 @@ impl S3 {
                     return Ok(ObjectMeta {
                         size: o.content_length().unwrap_or(0).max(0) as u64,
                         etag: o.e_tag().unwrap_or_default().to_string(),
+                        last_modified: o.last_modified().map(|t| t.secs()),
                     });
                 }
                 Err(e) => {
@@ -735,6 +747,16 @@ impl S3 {
 
     /// Every object under a prefix (ListObjectsV2, all pages).
     pub async fn list(&self, prefix: &S3Uri) -> Result<Vec<S3Uri>> {
+        Ok(self
+            .list_objects(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.uri)
+            .collect())
+    }
+
+    /// Every object under a prefix with its size and time (ListObjectsV2, all pages).
+    pub async fn list_objects(&self, prefix: &S3Uri) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -758,9 +780,13 @@ impl S3 {
                 }
             };
             out.extend(page.contents().iter().filter_map(|o| {
-                o.key().map(|k| S3Uri {
-                    bucket: prefix.bucket.clone(),
-                    key: k.to_string(),
+                o.key().map(|k| Listed {
+                    uri: S3Uri {
+                        bucket: prefix.bucket.clone(),
+                        key: k.to_string(),
+                    },
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    last_modified: o.last_modified().map_or(0, |t| t.secs()),
                 })
             }));
             match page.next_continuation_token() {
@@ -772,14 +798,34 @@ impl S3 {
 
     /// Whether an object exists (HEAD); a missing bucket or a denied request is an error.
     pub async fn exists(&self, uri: &S3Uri) -> Result<bool> {
+        Ok(self.head_opt(uri).await?.is_some())
+    }
+
+    /// HEAD, with a missing object as `None`; a missing bucket or a denied request is an error.
+    pub async fn head_opt(&self, uri: &S3Uri) -> Result<Option<ObjectMeta>> {
         match self.head(uri).await {
-            Ok(_) => Ok(true),
+            Ok(m) => Ok(Some(m)),
             Err(Error::Storage {
                 kind: StorageKind::NotFound,
                 ..
-            }) => Ok(false),
+            }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Write a small marker object and answer the store's clock at that moment (its LastModified), so
+    /// that times compared with the store's own are never this machine's.
+    pub async fn stamp(self: &Arc<Self>, uri: &S3Uri) -> Result<i64> {
+        self.put_small(uri, Bytes::from_static(b"{}")).await?;
+        self.head(uri)
+            .await?
+            .last_modified
+            .ok_or_else(|| Error::Storage {
+                uri: uri.to_string(),
+                what: "no time in the store's answer".into(),
+                kind: StorageKind::Unavailable,
+                detail: "HeadObject gave no Last-Modified".into(),
+            })
     }
 
     /// Delete every object under a prefix; returns how many.
