@@ -21,7 +21,7 @@ use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::json;
 use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool, WorkerPoolStatus};
 
@@ -52,6 +52,53 @@ pub struct Config {
 }
 
 /// What the controllers share: the API client, the way to the state's owner, and counters.
+/// Latency buckets (seconds), with a bound at the 100 ms reconcile goal.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Start a finalizer write beside the reconcile, which returns at once: the write's own watch event (or,
+/// should it fail, the requeue the reconcile asked for) brings the job back. A reconcile therefore never
+/// waits on the API server, however many jobs arrive or leave at once; `then` runs after a write that
+/// succeeded (or found the job gone).
+fn spawn_finalizer_write(
+    ctx: &Arc<Ctx>,
+    api: Api<TranscodeJob>,
+    (ns, name): (String, String),
+    patch: serde_json::Value,
+    then: Option<Cmd>,
+) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1..=4 {
+            let t0 = Instant::now();
+            let r = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            ctx.api_write_seconds.observe(t0.elapsed().as_secs_f64());
+            match r {
+                Ok(_) => break,
+                Err(e) if is_404(&e) => break,
+                // The job changed under the write: its watch event brings it back with what it is now.
+                Err(kube::Error::Api(s)) if s.code == 409 => return,
+                Err(e) if attempt == 4 => {
+                    tracing::warn!(job = %format!("{ns}/{name}"), error = %e, "finalizer write failed; the job's requeue tries again");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(job = %format!("{ns}/{name}"), error = %e, attempt, "finalizer write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+        if let Some(cmd) = then {
+            ctx.core.tell(cmd).await;
+        }
+    });
+}
+
 pub struct Ctx {
     pub client: Client,
     pub core: CoreHandle,
@@ -61,8 +108,11 @@ pub struct Ctx {
     pools: std::sync::OnceLock<Store<WorkerPool>>,
     pub status_writes: AtomicU64,
     pub reconciles: AtomicU64,
-    /// How long each TranscodeJob reconcile took, API calls included.
+    /// How long each TranscodeJob reconcile took (its decisions and the owner's answers; the finalizer
+    /// writes it starts run beside it, in `api_write_seconds`).
     pub reconcile_seconds: Histogram,
+    /// How long each finalizer write to the API server took.
+    pub api_write_seconds: Histogram,
 }
 
 impl Ctx {
@@ -82,7 +132,8 @@ impl Ctx {
             pools: std::sync::OnceLock::new(),
             status_writes: AtomicU64::new(0),
             reconciles: AtomicU64::new(0),
-            reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            reconcile_seconds: Histogram::new(LATENCY_BUCKETS.iter().copied()),
+            api_write_seconds: Histogram::new(LATENCY_BUCKETS.iter().copied()),
         }
     }
 
@@ -302,19 +353,17 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
     let (ns, name) = key(&job);
     let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
     if job.metadata.deletion_timestamp.is_some() {
-        return finalize(&job, &ctx, &api).await;
+        return finalize(&job, &ctx, api).await;
     }
     if !job.finalizers().iter().any(|f| f == FINALIZER) {
+        // Nothing is queued before the finalizer is there (admission waits for the write's watch event),
+        // so nothing a deletion must clean up can exist without it.
         let mut f = job.finalizers().to_vec();
         f.push(FINALIZER.into());
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": f}})),
-        )
-        .await
-        .map_err(|e| Error::kube(format!("finalizer of {ns}/{name}"), e))?;
-        return Ok(Action::await_change());
+        let patch = json!({"metadata": {"finalizers": f}});
+        spawn_finalizer_write(&ctx, api, (ns, name), patch, None);
+        // The write's watch event is what normally comes next; this only covers a write that failed.
+        return Ok(Action::requeue(Duration::from_secs(60)));
     }
     let status = job.status.clone().unwrap_or_default();
     let seen = observed(&job);
@@ -426,7 +475,11 @@ async fn ttl(
 /// steps), then the finalizer goes. kube-runtime's `finalizer` helper is not used: it runs the cleanup
 /// inline in one reconcile, where this one waits across reconciles for workers to acknowledge and for a
 /// cleanup task to run on the job's pool.
-async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Result<Action, Error> {
+async fn finalize(
+    job: &TranscodeJob,
+    ctx: &Arc<Ctx>,
+    api: Api<TranscodeJob>,
+) -> Result<Action, Error> {
     let (ns, name) = key(job);
     let seen = observed(job);
     let step = ctx
@@ -451,23 +504,15 @@ async fn finalize(job: &TranscodeJob, ctx: &Ctx, api: &Api<TranscodeJob>) -> Res
         .collect();
     let patch =
         json!({"metadata": {"finalizers": left, "resourceVersion": job.resource_version()}});
-    match api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if is_404(&e) => {}
-        Err(e) => return Err(Error::kube(format!("finalizer of {ns}/{name}"), e)),
-    }
-    ctx.core
-        .tell(Cmd::Finalized {
-            namespace: ns.clone(),
-            name: name.clone(),
-            uid: job.uid().unwrap_or_default(),
-        })
-        .await;
+    let done = Cmd::Finalized {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid: job.uid().unwrap_or_default(),
+    };
+    spawn_finalizer_write(ctx, api, (ns.clone(), name.clone()), patch, Some(done));
     tracing::info!(job = %format!("{ns}/{name}"), "job deleted; its temporary objects are gone");
-    Ok(Action::await_change())
+    // Gone once the write lands; should it fail, the owner answers `RemoveFinalizer` again then.
+    Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 fn error_policy(_job: Arc<TranscodeJob>, err: &Error, _ctx: Arc<Ctx>) -> Action {
@@ -734,8 +779,18 @@ pub async fn run(ctx: Arc<Ctx>) {
             .run(reconcile_pool, pool_error_policy, pctx)
             .for_each(|_| async {}),
     );
-    let jobs: Api<TranscodeJob> = Api::all(ctx.client.clone());
-    let jobs_ctl = Controller::new(jobs, watcher::Config::default());
+    // The jobs' cache holds every TranscodeJob; their managedFields (one entry per writer, listing every
+    // field it set) are never read here, so they are not kept.
+    let (jobs_cache, jobs_writer) = reflector::store::<TranscodeJob>();
+    let job_events = watcher(
+        Api::<TranscodeJob>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|j| j.managed_fields_mut().clear())
+    .reflect(jobs_writer)
+    .applied_objects();
+    let jobs_ctl = Controller::for_stream(job_events, jobs_cache);
     // A job waiting for its pool (Pending, PoolNotFound) is admitted when the pool appears, not at its
     // next periodic look.
     let (job_store, default_pool) = (jobs_ctl.store(), ctx.cfg.default_pool.clone());

@@ -133,8 +133,13 @@ pub fn render(shared: &Shared, snap: &Snapshot, ctx: Option<&Ctx>) -> String {
         );
         reg.register(
             "reconcile_duration_seconds",
-            "Time one TranscodeJob reconcile took, API calls included",
+            "Time one TranscodeJob reconcile took (finalizer writes run beside it)",
             ctx.reconcile_seconds.clone(),
+        );
+        reg.register(
+            "api_write_duration_seconds",
+            "Time one finalizer write to the API server took",
+            ctx.api_write_seconds.clone(),
         );
         let jobs = Family::<StageLabel, Gauge>::default();
         for (stage, n) in &snap.jobs_by_stage {
