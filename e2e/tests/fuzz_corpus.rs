@@ -78,23 +78,24 @@ fn replay(target: &str, mutations_per_entry: usize, f: fn(&[u8])) {
 
 #[test]
 fn probe_and_plan_corpus() {
-    tessera::avlog::init();
+    tessera_engine::avlog::init();
     // The seeds are real media: the probe must read them, or the mutations test nothing.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/probe");
     for f in ["tiny.mp4", "tiny.mkv", "tiny.ts"] {
-        let info = tessera::probe::probe(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let info =
+            tessera_engine::probe::probe(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert!(
             info.keyframes.len() >= 2,
             "{f}: keyframes {:?}",
             info.keyframes
         );
     }
-    replay("probe", 40, tessera::fuzzing::probe_and_plan);
+    replay("probe", 40, tessera_engine::fuzzing::probe_and_plan);
 }
 
 #[test]
 fn planner_corpus() {
-    replay("plan", 500, tessera::fuzzing::plan);
+    replay("plan", 500, tessera_engine::fuzzing::plan);
 }
 
 #[test]

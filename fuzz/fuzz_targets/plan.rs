@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tessera::fuzzing::plan(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tessera_engine::fuzzing::plan(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tessera::fuzzing::probe_and_plan(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tessera_engine::fuzzing::probe_and_plan(data));

@@ -20,8 +20,8 @@ use ffmpeg_next as ff;
 use serde::Serialize;
 use tessera_crds::{Hardware, VideoCodec};
 
-use crate::s3::{self, classify, S3Uri, Settings, S3};
-use crate::{encode, hwdec, plan};
+use tessera_engine::s3::{self, classify, S3Uri, Settings, S3};
+use tessera_engine::{encode, hwdec, plan};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -181,7 +181,7 @@ fn grouped(failures: &[(String, String)]) -> String {
 }
 
 pub fn media() -> Vec<Check> {
-    crate::avlog::init();
+    tessera_engine::avlog::init();
     let mut out = vec![Check::new(
         "media",
         "FFmpeg",

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera::job::{self, Progress, RunOptions};
-use tessera::{probe, Error};
+use tessera_engine::job::{self, Progress, RunOptions};
+use tessera_engine::{probe, Error};
 
 #[derive(Parser)]
 #[command(
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
         // SAFETY (edition 2024 wording): set before any other thread exists.
         std::env::set_var("SVT_LOG", "2");
     }
-    let default = tessera::s3::cli::log_filter(cli.verbose);
+    let default = tessera_engine::s3::cli::log_filter(cli.verbose);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -107,8 +107,8 @@ fn main() -> ExitCode {
         } => return doctor_cmd(uri, cluster, namespace, json),
         Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose),
         Command::Worker => {
-            tessera::s3::set_pod_mode();
-            tessera::pod::Config::from_env().and_then(tessera::pod::run)
+            tessera_engine::s3::set_pod_mode();
+            tessera_worker::pod::Config::from_env().and_then(tessera_worker::pod::run)
         }
     };
     match res {
@@ -135,7 +135,7 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
             if cancel.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            tessera::s3::interrupt();
+            tessera_engine::s3::interrupt();
             eprintln!("\ntessera: stopping (press Ctrl-C again to exit at once)");
         });
     }
@@ -227,7 +227,7 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
 }
 
 fn doctor_cmd(storage: Option<String>, cluster: bool, namespace: String, json: bool) -> ExitCode {
-    let checks = tessera::doctor::run(&tessera::doctor::Options {
+    let checks = tessera_worker::doctor::run(&tessera_worker::doctor::Options {
         storage,
         cluster,
         namespace,
@@ -236,15 +236,15 @@ fn doctor_cmd(storage: Option<String>, cluster: bool, namespace: String, json: b
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "ok": !tessera::doctor::failed(&checks),
+                "ok": !tessera_worker::doctor::failed(&checks),
                 "checks": checks,
             }))
             .expect("checks serialise")
         );
     } else {
-        print!("{}", tessera::doctor::render(&checks));
+        print!("{}", tessera_worker::doctor::render(&checks));
     }
-    if tessera::doctor::failed(&checks) {
+    if tessera_worker::doctor::failed(&checks) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -298,10 +298,10 @@ fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
     );
     for t in &info.tracks {
         let mut line = format!("  {} #{}: {}", t.kind.as_str(), t.index, t.codec);
-        if t.kind == tessera::probe::TrackKind::Audio {
+        if t.kind == tessera_engine::probe::TrackKind::Audio {
             line.push_str(&format!(" {} Hz, {} channels", t.sample_rate, t.channels));
         }
-        if t.kind == tessera::probe::TrackKind::Subtitle {
+        if t.kind == tessera_engine::probe::TrackKind::Subtitle {
             line.push_str(if t.text { " (text)" } else { " (bitmap)" });
         }
         if let Some(l) = &t.language {
@@ -347,5 +347,5 @@ fn cp_cmd(src: &str, dst: &str, json: bool, verbose: u8) -> Result<(), Error> {
         let err = cmd.exec();
         tracing::warn!(bin = %bin.display(), error = %err, "could not run tessera-cp; copying here");
     }
-    tessera::s3::cli::cp_command(src, dst, json)
+    tessera_engine::s3::cli::cp_command(src, dst, json)
 }

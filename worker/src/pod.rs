@@ -30,8 +30,8 @@ use tessera_crds::protocol::{
 use tessera_crds::work::{TaskFailure, TaskProgress, Work};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
 use crate::task;
+use tessera_engine::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -16,10 +16,10 @@ use tessera_crds::work::{
     StoredResult, TaskFailure, Work, WorkKind,
 };
 
-use crate::error::{Error, Result, StorageKind};
-use crate::job::{self, Prepared, Progress};
-use crate::plan;
-use crate::s3::{self, cp::CopyProgress, S3Uri, S3};
+use tessera_engine::error::{Error, Result, StorageKind};
+use tessera_engine::job::{self, Prepared, Progress};
+use tessera_engine::plan;
+use tessera_engine::s3::{self, cp::CopyProgress, S3Uri, S3};
 
 fn field(f: &str, m: impl Into<String>) -> Error {
     Error::Field {

@@ -29,11 +29,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tessera::s3::cli::log_filter(cli.verbose).into()),
+                .unwrap_or_else(|_| tessera_engine::s3::cli::log_filter(cli.verbose).into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match tessera::s3::cli::cp_command(&cli.src, &cli.dst, cli.json) {
+    match tessera_engine::s3::cli::cp_command(&cli.src, &cli.dst, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tessera: error: {e}");
