@@ -523,13 +523,13 @@ pub struct WorkerPoolSpec {
     /// the job's namespace write (`{namespace}` keeps tenants apart). Absent: no reuse across jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_store: Option<String>,
-    /// How long a result in the store is kept after it was last made or used (default 7 days). While the
+    /// How long a result in the store is kept after it was last made or used (default 604800: 7 days). While the
     /// store is in use, a collection task of the pool deletes older results (at most every quarter of this
     /// time, with a job's stitch), except those a job that is still running needs; a worker does not take
     /// a result that is close to expiry (it encodes it again).
-    #[serde(default = "default_result_retention")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 31_536_000))]
-    pub result_retention_seconds: u64,
+    pub result_retention_seconds: Option<u64>,
     /// The S3 endpoint and credentials workers use. Jobs cannot pick an endpoint: the administrator sets it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Access>,
@@ -555,6 +555,13 @@ pub struct WorkerPoolSpec {
     pub scratch_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
+impl WorkerPoolSpec {
+    /// `resultRetentionSeconds`, or its default: 7 days.
+    pub fn result_retention(&self) -> u64 {
+        self.result_retention_seconds.unwrap_or(7 * 86_400)
+    }
+}
+
 fn default_max_workers() -> u32 {
     4
 }
@@ -563,9 +570,6 @@ fn default_tasks_per_worker() -> u32 {
 }
 fn default_cooldown() -> u32 {
     60
-}
-fn default_result_retention() -> u64 {
-    7 * 86_400
 }
 fn default_worker_sa() -> String {
     "tessera-worker".into()

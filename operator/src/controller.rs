@@ -268,7 +268,7 @@ pub fn admit(
             Ok(results) => Admission::Admitted {
                 results: results.map(|uri| tessera_crds::work::ResultStore {
                     uri,
-                    retention_seconds: p.result_retention_seconds,
+                    retention_seconds: p.result_retention(),
                 }),
             },
             Err(m) => Admission::AccessNotAllowed(m),

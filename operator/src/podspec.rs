@@ -222,7 +222,7 @@ mod tests {
             allowed_namespaces: Default::default(),
             access: Vec::new(),
             result_store: None,
-            result_retention_seconds: 604_800,
+            result_retention_seconds: None,
             s3: None,
             env: Vec::new(),
             scratch_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
