@@ -291,6 +291,8 @@ struct Pieces<'a> {
     ledger: &'a S3Uri,
     /// The store, where pieces are filed by content.
     store: Option<S3Uri>,
+    /// Each address's use already judged and marked by this task (the audio files share one address).
+    judged: std::cell::RefCell<std::collections::HashMap<String, bool>>,
 }
 
 impl<'a> Pieces<'a> {
@@ -309,6 +311,7 @@ impl<'a> Pieces<'a> {
             work,
             ledger,
             store: store.filter(|_| shared),
+            judged: Default::default(),
         })
     }
 
@@ -340,6 +343,9 @@ impl<'a> Pieces<'a> {
         let Some(addr) = tessera_crds::work::address_of(rel) else {
             return Ok(false);
         };
+        if let Some(&fresh) = self.judged.borrow().get(addr) {
+            return Ok(fresh);
+        }
         let marker = store.join(&format!("used/{addr}"));
         let before = s3::block_on(s3.head_opt(&marker))?.and_then(|m| m.last_modified);
         let now = s3::block_on(s3.stamp(&marker))?;
@@ -351,6 +357,7 @@ impl<'a> Pieces<'a> {
         if !fresh {
             tracing::info!(result = %uri, age_seconds = now - last, "a result in the store is close to its expiry; encoding it again");
         }
+        self.judged.borrow_mut().insert(addr.to_string(), fresh);
         Ok(fresh)
     }
 
