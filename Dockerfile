@@ -6,12 +6,15 @@
 
 FROM rust:1.85-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends pkg-config clang libclang-dev \
+ && apt-get install -y --no-install-recommends pkg-config clang libclang-dev meson ninja-build nasm xxd curl \
       libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev libswscale-dev libswresample-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --workspace \
+# libvmaf 2.3.1, linked statically into the worker (BSD-2-Clause-Patent).
+ENV LIBVMAF_DIR=/opt/libvmaf
+RUN ./scripts/libvmaf.sh /opt/libvmaf \
+ && cargo build --release --locked --workspace \
  && install -D -m 0755 target/release/tessera /out/tessera \
  && install -D -m 0755 target/release/tessera-cp /out/tessera-cp \
  && install -D -m 0755 target/release/tessera-operator /out/tessera-operator

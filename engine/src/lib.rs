@@ -22,5 +22,6 @@ pub mod stitch;
 pub mod streams;
 pub mod subtitles;
 pub mod thumbnails;
+pub mod vmaf;
 
 pub use error::{Error, Result};
