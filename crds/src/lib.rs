@@ -166,6 +166,28 @@ pub struct VideoSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
     pub preset: Option<String>,
+    /// Aim each chunk at a perceptual quality instead of a fixed `crf`: the worker finds, per chunk, the
+    /// encoder setting whose VMAF lands on the target (probe encodes of a sample of the chunk's frames),
+    /// then encodes once with it. Exclusive with `crf` and `bitrate`; `maxrate` still caps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_quality: Option<TargetQuality>,
+}
+
+/// A per-chunk quality target.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetQuality {
+    /// The mean VMAF each chunk aims for (model vmaf_v0.6.1; vmaf_4k_v0.6.1 for 2160p renditions).
+    #[schemars(range(min = 20.0, max = 99.0))]
+    pub vmaf: f64,
+    /// The lowest setting (best quality) a chunk may get, on the encoder's CRF scale (cq for NVENC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 63))]
+    pub min_crf: Option<u8>,
+    /// The highest setting (smallest size) a chunk may get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 63))]
+    pub max_crf: Option<u8>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
@@ -264,6 +286,9 @@ pub struct QualitySpec {
 pub enum QualityMetric {
     Psnr,
     Ssim,
+    /// VMAF (libvmaf 2.3.1, model vmaf_v0.6.1, or vmaf_4k_v0.6.1 for 2160p renditions), measured per chunk
+    /// on the frames the worker encodes and aggregated per rendition.
+    Vmaf,
 }
 
 /// A bitrate in bits per second, written as an integer or a string with a `k`/`M`/`G` suffix (`128k`, `4.5M`).
@@ -460,12 +485,50 @@ pub struct RenditionStatus {
     pub psnr: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssim: Option<f64>,
+    /// VMAF over every frame (`quality.metrics: [vmaf]`, or a `targetQuality`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmaf: Option<VmafSummary>,
+    /// What a `targetQuality` rendition achieved, and the settings its chunks were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<TargetOutcome>,
     /// Every stream in the output: kind, codec, language, title, disposition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<OutputStream>,
     /// Every source stream this output lacks, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<LeftOutStream>,
+}
+
+/// VMAF of a rendition, pooled over all its frames.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmafSummary {
+    /// The libvmaf model, e.g. `vmaf_v0.6.1`.
+    pub model: String,
+    pub frames: u64,
+    pub mean: f64,
+    /// libvmaf's harmonic mean: `n / Σ 1/(1+score) − 1`; it weighs the worst frames more.
+    pub harmonic_mean: f64,
+    pub min: f64,
+    /// The 5th percentile of the per-frame scores.
+    pub p5: f64,
+}
+
+/// What a `targetQuality` rendition achieved.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetOutcome {
+    /// The target mean VMAF.
+    pub target: f64,
+    /// Mean VMAF over every frame of the rendition.
+    pub achieved_mean: f64,
+    /// The chunk with the lowest mean VMAF, and that mean.
+    pub min_chunk: u32,
+    pub min_chunk_vmaf: f64,
+    /// The lowest and highest setting given to a chunk (CRF, or cq for NVENC); each chunk's setting, with
+    /// the encoder that used it, is in the job's per-chunk records (`tessera run --json`: `chunks`).
+    pub min_crf: u8,
+    pub max_crf: u8,
 }
 
 /// A set of worker pods on nodes with a given device-plugin resource. Completed by the operator issue.

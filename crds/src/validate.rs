@@ -85,6 +85,36 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
                 );
             }
         }
+        if let Some(t) = &v.target_quality {
+            if v.crf.is_some() || v.bitrate.is_some() {
+                err(
+                    at("video.targetQuality"),
+                    "targetQuality is exclusive with crf and bitrate: the setting is chosen per chunk".into(),
+                );
+            }
+            if !(20.0..=99.0).contains(&t.vmaf) {
+                err(
+                    at("video.targetQuality.vmaf"),
+                    format!("{} is out of range (20..=99)", t.vmaf),
+                );
+            }
+            for (f, b) in [("minCrf", t.min_crf), ("maxCrf", t.max_crf)] {
+                if let Some(b) = b.filter(|&b| b > crf_max) {
+                    err(
+                        at(&format!("video.targetQuality.{f}")),
+                        format!("{b} is out of range for {} (0..={crf_max})", v.codec),
+                    );
+                }
+            }
+            if let (Some(lo), Some(hi)) = (t.min_crf, t.max_crf) {
+                if lo > hi {
+                    err(
+                        at("video.targetQuality.minCrf"),
+                        format!("{lo} is above maxCrf {hi}"),
+                    );
+                }
+            }
+        }
         if let (Some(b), Some(m)) = (v.bitrate, v.maxrate) {
             if m.0 < b.0 {
                 err(at("video.maxrate"), format!("{m} is below bitrate {b}"));
@@ -324,6 +354,26 @@ mod tests {
                 "spec.renditions[1].video.preset",
                 "spec.renditions[2].name",
                 "spec.renditions[2].video.crf"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_quality_target_excludes_crf_and_bitrate_and_checks_its_bounds() {
+        let s = spec(
+            "    - {name: a, video: {codec: h264, height: 720, targetQuality: {vmaf: 93}, maxrate: 6M}}\n    - {name: b, \
+             video: {codec: h264, crf: 20, targetQuality: {vmaf: 93}}}\n    - {name: c, video: {codec: hevc, \
+             targetQuality: {vmaf: 93, minCrf: 30, maxCrf: 20}}}\n    - {name: d, video: {codec: av1, \
+             targetQuality: {vmaf: 100, maxCrf: 70}}}\n",
+            "",
+        );
+        assert_eq!(
+            fields(&s),
+            [
+                "spec.renditions[1].video.targetQuality",
+                "spec.renditions[2].video.targetQuality.minCrf",
+                "spec.renditions[3].video.targetQuality.vmaf",
+                "spec.renditions[3].video.targetQuality.maxCrf",
             ]
         );
     }

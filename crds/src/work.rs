@@ -361,6 +361,107 @@ pub struct ChunkEncode {
     /// Taken from the result store (encoded for an earlier job), not encoded by this task.
     #[serde(default)]
     pub reused: bool,
+    /// The setting a `targetQuality` search chose for this chunk (CRF; cq for NVENC). A retry encodes with it
+    /// again, with the same encoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crf: Option<u8>,
+    /// VMAF of each frame of this chunk (when the job measures VMAF or targets a quality).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmaf: Option<ChunkVmaf>,
+}
+
+/// VMAF of one chunk of one rendition.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunkVmaf {
+    pub model: String,
+    pub mean: f64,
+    /// Per frame, in presentation order (to 0.01).
+    pub frames: Vec<f32>,
+}
+
+impl ChunkVmaf {
+    pub fn new(model: &str, scores: &[f64]) -> Self {
+        let mean = if scores.is_empty() {
+            0.0
+        } else {
+            scores.iter().sum::<f64>() / scores.len() as f64
+        };
+        ChunkVmaf {
+            model: model.to_string(),
+            mean: round3(mean),
+            frames: scores
+                .iter()
+                .map(|s| ((s * 100.0).round() / 100.0) as f32)
+                .collect(),
+        }
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Pool a rendition's per-chunk VMAF (chunks in order) as libvmaf pools frames: mean, harmonic mean
+/// (`n / Σ 1/(1+s) − 1`), min and the 5th percentile (linear between ranks).
+pub fn pool_vmaf<'a>(chunks: impl IntoIterator<Item = &'a ChunkVmaf>) -> Option<crate::VmafSummary> {
+    let mut model = String::new();
+    let mut all: Vec<f64> = Vec::new();
+    for c in chunks {
+        model.clone_from(&c.model);
+        all.extend(c.frames.iter().map(|&f| f64::from(f)));
+    }
+    if all.is_empty() {
+        return None;
+    }
+    let n = all.len() as f64;
+    let mean = all.iter().sum::<f64>() / n;
+    let harmonic = n / all.iter().map(|s| 1.0 / (s + 1.0)).sum::<f64>() - 1.0;
+    all.sort_by(f64::total_cmp);
+    let rank = 0.05 * (n - 1.0);
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    let p5 = all[lo] + (all[hi] - all[lo]) * (rank - lo as f64);
+    Some(crate::VmafSummary {
+        model,
+        frames: all.len() as u64,
+        mean: round3(mean),
+        harmonic_mean: round3(harmonic),
+        min: round3(all[0]),
+        p5: round3(p5),
+    })
+}
+
+/// What a `targetQuality` rendition achieved, from its chunks' records (chunk index, record).
+pub fn target_outcome<'a>(
+    target: f64,
+    chunks: impl IntoIterator<Item = (u32, &'a ChunkEncode)>,
+) -> Option<crate::TargetOutcome> {
+    let mut out: Option<crate::TargetOutcome> = None;
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (i, c) in chunks {
+        let (Some(crf), Some(v)) = (c.crf, c.vmaf.as_ref()) else {
+            return None;
+        };
+        sum += v.frames.iter().map(|&f| f64::from(f)).sum::<f64>();
+        n += v.frames.len();
+        let o = out.get_or_insert(crate::TargetOutcome {
+            target,
+            achieved_mean: 0.0,
+            min_chunk: i,
+            min_chunk_vmaf: v.mean,
+            min_crf: crf,
+            max_crf: crf,
+        });
+        if v.mean < o.min_chunk_vmaf {
+            o.min_chunk = i;
+            o.min_chunk_vmaf = v.mean;
+        }
+        o.min_crf = o.min_crf.min(crf);
+        o.max_crf = o.max_crf.max(crf);
+    }
+    let mut o = out?;
+    o.achieved_mean = round3(if n > 0 { sum / n as f64 } else { 0.0 });
+    Some(o)
 }
 
 /// The stitch task's answer.
@@ -506,6 +607,40 @@ pub fn ledger_prefix(output: &str, uid: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn vmaf_pools_over_every_frame_of_every_chunk() {
+        let a = ChunkVmaf::new("vmaf_v0.6.1", &[90.0, 92.0, 94.0]);
+        let b = ChunkVmaf::new("vmaf_v0.6.1", &[80.0]);
+        assert_eq!(a.mean, 92.0);
+        let p = pool_vmaf([&a, &b]).unwrap();
+        assert_eq!((p.frames, p.mean, p.min), (4, 89.0, 80.0));
+        // n / Σ 1/(1+s) − 1, by hand.
+        let h = 4.0 / (1.0 / 91.0 + 1.0 / 93.0 + 1.0 / 95.0 + 1.0 / 81.0) - 1.0;
+        assert!((p.harmonic_mean - h).abs() < 1e-3 && p.harmonic_mean < p.mean);
+        // Rank 0.05·3 = 0.15 between 80 and 90.
+        assert!((p.p5 - 81.5).abs() < 1e-9, "{}", p.p5);
+        assert!(pool_vmaf([]).is_none());
+    }
+
+    #[test]
+    fn a_target_outcome_names_the_worst_chunk_and_the_setting_range() {
+        let rec = |crf, scores: &[f64]| ChunkEncode {
+            encoder: "libx264".into(),
+            frames: scores.len() as u64,
+            crf: Some(crf),
+            vmaf: Some(ChunkVmaf::new("vmaf_v0.6.1", scores)),
+            ..Default::default()
+        };
+        let (a, b, c) = (rec(30, &[94.0, 94.0]), rec(18, &[91.0, 93.0]), rec(24, &[93.0, 93.0]));
+        let o = target_outcome(93.0, [(0, &a), (1, &b), (2, &c)]).unwrap();
+        assert_eq!((o.min_chunk, o.min_chunk_vmaf, o.min_crf, o.max_crf), (1, 92.0, 18, 30));
+        assert!((o.achieved_mean - 93.0).abs() < 1e-9);
+        // A chunk without a setting (not a targeted encode) means no outcome.
+        let plain = ChunkEncode::default();
+        assert!(target_outcome(93.0, [(0, &a), (1, &plain)]).is_none());
+    }
+
     use super::*;
 
     fn job(renditions: &str) -> TranscodeJobSpec {

@@ -933,6 +933,8 @@ impl Prepared {
                 encoder_reason: p.encoder.reason.clone(),
                 psnr: None,
                 ssim: None,
+                vmaf: None,
+                quality: None,
                 streams,
                 left_out: {
                     let mut l = self.streams.left_out_of(p.audio.is_some());

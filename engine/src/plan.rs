@@ -467,6 +467,7 @@ mod tests {
             bitrate: None,
             maxrate: Some(Bitrate(3_000_000)),
             preset: Some("slow".into()),
+            target_quality: None,
         };
         let x = rate_control("libx264", &rendition(v.clone()));
         assert_eq!(
@@ -490,6 +491,7 @@ mod tests {
             bitrate: Some(Bitrate(2_000_000)),
             maxrate: None,
             preset: None,
+            target_quality: None,
         };
         let s = rate_control("libsvtav1", &rendition(b));
         assert_eq!(
@@ -504,6 +506,7 @@ mod tests {
             bitrate: None,
             maxrate: None,
             preset: None,
+            target_quality: None,
         };
         assert_eq!(
             rate_control("libx265", &rendition(d)).options,

@@ -1,0 +1,244 @@
+//! Quality targeting, the pure part: which frames of a chunk the probe encodes use, which setting to probe
+//! next, and which setting to encode with. The search is av1an's target-quality idea (probe, then
+//! interpolate between the probes around the target) on the encoder's own CRF scale.
+
+use std::ops::Range;
+
+use crate::plan::{self, Family};
+
+/// Frames in one contiguous run of samples: long enough for the encoder's inter prediction to behave as it
+/// does on the whole chunk, short enough that a probe costs a fraction of the chunk.
+pub const RUN: u64 = 8;
+/// Probe encodes per chunk, at most.
+pub const MAX_PROBES: usize = 4;
+/// A probe this close to the target ends the search.
+pub const CLOSE_ENOUGH: f64 = 0.3;
+
+/// The frames (indices within a chunk of `frames` frames) the probes encode: the whole chunk when it is
+/// short, else 2 to 5 runs of [`RUN`] frames spread evenly over it (about a fifth of a 5-second chunk).
+pub fn sample_runs(frames: u64) -> Vec<Range<u64>> {
+    if frames <= 3 * RUN {
+        return vec![0..frames];
+    }
+    let k = (frames / 40).clamp(2, 5);
+    (0..k)
+        .map(|i| {
+            let centre = frames * (2 * i + 1) / (2 * k);
+            let start = centre.saturating_sub(RUN / 2).min(frames - RUN);
+            start..start + RUN
+        })
+        .collect()
+}
+
+/// The setting scale of an encoder: lowest and highest values searched, and the first probe.
+pub fn scale(encoder: &str) -> (u8, u8, u8) {
+    match plan::family(encoder) {
+        Family::X26x if encoder == "libx265" => (8, 51, 26),
+        Family::X26x => (8, 51, 23),
+        Family::SvtAv1 => (10, 63, 35),
+        Family::Aom => (10, 63, 32),
+        // NVENC's constant-quality `cq`, QSV's ICQ `global_quality`, VA-API's `qp`: all 1..51, where 1
+        // is best. Unverified on hardware here (no machine of this project has NVENC or QSV): see
+        // `nvenc_cq`.
+        Family::Nvenc | Family::Qsv | Family::Vaapi => (1, 51, 25),
+    }
+}
+
+/// NVENC's constant-quality setting for a CRF-scale value: NVENC's `cq` (with `rc=vbr` and no bitrate) is
+/// a QP-like scale that lands about 2 steps higher in quality than x264's CRF at the same number (NVIDIA's
+/// guidance: cq ≈ crf − 2 for similar quality), clamped to its 1..51. The search itself runs on the cq
+/// scale, so this only maps a user's CRF bounds. Unverified on hardware.
+pub fn nvenc_cq(crf: u8) -> u8 {
+    crf.saturating_sub(2).clamp(1, 51)
+}
+
+/// One probe encode: the setting and the mean VMAF of the sample it gave.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Probe {
+    pub crf: u8,
+    pub vmaf: f64,
+}
+
+/// VMAF points lost per setting step before two probes tell the content's own slope (x264 at mid CRFs).
+const DEFAULT_SLOPE: f64 = 1.2;
+
+/// The highest setting whose probe reached the target, and the lowest whose probe fell short.
+fn bracket(probes: &[Probe], target: f64) -> (Option<Probe>, Option<Probe>) {
+    let above = probes
+        .iter()
+        .filter(|p| p.vmaf >= target)
+        .max_by_key(|p| p.crf)
+        .copied();
+    let below = probes
+        .iter()
+        .filter(|p| p.vmaf < target)
+        .min_by_key(|p| p.crf)
+        .copied();
+    (above, below)
+}
+
+/// The slope (VMAF per setting step, positive) from the two probes nearest the target, or the default.
+fn slope(probes: &[Probe], target: f64) -> f64 {
+    let mut v: Vec<&Probe> = probes.iter().collect();
+    v.sort_by(|a, b| (a.vmaf - target).abs().total_cmp(&(b.vmaf - target).abs()));
+    match v.as_slice() {
+        [a, b, ..] if a.crf != b.crf => {
+            let s = (a.vmaf - b.vmaf) / (f64::from(b.crf) - f64::from(a.crf));
+            if s > 0.05 {
+                s
+            } else {
+                DEFAULT_SLOPE
+            }
+        }
+        _ => DEFAULT_SLOPE,
+    }
+}
+
+/// Where the target lies on the setting scale, by the probes: interpolated between the bracketing
+/// probes, or extrapolated with the slope from the nearest one.
+fn crossing(probes: &[Probe], target: f64) -> Option<f64> {
+    match bracket(probes, target) {
+        (Some(a), Some(b)) if b.crf > a.crf => {
+            let t = (a.vmaf - target) / (a.vmaf - b.vmaf).max(1e-9);
+            Some(f64::from(a.crf) + t * f64::from(b.crf - a.crf))
+        }
+        _ => {
+            let near = probes
+                .iter()
+                .min_by(|a, b| (a.vmaf - target).abs().total_cmp(&(b.vmaf - target).abs()))?;
+            Some(f64::from(near.crf) + (near.vmaf - target) / slope(probes, target))
+        }
+    }
+}
+
+/// The next setting to probe, or `None` when the search is done: a probe landed close enough, the
+/// bracketing probes are one step apart, the bound is reached, or [`MAX_PROBES`] were made.
+pub fn next_probe(probes: &[Probe], target: f64, lo: u8, hi: u8, first: u8) -> Option<u8> {
+    if probes.is_empty() {
+        return Some(first.clamp(lo, hi));
+    }
+    if probes.len() >= MAX_PROBES || probes.iter().any(|p| (p.vmaf - target).abs() <= CLOSE_ENOUGH) {
+        return None;
+    }
+    let tried = |c: u8| probes.iter().any(|p| p.crf == c);
+    let (above, below) = bracket(probes, target);
+    let x = crossing(probes, target)?;
+    let (min, max) = match (above, below) {
+        (Some(a), Some(b)) => {
+            if b.crf <= a.crf.saturating_add(1) {
+                return None;
+            }
+            (a.crf + 1, b.crf - 1)
+        }
+        // Every probe reached the target: look higher. None did: look lower.
+        (Some(a), None) => (a.crf.saturating_add(1).min(hi), hi),
+        (None, Some(b)) => (lo, b.crf.saturating_sub(1).max(lo)),
+        (None, None) => return None,
+    };
+    let c = (x.round().clamp(f64::from(min), f64::from(max))) as u8;
+    (!tried(c)).then_some(c)
+}
+
+/// The setting to encode with: the crossing of the target, rounded to the nearest step and kept within
+/// the probed bracket and the bounds; the best probed setting when no probe reached the target.
+pub fn choose(probes: &[Probe], target: f64, lo: u8, hi: u8) -> u8 {
+    let (above, below) = bracket(probes, target);
+    let Some(x) = crossing(probes, target) else {
+        return lo;
+    };
+    let mut c = x.round().clamp(f64::from(lo), f64::from(hi)) as u8;
+    if let Some(b) = below {
+        // Never a setting a probe showed to fall short (when a better one was probed).
+        if c >= b.crf && above.is_some() {
+            c = b.crf - 1;
+        }
+    }
+    if let Some(a) = above {
+        c = c.max(a.crf).min(hi);
+        if below.is_none() {
+            // Extrapolated past every probe: stay within one slope step of what was measured.
+            c = c.min(a.crf.saturating_add(3));
+        }
+    } else if let Some(b) = below {
+        c = c.min(b.crf).max(lo);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A content model: VMAF falls `slope` per step from `at0` at setting 0, clipped to 0..100.
+    fn search(at0: f64, slope: f64, target: f64) -> (u8, Vec<Probe>) {
+        let (lo, hi, first) = scale("libx264");
+        let mut probes = Vec::new();
+        while let Some(c) = next_probe(&probes, target, lo, hi, first) {
+            probes.push(Probe {
+                crf: c,
+                vmaf: (at0 - slope * f64::from(c)).clamp(0.0, 100.0),
+            });
+        }
+        (choose(&probes, target, lo, hi), probes)
+    }
+
+    #[test]
+    fn samples_cover_short_chunks_whole_and_long_ones_in_runs() {
+        assert_eq!(sample_runs(20), vec![0..20]);
+        let r = sample_runs(125);
+        assert_eq!(r.len(), 3);
+        assert!(r.iter().all(|x| x.end <= 125 && x.end - x.start == RUN));
+        assert!(r.windows(2).all(|w| w[0].end <= w[1].start));
+        assert_eq!(sample_runs(1000).len(), 5);
+        assert_eq!(sample_runs(50).len(), 2);
+    }
+
+    #[test]
+    fn easy_content_gets_a_higher_setting_than_hard_content() {
+        // Easy content loses 0.5 per step (93 at crf 34), hard content 1.5 (93 at crf 18).
+        let (easy, pe) = search(110.0, 0.5, 93.0);
+        let (hard, ph) = search(120.0, 1.5, 93.0);
+        assert_eq!(easy, 34, "{pe:?}");
+        assert_eq!(hard, 18, "{ph:?}");
+        assert!(pe.len() <= MAX_PROBES && ph.len() <= MAX_PROBES);
+    }
+
+    #[test]
+    fn a_linear_content_is_found_in_two_or_three_probes() {
+        for (at0, slope) in [(120.0, 1.2), (116.0, 1.0), (118.0, 1.4)] {
+            let (c, p) = search(at0, slope, 93.0);
+            let v = at0 - slope * f64::from(c);
+            // Within half a step below (interpolated) or one step above (a probe showed the next one short).
+            assert!(v >= 93.0 - slope / 2.0 - 1e-9 && v < 93.0 + slope, "crf {c} gives {v}: {p:?}");
+            assert!(p.len() <= 3, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn bounds_hold_when_the_target_is_out_of_reach() {
+        // Never reaches 93: the best allowed setting.
+        let (c, _) = search(90.0, 1.0, 93.0);
+        assert_eq!(c, 8);
+        // Always above: the highest allowed, never extrapolated beyond what was measured by much.
+        let (lo, hi) = (10, 30);
+        let mut probes = Vec::new();
+        while let Some(c) = next_probe(&probes, 50.0, lo, hi, 23) {
+            probes.push(Probe { crf: c, vmaf: 99.0 - 0.1 * f64::from(c) });
+        }
+        assert_eq!(choose(&probes, 50.0, lo, hi), 30);
+    }
+
+    #[test]
+    fn the_chosen_setting_is_never_one_a_probe_showed_short() {
+        let probes = [Probe { crf: 23, vmaf: 93.4 }, Probe { crf: 24, vmaf: 92.0 }];
+        assert_eq!(next_probe(&probes, 93.0, 8, 51, 23), None);
+        assert_eq!(choose(&probes, 93.0, 8, 51), 23);
+    }
+
+    #[test]
+    fn nvenc_cq_maps_a_crf_bound_into_its_range() {
+        assert_eq!(nvenc_cq(23), 21);
+        assert_eq!(nvenc_cq(0), 1);
+        assert_eq!(nvenc_cq(63), 51);
+    }
+}
