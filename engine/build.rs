@@ -8,7 +8,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=TESSERA_CACHE");
     let dir = std::env::var_os("LIBVMAF_DIR")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("TESSERA_CACHE").map(|c| PathBuf::from(c).join("libvmaf-2.3.1")))
+        .or_else(|| {
+            std::env::var_os("TESSERA_CACHE").map(|c| PathBuf::from(c).join("libvmaf-2.3.1"))
+        })
         .or_else(|| {
             let cache = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)

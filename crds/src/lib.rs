@@ -526,7 +526,7 @@ pub struct TargetOutcome {
     pub min_chunk: u32,
     pub min_chunk_vmaf: f64,
     /// The lowest and highest setting given to a chunk (CRF, or cq for NVENC); each chunk's setting, with
-    /// the encoder that used it, is in the job's per-chunk records (`tessera run --json`: `chunks`).
+    /// the encoder that used it, is in the job's per-chunk records (`tessera run --json`: `chunkRecords`).
     pub min_crf: u8,
     pub max_crf: u8,
 }

@@ -404,7 +404,9 @@ fn round3(v: f64) -> f64 {
 
 /// Pool a rendition's per-chunk VMAF (chunks in order) as libvmaf pools frames: mean, harmonic mean
 /// (`n / Σ 1/(1+s) − 1`), min and the 5th percentile (linear between ranks).
-pub fn pool_vmaf<'a>(chunks: impl IntoIterator<Item = &'a ChunkVmaf>) -> Option<crate::VmafSummary> {
+pub fn pool_vmaf<'a>(
+    chunks: impl IntoIterator<Item = &'a ChunkVmaf>,
+) -> Option<crate::VmafSummary> {
     let mut model = String::new();
     let mut all: Vec<f64> = Vec::new();
     for c in chunks {
@@ -632,9 +634,16 @@ mod tests {
             vmaf: Some(ChunkVmaf::new("vmaf_v0.6.1", scores)),
             ..Default::default()
         };
-        let (a, b, c) = (rec(30, &[94.0, 94.0]), rec(18, &[91.0, 93.0]), rec(24, &[93.0, 93.0]));
+        let (a, b, c) = (
+            rec(30, &[94.0, 94.0]),
+            rec(18, &[91.0, 93.0]),
+            rec(24, &[93.0, 93.0]),
+        );
         let o = target_outcome(93.0, [(0, &a), (1, &b), (2, &c)]).unwrap();
-        assert_eq!((o.min_chunk, o.min_chunk_vmaf, o.min_crf, o.max_crf), (1, 92.0, 18, 30));
+        assert_eq!(
+            (o.min_chunk, o.min_chunk_vmaf, o.min_crf, o.max_crf),
+            (1, 92.0, 18, 30)
+        );
         assert!((o.achieved_mean - 93.0).abs() < 1e-9);
         // A chunk without a setting (not a targeted encode) means no outcome.
         let plain = ChunkEncode::default();

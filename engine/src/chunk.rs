@@ -20,6 +20,8 @@ use crate::packets::{PacketWriter, StreamParams};
 use crate::plan::Chunk;
 use crate::probe::open_input;
 use crate::scale::Converter;
+use crate::target::{self, Probe};
+use crate::vmaf::Meter;
 
 /// How source timestamps become output timestamps.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +58,40 @@ pub struct ChunkOutput<'a> {
     pub target: &'a VideoTarget,
     pub encoder: &'a EncoderChoice,
     pub path: PathBuf,
+    /// Encode with this setting instead of the rendition's `crf`: what a `targetQuality` search chose.
+    pub crf: Option<u8>,
+    /// Score every frame of the encode with VMAF (decoding the encoder's packets as they come).
+    pub measure: bool,
+}
+
+impl ChunkOutput<'_> {
+    /// The rendition as this chunk encodes it: with the setting chosen for its quality target.
+    fn settings(&self) -> std::borrow::Cow<'_, Rendition> {
+        match self.crf {
+            Some(c) => {
+                // The target stays, telling the encoder its chunks will differ in setting.
+                let mut r = self.rendition.clone();
+                r.video.crf = Some(c);
+                std::borrow::Cow::Owned(r)
+            }
+            None => std::borrow::Cow::Borrowed(self.rendition),
+        }
+    }
+
+    fn converter(&self) -> Converter {
+        let (t, pix) = (self.target, self.encoder.pix_fmt);
+        match t.tone_map_from {
+            Some(tin) => Converter::tone_mapping(pix, t.width, t.height, tin),
+            None => Converter::new(pix, t.width, t.height),
+        }
+    }
+}
+
+/// What encoding a chunk gave: the source frames, and per output the VMAF of each frame (when measured).
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub frames: u64,
+    pub vmaf: Vec<Option<Vec<f64>>>,
 }
 
 pub struct ChunkInput<'a> {
@@ -66,15 +102,25 @@ pub struct ChunkInput<'a> {
     pub decoder_threads: usize,
     /// Hardware decode device type, when the job chose one.
     pub hw_device: Option<ffi::AVHWDeviceType>,
+    /// Frames the plan expects in the chunk (where quality probes take their samples).
+    pub expected_frames: u64,
 }
 
-/// Encode one chunk for every output. `on_frame` is called once per source frame emitted.
-pub fn encode_chunk(
+/// Frames a decode pass delivered, and the last one's duration in the source time base.
+struct Decoded {
+    frames: u64,
+    last_src_duration: i64,
+}
+
+/// A consumer of a chunk's decoded source frames (with their source pts), in presentation order.
+type Sink<'s> = dyn FnMut(&frame::Video, i64) -> Result<()> + 's;
+
+/// Decode the chunk's frames, each once, into `sink`.
+fn decode_chunk(
     input: &ChunkInput<'_>,
-    outputs: &[ChunkOutput<'_>],
     cancel: &AtomicBool,
-    on_frame: &(dyn Fn() + Sync),
-) -> Result<u64> {
+    sink: &mut Sink<'_>,
+) -> Result<Decoded> {
     let chunk = input.chunk;
     // Seek targets to try: the keyframe itself, then earlier, then the whole input. A container whose seek
     // lands after the keyframe would otherwise lose frames silently.
@@ -82,7 +128,7 @@ pub fn encode_chunk(
         None => vec![None],
         Some(ts) => {
             // MP4 seeks by presentation time (so the start PTS lands on the chunk's own keyframe), other
-            // demuxers by the index timestamp; the guard in `run_chunk` catches any overshoot.
+            // demuxers by the index timestamp; the guard in `decode_from` catches any overshoot.
             let ten_s = rescale(10, Rational::new(1, 1), input.clock.src_tb).max(1);
             let mut v = vec![chunk.start_pts, Some(ts), Some(ts - ten_s), None];
             v.dedup();
@@ -90,8 +136,9 @@ pub fn encode_chunk(
         }
     };
     for seek in attempts {
-        match run_chunk(input, seek, outputs, cancel, on_frame)? {
-            Some(frames) => return Ok(frames),
+        // An attempt gives up (Ok(None)) only before its first frame reached the sink.
+        match decode_from(input, seek, cancel, sink)? {
+            Some(d) => return Ok(d),
             None => tracing::warn!(
                 chunk = chunk.index,
                 ?seek,
@@ -108,6 +155,241 @@ pub fn encode_chunk(
     })
 }
 
+/// Encode one chunk for every output. `on_frame` is called once per source frame emitted.
+pub fn encode_chunk(
+    input: &ChunkInput<'_>,
+    outputs: &[ChunkOutput<'_>],
+    cancel: &AtomicBool,
+    on_frame: &(dyn Fn() + Sync),
+) -> Result<Encoded> {
+    let index = input.chunk.index;
+    let mut encs: Vec<RenditionEncoder> = Vec::with_capacity(outputs.len());
+    let d = decode_chunk(input, cancel, &mut |f, pts| {
+        if encs.is_empty() {
+            encs = open_encoders(outputs, index)?;
+        }
+        let out_pts = input.clock.map(pts);
+        for e in &mut encs {
+            e.send(f, out_pts, index)?;
+        }
+        on_frame();
+        Ok(())
+    })?;
+    let last_duration = match input.chunk.end_pts {
+        Some(end) => input.clock.map(end) - encs[0].last_pts.unwrap_or(0),
+        None if d.last_src_duration > 0 => {
+            rescale(d.last_src_duration, input.clock.src_tb, input.clock.enc_tb)
+        }
+        None => input.clock.default_duration,
+    };
+    let mut vmaf = Vec::with_capacity(encs.len());
+    for mut e in encs {
+        e.finish(last_duration, index)?;
+        e.writer.finish()?;
+        vmaf.push(
+            e.check
+                .map(|c| c.finish())
+                .transpose()
+                .map_err(|detail| Error::Chunk {
+                    chunk: index,
+                    detail,
+                })?,
+        );
+    }
+    Ok(Encoded {
+        frames: d.frames,
+        vmaf,
+    })
+}
+
+/// Find, for each output with a `targetQuality` and no setting yet, the setting to encode it with: one
+/// decode pass keeps a sample of the chunk's frames (runs of consecutive frames, `target::sample_runs`),
+/// converted as the encoder gets them; probe encodes of the sample at a few settings are scored with VMAF
+/// and the setting is interpolated between them (`target::next_probe`, `target::choose`). Answers, per
+/// output, the setting and the probes made (`None`: nothing to search).
+pub fn search(
+    input: &ChunkInput<'_>,
+    outputs: &[ChunkOutput<'_>],
+    cancel: &AtomicBool,
+) -> Result<Vec<Option<(u8, Vec<Probe>)>>> {
+    let index = input.chunk.index;
+    let searched: Vec<usize> = (0..outputs.len())
+        .filter(|&o| {
+            outputs[o].crf.is_none() && outputs[o].rendition.video.target_quality.is_some()
+        })
+        .collect();
+    let mut answer = vec![None; outputs.len()];
+    if searched.is_empty() {
+        return Ok(answer);
+    }
+    let runs = target::sample_runs(input.expected_frames);
+    let mut convs: Vec<Converter> = searched.iter().map(|&o| outputs[o].converter()).collect();
+    let mut samples: Vec<Vec<frame::Video>> = vec![Vec::new(); searched.len()];
+    let mut n = 0u64;
+    decode_chunk(input, cancel, &mut |f, _| {
+        if runs.iter().any(|r| r.contains(&n)) {
+            for (conv, kept) in convs.iter_mut().zip(&mut samples) {
+                let c = conv.convert(f).map_err(|e| Error::Chunk {
+                    chunk: index,
+                    detail: format!("scaling: {e}"),
+                })?;
+                kept.push(c.unwrap_or_else(|| f.clone()));
+            }
+        }
+        n += 1;
+        Ok(())
+    })?;
+    for (&o, kept) in searched.iter().zip(&samples) {
+        let out = &outputs[o];
+        let goal = out
+            .rendition
+            .video
+            .target_quality
+            .as_ref()
+            .expect("searched outputs have a target");
+        let name = &out.encoder.name;
+        let (mut lo, mut hi, first) = target::scale(name);
+        let map = |c: u8| {
+            if crate::plan::family(name) == crate::plan::Family::Nvenc {
+                target::nvenc_cq(c)
+            } else {
+                c
+            }
+        };
+        if let Some(m) = goal.min_crf {
+            lo = map(m);
+        }
+        if let Some(m) = goal.max_crf {
+            hi = map(m).max(lo);
+        }
+        let mut probes = Vec::new();
+        while let Some(crf) = target::next_probe(&probes, goal.vmaf, lo, hi, first) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let vmaf = probe(input, out, crf, kept)?;
+            probes.push(Probe { crf, vmaf });
+        }
+        let crf = target::choose(&probes, goal.vmaf, lo, hi);
+        tracing::info!(chunk = index, rendition = %out.rendition.name, encoder = %name, crf,
+            target = goal.vmaf, probes = ?probes.iter().map(|p| (p.crf, (p.vmaf * 100.0).round() / 100.0)).collect::<Vec<_>>(),
+            sample = kept.len(), "quality target: setting chosen");
+        answer[o] = Some((crf, probes));
+    }
+    Ok(answer)
+}
+
+/// Encode `samples` at `crf` and score the result: the mean VMAF.
+fn probe(
+    input: &ChunkInput<'_>,
+    out: &ChunkOutput<'_>,
+    crf: u8,
+    samples: &[frame::Video],
+) -> Result<f64> {
+    let index = input.chunk.index;
+    let name = &out.encoder.name;
+    let enc_err = |detail: String| Error::Encoder {
+        encoder: name.clone(),
+        detail: format!("chunk {index}, quality probe at {crf}: {detail}"),
+    };
+    let probe_out = ChunkOutput {
+        crf: Some(crf),
+        path: out.path.clone(),
+        ..*out
+    };
+    let mut enc = encode::open_video(name, &probe_out.settings(), out.target, out.encoder.pix_fmt)
+        .map_err(enc_err)?;
+    let mut check = Check::new(&enc, out.target).map_err(enc_err)?;
+    let mut p = Packet::empty();
+    let mut drain = |enc: &mut encode::OpenEncoder, check: &mut Check| -> Result<()> {
+        loop {
+            match enc.receive_packet(&mut p) {
+                Ok(()) => check.packet(&p).map_err(enc_err)?,
+                Err(ff::Error::Other {
+                    errno: ff::error::EAGAIN,
+                })
+                | Err(ff::Error::Eof) => return Ok(()),
+                Err(e) => return Err(enc_err(e.to_string())),
+            }
+        }
+    };
+    for (i, s) in samples.iter().enumerate() {
+        let f = s.clone();
+        // SAFETY: `f` is our own copy; only its pts and type are written.
+        unsafe {
+            let raw = f.as_ptr() as *mut ffi::AVFrame;
+            (*raw).pts = i as i64 * input.clock.default_duration.max(1);
+            (*raw).pict_type = ffi::AVPictureType::AV_PICTURE_TYPE_NONE;
+        }
+        check.reference(&f);
+        enc.fed = true;
+        enc.send_frame(&f).map_err(|e| enc_err(e.to_string()))?;
+        drain(&mut enc, &mut check)?;
+    }
+    enc.send_eof().map_err(|e| enc_err(e.to_string()))?;
+    drain(&mut enc, &mut check)?;
+    let scores = check.finish().map_err(enc_err)?;
+    Ok(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
+}
+
+/// Decodes an encoder's packets as they come and scores each decoded frame with VMAF against the frame
+/// the encoder was given.
+struct Check {
+    dec: ff::decoder::Video,
+    refs: VecDeque<frame::Video>,
+    meter: Meter,
+    decoded: frame::Video,
+}
+
+impl Check {
+    fn new(enc: &encode::OpenEncoder, t: &VideoTarget) -> std::result::Result<Self, String> {
+        let par = ff::codec::Parameters::from(&**enc);
+        let dec = codec::context::Context::from_parameters(par)
+            .and_then(|c| c.decoder().video())
+            .map_err(|e| format!("no decoder to check the encode with: {e}"))?;
+        Ok(Self {
+            dec,
+            refs: VecDeque::new(),
+            meter: Meter::new(t.width, t.height, 0)?,
+            decoded: frame::Video::empty(),
+        })
+    }
+
+    fn reference(&mut self, f: &frame::Video) {
+        self.refs.push_back(f.clone());
+    }
+
+    fn packet(&mut self, p: &Packet) -> std::result::Result<(), String> {
+        self.dec
+            .send_packet(p)
+            .map_err(|e| format!("decoding the encode to score it: {e}"))?;
+        self.drain()
+    }
+
+    fn drain(&mut self) -> std::result::Result<(), String> {
+        while self.dec.receive_frame(&mut self.decoded).is_ok() {
+            let r = self
+                .refs
+                .pop_front()
+                .ok_or("the encode decoded to more frames than were encoded")?;
+            self.meter.push(&r, &self.decoded)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::result::Result<Vec<f64>, String> {
+        let _ = self.dec.send_eof();
+        self.drain()?;
+        if !self.refs.is_empty() {
+            return Err(format!(
+                "the encode decoded to {} frames fewer than were encoded",
+                self.refs.len()
+            ));
+        }
+        self.meter.finish()
+    }
+}
+
 struct RenditionEncoder<'a> {
     out: &'a ChunkOutput<'a>,
     encoder: encode::OpenEncoder,
@@ -118,6 +400,8 @@ struct RenditionEncoder<'a> {
     /// Packets waiting for their frame's duration.
     pending: VecDeque<Packet>,
     last_pts: Option<i64>,
+    /// VMAF of every frame, when the output is measured.
+    check: Option<Check>,
 }
 
 impl RenditionEncoder<'_> {
@@ -145,6 +429,9 @@ impl RenditionEncoder<'_> {
             self.durations.insert(prev, pts - prev);
         }
         self.last_pts = Some(pts);
+        if let Some(c) = &mut self.check {
+            c.reference(&f);
+        }
         let name = &self.out.encoder.name;
         self.encoder.fed = true;
         self.encoder.send_frame(&f).map_err(|e| Error::Encoder {
@@ -200,6 +487,10 @@ impl RenditionEncoder<'_> {
             };
             front.set_duration(d);
             let pkt = self.pending.pop_front().expect("front exists");
+            if let Some(c) = &mut self.check {
+                c.packet(&pkt)
+                    .map_err(|detail| Error::Chunk { chunk, detail })?;
+            }
             self.writer.write(&pkt)?;
         }
         Ok(())
@@ -230,14 +521,14 @@ fn keep_captions(src: &frame::Video, dst: &frame::Video) {
     }
 }
 
-/// One decode pass. `Ok(None)`: the seek overshot the chunk start; try an earlier one.
-fn run_chunk(
+/// One decode pass from `seek`. `Ok(None)`: the seek overshot the chunk start (before any frame reached
+/// the sink); try an earlier one.
+fn decode_from(
     input: &ChunkInput<'_>,
     seek: Option<i64>,
-    outputs: &[ChunkOutput<'_>],
     cancel: &AtomicBool,
-    on_frame: &(dyn Fn() + Sync),
-) -> Result<Option<u64>> {
+    sink: &mut Sink<'_>,
+) -> Result<Option<Decoded>> {
     let chunk = input.chunk;
     let path = input.path;
     let mut ictx = open_input(path)?;
@@ -285,7 +576,6 @@ fn run_chunk(
         }
     }
 
-    let mut encs: Vec<RenditionEncoder> = Vec::with_capacity(outputs.len());
     let mut frames = 0u64;
     let mut decoded = frame::Video::empty();
     let mut done = false;
@@ -340,17 +630,10 @@ fn run_chunk(
                     }
                 }
             }
-            if encs.is_empty() {
-                encs = open_encoders(outputs, chunk.index)?;
-            }
-            let out_pts = input.clock.map(pts);
-            for e in &mut encs {
-                e.send(&decoded, out_pts, chunk.index)?;
-            }
+            sink(&decoded, pts)?;
             // SAFETY: plain field of a decoded frame.
             last_src_duration = unsafe { (*decoded.as_ptr()).pkt_duration };
             frames += 1;
-            on_frame();
         }
         if eof {
             break;
@@ -368,18 +651,10 @@ fn run_chunk(
             detail: "no frames decoded (corrupt or truncated input?)".into(),
         });
     }
-    let last_duration = match chunk.end_pts {
-        Some(end) => input.clock.map(end) - encs[0].last_pts.unwrap_or(0),
-        None if last_src_duration > 0 => {
-            rescale(last_src_duration, input.clock.src_tb, input.clock.enc_tb)
-        }
-        None => input.clock.default_duration,
-    };
-    for mut e in encs {
-        e.finish(last_duration, chunk.index)?;
-        e.writer.finish()?;
-    }
-    Ok(Some(frames))
+    Ok(Some(Decoded {
+        frames,
+        last_src_duration,
+    }))
 }
 
 fn open_encoders<'a>(
@@ -392,15 +667,17 @@ fn open_encoders<'a>(
             let t = out.target;
             let pix = out.encoder.pix_fmt;
             let encoder =
-                encode::open_video(&out.encoder.name, out.rendition, t, pix).map_err(|d| {
+                encode::open_video(&out.encoder.name, &out.settings(), t, pix).map_err(|d| {
                     Error::Encoder {
                         encoder: out.encoder.name.clone(),
                         detail: format!("chunk {chunk}: {d}"),
                     }
                 })?;
-            let scaler = match t.tone_map_from {
-                Some(tin) => Converter::tone_mapping(pix, t.width, t.height, tin),
-                None => Converter::new(pix, t.width, t.height),
+            let scaler = out.converter();
+            let check = if out.measure {
+                Some(Check::new(&encoder, t).map_err(|detail| Error::Chunk { chunk, detail })?)
+            } else {
+                None
             };
             // SAFETY: the encoder is open; its codec parameters are copied out.
             let params = unsafe {
@@ -420,6 +697,7 @@ fn open_encoders<'a>(
                 durations: HashMap::new(),
                 pending: VecDeque::new(),
                 last_pts: None,
+                check,
             })
         })
         .collect()

@@ -231,6 +231,11 @@ pub fn open_video(
         opts.set(k, v);
     }
     match plan::family(name) {
+        // Chunks of a quality target differ in CRF, which x264 would write into each chunk's PPS (its
+        // initial QP): `stitchable` keeps the headers equal, so the chunks join into one stream.
+        Family::X26x if name == "libx264" && r.video.target_quality.is_some() => {
+            opts.set("x264-params", "stitchable=1")
+        }
         Family::X26x if name == "libx265" => {
             // HDR10: the metadata SEI with the parameter sets at every keyframe, so each chunk carries it.
             let hdr = t

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use ffmpeg_next::{self as ff, ffi, Rational};
 use serde::Serialize;
+use tessera_crds::work::{pool_vmaf, target_outcome, ChunkEncode, ChunkVmaf};
 use tessera_crds::{Container, QualityMetric, RenditionStatus, TranscodeJob, TranscodeJobSpec};
 
 use crate::audio::{encode_audio, AudioJob, TrackJob};
-use crate::chunk::{encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
+use crate::chunk::{self, encode_chunk, rescale, ChunkInput, ChunkOutput, Clock};
 use crate::encode::{self, EncoderChoice, VideoTarget};
 use crate::error::{Error, Result};
 use crate::hwdec;
@@ -21,6 +22,7 @@ use crate::quality;
 use crate::s3::{self, S3Uri};
 use crate::stitch::{self, AudioIn, HlsMedia, MediaRendition, StitchInput, SubtitleIn, Variant};
 use crate::streams::{self, StreamPlan};
+use crate::vmaf;
 
 /// Live counters a progress display reads from another thread.
 #[derive(Debug, Default)]
@@ -85,6 +87,21 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thumbnails: Option<String>,
     pub renditions: Vec<RenditionStatus>,
+    /// Per chunk, per rendition: the encoder, the setting a quality target chose and the chunk's mean VMAF
+    /// (when the job measures VMAF or targets a quality).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chunk_records: Vec<Vec<ChunkNote>>,
+}
+
+/// One rendition of one chunk, as `tessera run --json` reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunkNote {
+    pub encoder: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crf: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmaf: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -675,19 +692,20 @@ impl Prepared {
         f64::from(self.fps)
     }
 
-    /// Encode chunk `c` for the renditions `wanted` (spec indices) into `dir`, decoding it once; returns
-    /// the frames encoded (per rendition).
-    pub fn encode_chunk(
-        &self,
-        spec: &TranscodeJobSpec,
+    /// The chunk's outputs for the renditions `wanted` (spec indices), with their settings (spec order).
+    fn chunk_outputs<'a>(
+        &'a self,
+        spec: &'a TranscodeJobSpec,
         c: &Chunk,
         wanted: &[usize],
+        settings: &[Option<u8>],
         dir: &Path,
-        cancel: &AtomicBool,
-        on_frame: &(dyn Fn() + Sync),
-    ) -> Result<u64> {
-        let outputs: Vec<ChunkOutput> = spec
-            .renditions
+    ) -> Vec<ChunkOutput<'a>> {
+        let vmaf = spec
+            .quality
+            .as_ref()
+            .is_some_and(|q| q.metrics.contains(&QualityMetric::Vmaf));
+        spec.renditions
             .iter()
             .zip(&self.plans)
             .enumerate()
@@ -697,17 +715,80 @@ impl Prepared {
                 target: &p.target,
                 encoder: &p.encoder,
                 path: dir.join(Self::chunk_file(ri, c.index)),
+                crf: settings.get(ri).copied().flatten(),
+                measure: vmaf || r.video.target_quality.is_some(),
             })
-            .collect();
-        let input = ChunkInput {
+            .collect()
+    }
+
+    fn chunk_input(&self, c: &Chunk) -> ChunkInput<'_> {
+        let expected = plan::frames_per_chunk(&self.spans, self.fps(), self.info.video.frames);
+        ChunkInput {
             path: &self.input,
             stream: self.info.video.index,
             chunk: *c,
             clock: self.clock,
             decoder_threads: self.decoder_threads,
             hw_device: self.decode.device,
-        };
-        encode_chunk(&input, &outputs, cancel, &on_frame)
+            expected_frames: expected.get(c.index).copied().unwrap_or(0),
+        }
+    }
+
+    /// The setting each `targetQuality` rendition of `wanted` gets in chunk `c` (spec order; `None` for
+    /// the others): `known` ones (recorded by an earlier try) as they are, the rest found by probe encodes
+    /// (`chunk::search`).
+    pub fn search_chunk(
+        &self,
+        spec: &TranscodeJobSpec,
+        c: &Chunk,
+        wanted: &[usize],
+        known: &[Option<u8>],
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Option<u8>>> {
+        let mut settings: Vec<Option<u8>> = (0..spec.renditions.len())
+            .map(|ri| known.get(ri).copied().flatten())
+            .collect();
+        let outputs = self.chunk_outputs(spec, c, wanted, &settings, Path::new(""));
+        let found = chunk::search(&self.chunk_input(c), &outputs, cancel)?;
+        let idx: Vec<usize> = (0..spec.renditions.len())
+            .filter(|ri| wanted.contains(ri))
+            .collect();
+        for (ri, f) in idx.into_iter().zip(found) {
+            if let Some((crf, _)) = f {
+                settings[ri] = Some(crf);
+            }
+        }
+        Ok(settings)
+    }
+
+    /// Encode chunk `c` for the renditions `wanted` (spec indices) into `dir` with `settings` (from
+    /// `search_chunk`), decoding it once; returns the frames encoded and each wanted rendition's record.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_chunk(
+        &self,
+        spec: &TranscodeJobSpec,
+        c: &Chunk,
+        wanted: &[usize],
+        settings: &[Option<u8>],
+        dir: &Path,
+        cancel: &AtomicBool,
+        on_frame: &(dyn Fn() + Sync),
+    ) -> Result<(u64, Vec<ChunkEncode>)> {
+        let outputs = self.chunk_outputs(spec, c, wanted, settings, dir);
+        let done = encode_chunk(&self.chunk_input(c), &outputs, cancel, &on_frame)?;
+        let records = outputs
+            .iter()
+            .zip(done.vmaf)
+            .map(|(o, v)| ChunkEncode {
+                encoder: o.encoder.name.clone(),
+                frames: done.frames,
+                reused: false,
+                crf: o.crf,
+                vmaf: v
+                    .map(|s| ChunkVmaf::new(vmaf::model_for(o.target.width, o.target.height), &s)),
+            })
+            .collect();
+        Ok((done.frames, records))
     }
 
     /// Encode every kept audio track once per distinct setting into `dir`, and copy out the kept subtitle
@@ -789,6 +870,7 @@ impl Prepared {
         &self,
         spec: &TranscodeJobSpec,
         dir: &Path,
+        records: &[Vec<ChunkEncode>],
         cancel: &AtomicBool,
         progress: &Progress,
     ) -> Result<Finished> {
@@ -999,6 +1081,39 @@ impl Prepared {
                 if metrics.contains(&QualityMetric::Ssim) {
                     st.ssim = Some((q.ssim * 100000.0).round() / 100000.0);
                 }
+            }
+        }
+
+        // VMAF and quality targets, from the chunks' records (measured as each chunk was encoded).
+        for (ri, st) in statuses.iter_mut().enumerate() {
+            let r = &spec.renditions[ri];
+            let recs: Vec<(u32, &ChunkEncode)> = records
+                .iter()
+                .enumerate()
+                .filter_map(|(c, rs)| rs.get(ri).map(|e| (c as u32, e)))
+                .collect();
+            let measured: Vec<&ChunkVmaf> =
+                recs.iter().filter_map(|(_, e)| e.vmaf.as_ref()).collect();
+            if measured.is_empty() {
+                continue;
+            }
+            if measured.len() < self.chunks.len() {
+                return Err(Error::Chunk {
+                    chunk: recs
+                        .iter()
+                        .find(|(_, e)| e.vmaf.is_none())
+                        .map_or(0, |(c, _)| *c as usize),
+                    detail: format!(
+                        "rendition {}: VMAF was measured on {} of {} chunks",
+                        r.name,
+                        measured.len(),
+                        self.chunks.len()
+                    ),
+                });
+            }
+            st.vmaf = pool_vmaf(measured);
+            if let Some(t) = &r.video.target_quality {
+                st.quality = target_outcome(t.vmaf, recs);
             }
         }
 
@@ -1282,6 +1397,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         .store(chunks.len() as u32, Ordering::Relaxed);
     progress.stage("encoding");
     let next = AtomicUsize::new(0);
+    let records: Mutex<Vec<Vec<ChunkEncode>>> = Mutex::new(vec![Vec::new(); chunks.len()]);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let frames_emitted = AtomicU64::new(0);
     let cancel = &opts.cancel;
@@ -1311,8 +1427,14 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
                         break;
                     }
                     let all: Vec<usize> = (0..spec.renditions.len()).collect();
-                    match prep.encode_chunk(spec, c, &all, dir, cancel, &on_frame) {
-                        Ok(n) => {
+                    let done = prep
+                        .search_chunk(spec, c, &all, &[], cancel)
+                        .and_then(|settings| {
+                            prep.encode_chunk(spec, c, &all, &settings, dir, cancel, &on_frame)
+                        });
+                    match done {
+                        Ok((n, recs)) => {
+                            records.lock().unwrap_or_else(|p| p.into_inner())[c.index] = recs;
                             frames_emitted.fetch_add(n, Ordering::Relaxed);
                             progress.chunks_done.fetch_add(1, Ordering::Relaxed);
                         }
@@ -1340,7 +1462,12 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
             "frame count differs from the container index (damaged input?)"
         );
     }
-    let fin = prep.finish(spec, dir, cancel, progress)?;
+    let records = records.into_inner().unwrap_or_else(|p| p.into_inner());
+    let fin = prep.finish(spec, dir, &records, cancel, progress)?;
+    let measured = records
+        .iter()
+        .flatten()
+        .any(|e| e.vmaf.is_some() || e.crf.is_some());
     Ok(Summary {
         job: job.metadata.name.clone().unwrap_or_default(),
         input: spec.input.uri.clone(),
@@ -1365,6 +1492,22 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         manifest: fin.manifest,
         thumbnails: fin.thumbnails,
         renditions: fin.renditions,
+        chunk_records: if measured {
+            records
+                .iter()
+                .map(|rs| {
+                    rs.iter()
+                        .map(|e| ChunkNote {
+                            encoder: e.encoder.clone(),
+                            crf: e.crf,
+                            vmaf: e.vmaf.as_ref().map(|v| v.mean),
+                        })
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
     })
 }
 

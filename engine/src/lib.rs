@@ -19,9 +19,9 @@ pub mod quality;
 pub mod s3;
 pub mod scale;
 pub mod stitch;
-pub mod target;
 pub mod streams;
 pub mod subtitles;
+pub mod target;
 pub mod thumbnails;
 pub mod vmaf;
 

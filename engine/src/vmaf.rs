@@ -137,7 +137,9 @@ impl Meter {
         if ret < 0 || model.is_null() {
             // SAFETY: the context was opened above and is not used again.
             unsafe { ffi::vmaf_close(ctx) };
-            return Err(format!("libvmaf: cannot load the built-in model {version} ({ret})"));
+            return Err(format!(
+                "libvmaf: cannot load the built-in model {version} ({ret})"
+            ));
         }
         // SAFETY: both are open.
         let ret = unsafe { ffi::vmaf_use_features_from_model(ctx, model) };
@@ -149,7 +151,9 @@ impl Meter {
             flushed: false,
         };
         if ret < 0 {
-            return Err(format!("libvmaf: cannot set up the features of {version} ({ret})"));
+            return Err(format!(
+                "libvmaf: cannot set up the features of {version} ({ret})"
+            ));
         }
         Ok(m)
     }
@@ -159,43 +163,71 @@ impl Meter {
     }
 
     /// Score one pair; both frames have the same size (the rendition's).
-    pub fn push(&mut self, reference: &frame::Video, distorted: &frame::Video) -> Result<(), String> {
-        let (r, d) = if layout(reference.format()).is_some()
-            && reference.format() == distorted.format()
-        {
-            (self.picture(reference)?, self.picture(distorted)?)
-        } else {
-            let deep = depth(reference.format()) > 8;
-            let (w, h) = (reference.width(), reference.height());
-            let fmt = if deep { Pixel::YUV420P10LE } else { Pixel::YUV420P };
-            let (cr, cd) = self
-                .conv
-                .get_or_insert_with(|| (Converter::new(fmt, w, h), Converter::new(fmt, w, h)));
-            let r2 = cr.convert(reference)?;
-            let d2 = cd.convert(distorted)?;
-            (
-                self.picture(r2.as_ref().unwrap_or(reference))?,
-                self.picture(d2.as_ref().unwrap_or(distorted))?,
-            )
+    pub fn push(
+        &mut self,
+        reference: &frame::Video,
+        distorted: &frame::Video,
+    ) -> Result<(), String> {
+        let converted;
+        let (r, d) =
+            if layout(reference.format()).is_some() && reference.format() == distorted.format() {
+                (reference, distorted)
+            } else {
+                let deep = depth(reference.format()) > 8;
+                let (w, h) = (reference.width(), reference.height());
+                let fmt = if deep {
+                    Pixel::YUV420P10LE
+                } else {
+                    Pixel::YUV420P
+                };
+                let (cr, cd) = self
+                    .conv
+                    .get_or_insert_with(|| (Converter::new(fmt, w, h), Converter::new(fmt, w, h)));
+                let r2 = cr.convert(reference)?.unwrap_or_else(|| reference.clone());
+                let d2 = cd.convert(distorted)?.unwrap_or_else(|| distorted.clone());
+                converted = (r2, d2);
+                (&converted.0, &converted.1)
+            };
+        let mut r = self.picture(r)?;
+        let mut d = match self.picture(d) {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: allocated above and not handed to libvmaf.
+                unsafe { ffi::vmaf_picture_unref(&mut r) };
+                return Err(e);
+            }
         };
-        let (mut r, mut d) = (r, d);
         // SAFETY: both pictures were allocated by libvmaf; it takes (and releases) them.
         let ret = unsafe { ffi::vmaf_read_pictures(self.ctx, &mut r, &mut d, self.frames) };
         if ret < 0 {
-            return Err(format!("libvmaf: cannot score frame {} ({ret})", self.frames));
+            // SAFETY: refused pictures stay ours to release (unref of a released picture is refused).
+            unsafe {
+                ffi::vmaf_picture_unref(&mut r);
+                ffi::vmaf_picture_unref(&mut d);
+            }
+            return Err(format!(
+                "libvmaf: cannot score frame {} ({ret})",
+                self.frames
+            ));
         }
         self.frames += 1;
         Ok(())
     }
 
     fn picture(&self, f: &frame::Video) -> Result<ffi::VmafPicture, String> {
-        let fmt = layout(f.format()).ok_or_else(|| format!("libvmaf: cannot take {:?} frames", f.format()))?;
+        let fmt = layout(f.format())
+            .ok_or_else(|| format!("libvmaf: cannot take {:?} frames", f.format()))?;
         let bpc = depth(f.format());
         let mut pic: ffi::VmafPicture = unsafe { std::mem::zeroed() };
         // SAFETY: allocates the picture's planes at the frame's size.
-        let ret = unsafe { ffi::vmaf_picture_alloc(&mut pic, fmt, bpc as c_uint, f.width(), f.height()) };
+        let ret =
+            unsafe { ffi::vmaf_picture_alloc(&mut pic, fmt, bpc as c_uint, f.width(), f.height()) };
         if ret < 0 {
-            return Err(format!("libvmaf: cannot allocate a {}x{} picture", f.width(), f.height()));
+            return Err(format!(
+                "libvmaf: cannot allocate a {}x{} picture",
+                f.width(),
+                f.height()
+            ));
         }
         let bytes = if bpc > 8 { 2 } else { 1 };
         for p in 0..3 {

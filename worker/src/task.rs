@@ -443,27 +443,65 @@ fn chunk(
     let pieces = Pieces::new(work, ledger)?;
     let uris = pieces.chunk(n);
     let renditions = uris.len();
-    // Renditions another job encoded already, with the same input, boundaries, settings and encoder.
-    let mut found = vec![false; renditions];
+    let measured = needs_records(&work.spec);
+    // Renditions another job encoded already, with the same input, boundaries, settings and encoder (and,
+    // where this job measures quality, that encode's record: its setting and VMAF).
+    let mut found: Vec<Option<ChunkEncode>> = vec![None; renditions];
     if pieces.shared() {
-        for (f, uri) in found.iter_mut().zip(&uris) {
-            *f = pieces.reusable(s3, uri)?;
+        for (i, uri) in uris.iter().enumerate() {
+            if !pieces.reusable(s3, uri)? {
+                continue;
+            }
+            found[i] = if measured.get(i).copied().unwrap_or(false) {
+                side_record(s3, uri)?.filter(|rec| rec.vmaf.is_some())
+            } else {
+                Some(ChunkEncode::default())
+            };
         }
     }
-    let wanted: Vec<usize> = (0..renditions).filter(|r| !found[*r]).collect();
+    let wanted: Vec<usize> = (0..renditions).filter(|r| found[*r].is_none()).collect();
     let mut count = plan.chunk(n as u32).map_or(0, |c| c.frames);
+    let mut encoded: Vec<ChunkEncode> = Vec::new();
     if !wanted.is_empty() {
         let prep = prepared(work, s3, slots)?;
-        injected_encoder_failure(n)?;
         let c = prep
             .chunks
             .iter()
             .find(|c| c.index == n)
             .ok_or_else(|| field("chunk", format!("chunk {n} is not in the plan")))?;
+        // Quality targets: the settings an earlier try of this chunk chose are kept (a retry encodes
+        // exactly what it would have); new ones are written down before the encode starts.
+        let settings_uri = ledger.join(&format!("settings/c{n}.json"));
+        let known: Vec<Option<u8>> = match s3::block_on(s3.get_small(&settings_uri))? {
+            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let settings = prep.search_chunk(&work.spec, c, &wanted, &known, cancel)?;
+        if settings.iter().any(Option::is_some) && settings != known {
+            let body = serde_json::to_vec(&settings).map_err(|e| Error::Queue(e.to_string()))?;
+            s3::block_on(s3.put_small(&settings_uri, Bytes::from(body)))?;
+        } else if settings.iter().any(Option::is_some) {
+            tracing::info!(
+                chunk = n,
+                ?settings,
+                "quality target: encoding with the settings recorded by an earlier try"
+            );
+        }
+        injected_encoder_failure(n)?;
         let dir = scratch()?;
-        count = prep.encode_chunk(&work.spec, c, &wanted, dir.path(), cancel, &|| {
-            frames.fetch_add(1, Ordering::Relaxed);
-        })?;
+        let (frames_done, recs) = prep.encode_chunk(
+            &work.spec,
+            c,
+            &wanted,
+            &settings,
+            dir.path(),
+            cancel,
+            &|| {
+                frames.fetch_add(1, Ordering::Relaxed);
+            },
+        )?;
+        count = frames_done;
+        encoded = recs;
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
@@ -472,7 +510,15 @@ fn chunk(
             .map(|&r| (dir.path().join(Prepared::chunk_file(r, n)), uris[r].clone()))
             .collect();
         upload_to(s3, &files)?;
+        // In a store, each piece's record goes beside it, for the jobs that take it.
+        for (&r, rec) in wanted.iter().zip(&encoded) {
+            if pieces.in_store(&uris[r]) && (rec.vmaf.is_some() || rec.crf.is_some()) {
+                let body = serde_json::to_vec(rec).map_err(|e| Error::Queue(e.to_string()))?;
+                s3::block_on(s3.put_small(&side_uri(&uris[r]), Bytes::from(body)))?;
+            }
+        }
     }
+    let mut fresh = encoded.into_iter();
     let r = ChunkResult {
         frames: count,
         reused: wanted.is_empty(),
@@ -480,11 +526,19 @@ fn chunk(
         renditions: plan
             .encoders
             .iter()
-            .zip(&found)
-            .map(|(encoder, &reused)| ChunkEncode {
-                encoder: encoder.clone(),
-                frames: count,
-                reused,
+            .zip(found)
+            .map(|(encoder, f)| match f {
+                Some(rec) => ChunkEncode {
+                    encoder: encoder.clone(),
+                    frames: count,
+                    reused: true,
+                    ..rec
+                },
+                None => fresh.next().unwrap_or_else(|| ChunkEncode {
+                    encoder: encoder.clone(),
+                    frames: count,
+                    ..Default::default()
+                }),
             })
             .collect(),
     };
@@ -492,6 +546,33 @@ fn chunk(
     tracing::info!(chunk = n, frames = count, seconds = r.seconds, job = %format!("{}/{}", work.namespace, work.job),
         encoded = wanted.len(), reused = renditions - wanted.len(), "chunk encoded");
     Ok(r)
+}
+
+/// Per rendition (spec order): whether its chunks carry a quality record (VMAF, and a setting where it
+/// targets a quality).
+fn needs_records(spec: &tessera_crds::TranscodeJobSpec) -> Vec<bool> {
+    let vmaf = spec
+        .quality
+        .as_ref()
+        .is_some_and(|q| q.metrics.contains(&tessera_crds::QualityMetric::Vmaf));
+    spec.renditions
+        .iter()
+        .map(|r| vmaf || r.video.target_quality.is_some())
+        .collect()
+}
+
+/// The record filed beside a piece in a result store: `chunks/<address>.json`.
+fn side_uri(piece: &S3Uri) -> S3Uri {
+    let key = piece.key.strip_suffix(".tpk").unwrap_or(&piece.key);
+    S3Uri {
+        bucket: piece.bucket.clone(),
+        key: format!("{key}.json"),
+    }
+}
+
+fn side_record(s3: &S3, piece: &S3Uri) -> Result<Option<ChunkEncode>> {
+    Ok(s3::block_on(s3.get_small(&side_uri(piece)))?
+        .and_then(|b| serde_json::from_slice::<ChunkEncode>(&b).ok()))
 }
 
 /// Fault injection for tests: `TESSERA_FAULT_ENCODER_FAILURES=N` makes this worker's next N chunk encodes
@@ -643,7 +724,35 @@ fn stitch(
         tracing::warn!(chunks = ?missing.chunks, audio = missing.audio, "results are gone from the store; they will be encoded again");
         return Ok(TaskResult::Missing(missing));
     }
-    let mut fin = prep.finish(&work.spec, dir.path(), cancel, &Progress::default())?;
+    // The chunks' quality records (VMAF, chosen settings), when the job has any.
+    let records: Vec<Vec<ChunkEncode>> = if needs_records(&work.spec).contains(&true) {
+        let uris: Vec<S3Uri> = prep
+            .chunks
+            .iter()
+            .map(|c| ledger.join(&format!("done/c{}.json", c.index)))
+            .collect();
+        let got: Vec<Result<Option<ChunkResult>>> = s3::block_on(async {
+            stream::iter(uris.iter().map(|u| async move {
+                let b = s3.get_small(u).await?;
+                Ok(b.and_then(|b| serde_json::from_slice::<ChunkResult>(&b).ok()))
+            }))
+            .buffered(8)
+            .collect()
+            .await
+        });
+        got.into_iter()
+            .map(|r| r.map(|o| o.map(|c| c.renditions).unwrap_or_default()))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let mut fin = prep.finish(
+        &work.spec,
+        dir.path(),
+        &records,
+        cancel,
+        &Progress::default(),
+    )?;
     if let Some(rec) = &work.plan {
         // The plan's reasons name the hardware encoders that failed; this worker only opened the chosen one.
         for (st, why) in fin.renditions.iter_mut().zip(&rec.encoder_reasons) {
@@ -662,7 +771,7 @@ fn stitch(
     let body = serde_json::to_vec(&result).map_err(|e| Error::Queue(e.to_string()))?;
     s3::block_on(s3.put_small(&ledger.join("result.json"), Bytes::from(body)))?;
     let mut n = 0;
-    for sub in ["chunks/", "done/"] {
+    for sub in ["chunks/", "done/", "settings/"] {
         n += s3::block_on(s3.delete_prefix(&ledger.join(sub)))?;
     }
     tracing::info!(ledger = %ledger, objects = n, "outputs published; chunks deleted");
