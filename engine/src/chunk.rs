@@ -202,6 +202,9 @@ pub fn encode_chunk(
     })
 }
 
+/// A search's answer for one output: the setting chosen and the probes that chose it.
+pub type Searched = (u8, Vec<Probe>);
+
 /// Find, for each output with a `targetQuality` and no setting yet, the setting to encode it with: one
 /// decode pass keeps a sample of the chunk's frames (runs of consecutive frames, `target::sample_runs`),
 /// converted as the encoder gets them; probe encodes of the sample at a few settings are scored with VMAF
@@ -211,7 +214,7 @@ pub fn search(
     input: &ChunkInput<'_>,
     outputs: &[ChunkOutput<'_>],
     cancel: &AtomicBool,
-) -> Result<Vec<Option<(u8, Vec<Probe>)>>> {
+) -> Result<Vec<Option<Searched>>> {
     let index = input.chunk.index;
     let searched: Vec<usize> = (0..outputs.len())
         .filter(|&o| {
@@ -248,7 +251,7 @@ pub fn search(
             .as_ref()
             .expect("searched outputs have a target");
         let name = &out.encoder.name;
-        let (mut lo, mut hi, first) = target::scale(name);
+        let mut sc = target::scale(name);
         let map = |c: u8| {
             if crate::plan::family(name) == crate::plan::Family::Nvenc {
                 target::nvenc_cq(c)
@@ -257,20 +260,20 @@ pub fn search(
             }
         };
         if let Some(m) = goal.min_crf {
-            lo = map(m);
+            sc.lo = map(m);
         }
         if let Some(m) = goal.max_crf {
-            hi = map(m).max(lo);
+            sc.hi = map(m).max(sc.lo);
         }
         let mut probes = Vec::new();
-        while let Some(crf) = target::next_probe(&probes, goal.vmaf, lo, hi, first) {
+        while let Some(crf) = target::next_probe(&probes, goal.vmaf, &sc) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
             let vmaf = probe(input, out, crf, kept)?;
             probes.push(Probe { crf, vmaf });
         }
-        let crf = target::choose(&probes, goal.vmaf, lo, hi);
+        let crf = target::choose(&probes, goal.vmaf, &sc);
         tracing::info!(chunk = index, rendition = %out.rendition.name, encoder = %name, crf,
             target = goal.vmaf, probes = ?probes.iter().map(|p| (p.crf, (p.vmaf * 100.0).round() / 100.0)).collect::<Vec<_>>(),
             sample = kept.len(), "quality target: setting chosen");

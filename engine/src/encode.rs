@@ -242,9 +242,16 @@ pub fn open_video(
                 .hdr
                 .map(|h| format!(":repeat-headers=1:{}", x265_hdr_params(&h)))
                 .unwrap_or_default();
+            // A quality target's chunks differ in CRF, which x265's info SEI (in the headers) spells out:
+            // without it the headers are equal and the chunks join.
+            let info = if r.video.target_quality.is_some() {
+                ":info=0"
+            } else {
+                ""
+            };
             opts.set(
                 "x265-params",
-                &format!("log-level=error:pools={}{hdr}", t.threads.max(1)),
+                &format!("log-level=error:pools={}{hdr}{info}", t.threads.max(1)),
             )
         }
         Family::SvtAv1 => {

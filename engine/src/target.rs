@@ -18,7 +18,7 @@ pub const CLOSE_ENOUGH: f64 = 0.3;
 /// short, else 2 to 5 runs of [`RUN`] frames spread evenly over it (about a fifth of a 5-second chunk).
 pub fn sample_runs(frames: u64) -> Vec<Range<u64>> {
     if frames <= 3 * RUN {
-        return vec![0..frames];
+        return std::iter::once(0..frames).collect();
     }
     let k = (frames / 40).clamp(2, 5);
     (0..k)
@@ -30,17 +30,37 @@ pub fn sample_runs(frames: u64) -> Vec<Range<u64>> {
         .collect()
 }
 
-/// The setting scale of an encoder: lowest and highest values searched, and the first probe.
-pub fn scale(encoder: &str) -> (u8, u8, u8) {
-    match plan::family(encoder) {
-        Family::X26x if encoder == "libx265" => (8, 51, 26),
-        Family::X26x => (8, 51, 23),
-        Family::SvtAv1 => (10, 63, 35),
-        Family::Aom => (10, 63, 32),
+/// An encoder's setting scale as the search walks it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scale {
+    /// The lowest (best) and highest settings searched.
+    pub lo: u8,
+    pub hi: u8,
+    /// The first probe.
+    pub first: u8,
+    /// Distance (`ln(100.5 − vmaf)`) per step assumed until two probes tell the content's own.
+    pub slope: f64,
+}
+
+/// The setting scale of an encoder.
+pub fn scale(encoder: &str) -> Scale {
+    // x264/x265 near VMAF 93 lose about 1.2 points per CRF step (1.2 / 7 on the distance scale); SVT-AV1
+    // and libaom, on a 0..63 scale, about half that.
+    let (lo, hi, first, slope) = match plan::family(encoder) {
+        Family::X26x if encoder == "libx265" => (8, 51, 26, 0.17),
+        Family::X26x => (8, 51, 23, 0.17),
+        Family::SvtAv1 => (10, 63, 35, 0.08),
+        Family::Aom => (10, 63, 32, 0.08),
         // NVENC's constant-quality `cq`, QSV's ICQ `global_quality`, VA-API's `qp`: all 1..51, where 1
         // is best. Unverified on hardware here (no machine of this project has NVENC or QSV): see
         // `nvenc_cq`.
-        Family::Nvenc | Family::Qsv | Family::Vaapi => (1, 51, 25),
+        Family::Nvenc | Family::Qsv | Family::Vaapi => (1, 51, 25, 0.17),
+    };
+    Scale {
+        lo,
+        hi,
+        first,
+        slope,
     }
 }
 
@@ -66,10 +86,6 @@ fn distance(vmaf: f64) -> f64 {
     (100.5 - vmaf.min(100.0)).ln()
 }
 
-/// Distance gained per setting step before two probes tell the content's own slope (x264 near VMAF 93
-/// loses about 1.2 points per step: 1.2 / 7).
-const DEFAULT_SLOPE: f64 = 0.17;
-
 /// The highest setting whose probe reached the target, and the lowest whose probe fell short.
 fn bracket(probes: &[Probe], target: f64) -> (Option<Probe>, Option<Probe>) {
     let above = probes
@@ -87,7 +103,7 @@ fn bracket(probes: &[Probe], target: f64) -> (Option<Probe>, Option<Probe>) {
 
 /// The slope (distance per setting step, positive) from the two probes nearest the target, or the
 /// default.
-fn slope(probes: &[Probe], target: f64) -> f64 {
+fn slope(probes: &[Probe], target: f64, default: f64) -> f64 {
     let mut v: Vec<&Probe> = probes.iter().collect();
     v.sort_by(|a, b| (a.vmaf - target).abs().total_cmp(&(b.vmaf - target).abs()));
     match v.as_slice() {
@@ -96,16 +112,16 @@ fn slope(probes: &[Probe], target: f64) -> f64 {
             if s > 0.01 {
                 s
             } else {
-                DEFAULT_SLOPE
+                default
             }
         }
-        _ => DEFAULT_SLOPE,
+        _ => default,
     }
 }
 
 /// Where the target lies on the setting scale, by the probes: interpolated between the bracketing
 /// probes, or extrapolated with the slope from the nearest one.
-fn crossing(probes: &[Probe], target: f64) -> Option<f64> {
+fn crossing(probes: &[Probe], target: f64, default_slope: f64) -> Option<f64> {
     let goal = distance(target);
     match bracket(probes, target) {
         (Some(a), Some(b)) if b.crf > a.crf => {
@@ -117,16 +133,21 @@ fn crossing(probes: &[Probe], target: f64) -> Option<f64> {
             let near = probes
                 .iter()
                 .min_by(|a, b| (a.vmaf - target).abs().total_cmp(&(b.vmaf - target).abs()))?;
-            Some(f64::from(near.crf) + (goal - distance(near.vmaf)) / slope(probes, target))
+            Some(
+                f64::from(near.crf)
+                    + (goal - distance(near.vmaf)) / slope(probes, target, default_slope),
+            )
         }
     }
 }
 
 /// The next setting to probe, or `None` when the search is done: a probe landed close enough, the
-/// bracketing probes are one step apart, the bound is reached, or [`MAX_PROBES`] were made.
-pub fn next_probe(probes: &[Probe], target: f64, lo: u8, hi: u8, first: u8) -> Option<u8> {
+/// bracketing probes are one step apart, the bound is reached, or [`MAX_PROBES`] were made. While every
+/// probe is on one side of the target the steps at least double (2, 4, 8), so a flat stretch of the curve
+/// (a still picture stays near-perfect over many settings) is crossed within the budget.
+pub fn next_probe(probes: &[Probe], target: f64, sc: &Scale) -> Option<u8> {
     if probes.is_empty() {
-        return Some(first.clamp(lo, hi));
+        return Some(sc.first.clamp(sc.lo, sc.hi));
     }
     if probes.len() >= MAX_PROBES
         || probes
@@ -137,35 +158,35 @@ pub fn next_probe(probes: &[Probe], target: f64, lo: u8, hi: u8, first: u8) -> O
     }
     let tried = |c: u8| probes.iter().any(|p| p.crf == c);
     let (above, below) = bracket(probes, target);
-    let x = crossing(probes, target)?;
-    let (min, max) = match (above, below) {
+    let x = crossing(probes, target, sc.slope)?.round();
+    let step = f64::from(1u8 << probes.len().min(4));
+    let c = match (above, below) {
         (Some(a), Some(b)) => {
             if b.crf <= a.crf.saturating_add(1) {
                 return None;
             }
-            (a.crf + 1, b.crf - 1)
+            x.clamp(f64::from(a.crf + 1), f64::from(b.crf - 1))
         }
         // Every probe reached the target: look higher. None did: look lower.
-        (Some(a), None) => (a.crf.saturating_add(1).min(hi), hi),
-        (None, Some(b)) => (lo, b.crf.saturating_sub(1).max(lo)),
+        (Some(a), None) => x.max(f64::from(a.crf) + step).min(f64::from(sc.hi)),
+        (None, Some(b)) => x.min(f64::from(b.crf) - step).max(f64::from(sc.lo)),
         (None, None) => return None,
-    };
-    let c = (x.round().clamp(f64::from(min), f64::from(max))) as u8;
+    } as u8;
     (!tried(c)).then_some(c)
 }
 
 /// The setting to encode with: the crossing of the target rounded to the nearest step, within the
-/// probed bracket and the bounds; when every probe reached the target, at most 3 steps past the highest
-/// (an extrapolation is trusted only so far); when none did, the best probed.
-pub fn choose(probes: &[Probe], target: f64, lo: u8, hi: u8) -> u8 {
+/// probed bracket and the bounds; when every probe reached the target, at most 2 steps past the highest
+/// (an extrapolation is trusted only so far); when none did, the best probed or better.
+pub fn choose(probes: &[Probe], target: f64, sc: &Scale) -> u8 {
     let (above, below) = bracket(probes, target);
-    let Some(x) = crossing(probes, target) else {
-        return lo;
+    let Some(x) = crossing(probes, target, sc.slope) else {
+        return sc.lo;
     };
-    let c = x.round().clamp(f64::from(lo), f64::from(hi)) as u8;
+    let c = x.round().clamp(f64::from(sc.lo), f64::from(sc.hi)) as u8;
     match (above, below) {
         (Some(a), Some(b)) => c.clamp(a.crf, b.crf),
-        (Some(a), None) => c.clamp(a.crf, a.crf.saturating_add(3).min(hi)),
+        (Some(a), None) => c.clamp(a.crf, a.crf.saturating_add(2).min(sc.hi)),
         (None, Some(b)) => c.min(b.crf),
         (None, None) => c,
     }
@@ -177,15 +198,15 @@ mod tests {
 
     /// A content model: VMAF falls `slope` per step from `at0` at setting 0, clipped to 0..100.
     fn search(at0: f64, slope: f64, target: f64) -> (u8, Vec<Probe>) {
-        let (lo, hi, first) = scale("libx264");
+        let sc = scale("libx264");
         let mut probes = Vec::new();
-        while let Some(c) = next_probe(&probes, target, lo, hi, first) {
+        while let Some(c) = next_probe(&probes, target, &sc) {
             probes.push(Probe {
                 crf: c,
                 vmaf: (at0 - slope * f64::from(c)).clamp(0.0, 100.0),
             });
         }
-        (choose(&probes, target, lo, hi), probes)
+        (choose(&probes, target, &sc), probes)
     }
 
     #[test]
@@ -229,15 +250,19 @@ mod tests {
         let (c, _) = search(90.0, 1.0, 93.0);
         assert_eq!(c, 8);
         // Always above: the highest allowed, never extrapolated beyond what was measured by much.
-        let (lo, hi) = (10, 30);
+        let sc = Scale {
+            lo: 10,
+            hi: 30,
+            ..scale("libx264")
+        };
         let mut probes = Vec::new();
-        while let Some(c) = next_probe(&probes, 50.0, lo, hi, 23) {
+        while let Some(c) = next_probe(&probes, 50.0, &sc) {
             probes.push(Probe {
                 crf: c,
                 vmaf: 99.0 - 0.1 * f64::from(c),
             });
         }
-        assert_eq!(choose(&probes, 50.0, lo, hi), 30);
+        assert_eq!(choose(&probes, 50.0, &sc), 30);
     }
 
     #[test]
@@ -252,8 +277,9 @@ mod tests {
                 vmaf: 92.0,
             },
         ];
-        assert_eq!(next_probe(&probes, 93.0, 8, 51, 23), None);
-        assert_eq!(choose(&probes, 93.0, 8, 51), 23);
+        let sc = scale("libx264");
+        assert_eq!(next_probe(&probes, 93.0, &sc), None);
+        assert_eq!(choose(&probes, 93.0, &sc), 23);
         let probes = [
             Probe {
                 crf: 23,
@@ -264,23 +290,44 @@ mod tests {
                 vmaf: 92.9,
             },
         ];
-        assert_eq!(choose(&probes, 93.0, 8, 51), 24);
+        assert_eq!(choose(&probes, 93.0, &sc), 24);
     }
 
     #[test]
     fn easy_content_that_saturates_is_not_overshot() {
         // VMAF as static slides give it: 100 − 7·e^{0.12·(crf − 31)}, so 93 at crf 31.
         let model = |c: u8| 100.0 - 7.0 * (0.12 * (f64::from(c) - 31.0)).exp();
-        let (lo, hi, first) = scale("libx264");
+        let sc = scale("libx264");
         let mut probes = Vec::new();
-        while let Some(c) = next_probe(&probes, 93.0, lo, hi, first) {
+        while let Some(c) = next_probe(&probes, 93.0, &sc) {
             probes.push(Probe {
                 crf: c,
                 vmaf: model(c),
             });
         }
-        assert_eq!(choose(&probes, 93.0, lo, hi), 31, "{probes:?}");
-        assert!(probes.len() <= 3, "{probes:?}");
+        assert_eq!(choose(&probes, 93.0, &sc), 31, "{probes:?}");
+    }
+
+    #[test]
+    fn a_flat_stretch_is_crossed_within_the_budget() {
+        // SVT-AV1 on a still picture: near-perfect until crf 50, then falling (94 at crf 56).
+        let model = |c: u8| {
+            if c <= 50 {
+                97.2 - 0.02 * f64::from(c)
+            } else {
+                96.2 - 0.37 * f64::from(c - 50)
+            }
+        };
+        let sc = scale("libsvtav1");
+        let mut probes = Vec::new();
+        while let Some(c) = next_probe(&probes, 94.0, &sc) {
+            probes.push(Probe {
+                crf: c,
+                vmaf: model(c),
+            });
+        }
+        let c = choose(&probes, 94.0, &sc);
+        assert!((54..=58).contains(&c), "{c}: {probes:?}");
     }
 
     #[test]

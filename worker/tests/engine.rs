@@ -124,16 +124,6 @@ fn rotated() -> PathBuf {
     path
 }
 
-fn output(summary: &serde_json::Value, i: usize) -> PathBuf {
-    PathBuf::from(
-        summary["renditions"][i]["uri"]
-            .as_str()
-            .unwrap()
-            .strip_prefix("file://")
-            .unwrap(),
-    )
-}
-
 fn assert_close_sets(src: &[f64], out: &[f64], tol: f64, what: &str) {
     assert_eq!(src.len(), out.len(), "{what}: frame count");
     let mut s = src.to_vec();

@@ -254,6 +254,17 @@ pub fn tessera_ok(out: &Path, yaml: &str, extra_args: &[&str]) -> Value {
     r.summary
 }
 
+/// The file of rendition `i` of a `tessera run --json` summary.
+pub fn output(summary: &Value, i: usize) -> PathBuf {
+    PathBuf::from(
+        summary["renditions"][i]["uri"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("file://")
+            .unwrap(),
+    )
+}
+
 /// Names in a folder, hidden ones included, sorted.
 pub fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
