@@ -364,18 +364,24 @@ fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
         ],
         None,
     );
+    // The job aims at a quality: the failure strikes after the chunk's setting was searched and recorded,
+    // so the retry must encode with the recorded setting and encoder, not search again.
     let src = input("src8", 8);
+    let targeted = |name: &str, pool: &str| {
+        job_yaml(name, &src, pool).replace(
+            "crf: 30, preset: ultrafast",
+            "targetQuality: {vmaf: 90}, preset: ultrafast",
+        )
+    };
     let t0 = Instant::now();
     kubectl_ok(
         &["apply", "-f", "-"],
-        Some(&job_yaml(
-            "brittle",
-            &src,
-            "  pool: tessera-system/brittle\n",
-        )),
+        Some(&targeted("brittle", "  pool: tessera-system/brittle\n")),
     );
     // Each worker's first chunk encode fails (as a hardware encoder losing its session); the failed chunk is
     // queued again and encoded on the next attempt: one failed attempt per worker, at most 2 workers.
+    let done = wait_complete("brittle", Duration::from_secs(300));
+    let quality = done["status"]["renditions"][0]["quality"].clone();
     finish(
         "encoder fails mid-job (once on each worker)",
         "brittle",
@@ -383,14 +389,39 @@ fn an_encoder_that_fails_mid_job_is_retried_elsewhere() {
         2,
         t0,
     );
-    let failed = tessera_e2e::cluster::pod_logs("brittle-worker")
-        .iter()
-        .map(|(_, l)| {
-            l.matches("injected by TESSERA_FAULT_ENCODER_FAILURES")
-                .count()
-        })
-        .sum::<usize>();
+    let logs = tessera_e2e::cluster::pod_logs("brittle-worker");
+    let count = |needle: &str| {
+        logs.iter()
+            .map(|(_, l)| l.matches(needle).count())
+            .sum::<usize>()
+    };
+    let failed = count("injected by TESSERA_FAULT_ENCODER_FAILURES");
     assert!(failed >= 1, "the injected failure happened");
+    assert_eq!(
+        count("encoding with the settings recorded by an earlier try"),
+        failed,
+        "each failed chunk was encoded again with its recorded setting"
+    );
+    assert!(
+        (quality["achievedMean"].as_f64().unwrap() - 90.0).abs() <= 1.5,
+        "{quality}"
+    );
+    // The same job on a pool without the fault gives the same bytes: the retries encoded exactly what
+    // the first tries would have.
+    kubectl_ok(&["apply", "-f", "-"], Some(&targeted("steady", "")));
+    let steady = wait_complete("steady", Duration::from_secs(300));
+    assert_eq!(steady["status"]["renditions"][0]["quality"], quality);
+    let video_md5 = |job: &str| {
+        let o = Command::new("ffmpeg")
+            .args(["-v", "error", "-i"])
+            .arg(tessera_e2e::jobs::s3_dir().join(format!("tessera/outputs/{job}/small.mp4")))
+            .args(["-map", "0:v", "-c", "copy", "-f", "md5", "-"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(video_md5("brittle"), video_md5("steady"));
+    delete_job("steady");
     kubectl_ok(&["delete", "wp", "brittle", "-n", "tessera-system"], None);
 }
 

@@ -244,6 +244,15 @@ pub fn search(
     })?;
     for (&o, kept) in searched.iter().zip(&samples) {
         let out = &outputs[o];
+        if kept.is_empty() {
+            return Err(Error::Chunk {
+                chunk: index,
+                detail: format!(
+                    "quality target of {}: no frames were sampled ({} decoded, {} expected)",
+                    out.rendition.name, n, input.expected_frames
+                ),
+            });
+        }
         let goal = out
             .rendition
             .video

@@ -722,7 +722,16 @@ impl Prepared {
     }
 
     fn chunk_input(&self, c: &Chunk) -> ChunkInput<'_> {
-        let expected = plan::frames_per_chunk(&self.spans, self.fps(), self.info.video.frames);
+        // From the chunk's span: a worker that did not plan the job has no frame count of the input (and
+        // a chunk task's plan holds only its own chunk).
+        let expected = self
+            .chunks
+            .iter()
+            .position(|x| x.index == c.index)
+            .and_then(|i| self.spans.get(i))
+            .map_or(0, |(from, to)| {
+                ((to - from) * self.fps()).round().max(1.0) as u64
+            });
         ChunkInput {
             path: &self.input,
             stream: self.info.video.index,
@@ -730,7 +739,7 @@ impl Prepared {
             clock: self.clock,
             decoder_threads: self.decoder_threads,
             hw_device: self.decode.device,
-            expected_frames: expected.get(c.index).copied().unwrap_or(0),
+            expected_frames: expected,
         }
     }
 
