@@ -291,6 +291,9 @@ pub fn search(
     Ok(answer)
 }
 
+/// Probes score every this many frames of their sample.
+const PROBE_SUBSAMPLE: u32 = 2;
+
 /// Encode `samples` at `crf` and score the result: the mean VMAF.
 fn probe(
     input: &ChunkInput<'_>,
@@ -311,7 +314,9 @@ fn probe(
     };
     let mut enc = encode::open_video(name, &probe_out.settings(), out.target, out.encoder.pix_fmt)
         .map_err(enc_err)?;
-    let mut check = Check::new(&enc, out.target).map_err(enc_err)?;
+    // Probes score every other frame: VMAF costs more than the probe encode, and the search needs the
+    // sample's mean, not each frame.
+    let mut check = Check::new(&enc, out.target, PROBE_SUBSAMPLE).map_err(enc_err)?;
     let mut p = Packet::empty();
     let mut drain = |enc: &mut encode::OpenEncoder, check: &mut Check| -> Result<()> {
         loop {
@@ -354,7 +359,11 @@ struct Check {
 }
 
 impl Check {
-    fn new(enc: &encode::OpenEncoder, t: &VideoTarget) -> std::result::Result<Self, String> {
+    fn new(
+        enc: &encode::OpenEncoder,
+        t: &VideoTarget,
+        subsample: u32,
+    ) -> std::result::Result<Self, String> {
         let par = ff::codec::Parameters::from(&**enc);
         let dec = codec::context::Context::from_parameters(par)
             .and_then(|c| c.decoder().video())
@@ -362,7 +371,7 @@ impl Check {
         Ok(Self {
             dec,
             refs: VecDeque::new(),
-            meter: Meter::new(t.width, t.height, 0)?,
+            meter: Meter::new(t.width, t.height, 0, subsample)?,
             decoded: frame::Video::empty(),
         })
     }
@@ -687,7 +696,7 @@ fn open_encoders<'a>(
                 })?;
             let scaler = out.converter();
             let check = if out.measure {
-                Some(Check::new(&encoder, t).map_err(|detail| Error::Chunk { chunk, detail })?)
+                Some(Check::new(&encoder, t, 1).map_err(|detail| Error::Chunk { chunk, detail })?)
             } else {
                 None
             };

@@ -103,6 +103,8 @@ pub struct Meter {
     /// For frames libvmaf cannot take as they are (semi-planar, RGB...): to planar 4:2:0 of their depth.
     conv: Option<(Converter, Converter)>,
     flushed: bool,
+    /// Only every this many frames is scored.
+    subsample: u32,
 }
 
 // SAFETY: a Meter is used by one thread at a time; libvmaf's context holds no thread-bound state.
@@ -110,14 +112,15 @@ unsafe impl Send for Meter {}
 
 impl Meter {
     /// A meter with the model `model_for(width, height)` picks, on `threads` threads of its own (0: none,
-    /// scoring on the caller's thread).
-    pub fn new(width: u32, height: u32, threads: usize) -> Result<Self, String> {
+    /// scoring on the caller's thread), scoring every `subsample`th frame (1: every frame).
+    pub fn new(width: u32, height: u32, threads: usize, subsample: u32) -> Result<Self, String> {
+        let subsample = subsample.max(1);
         let version = model_for(width, height);
         let mut ctx = std::ptr::null_mut();
         let cfg = ffi::VmafConfiguration {
             log_level: 1,
             n_threads: threads as c_uint,
-            n_subsample: 0,
+            n_subsample: subsample as c_uint,
             cpumask: 0,
         };
         // SAFETY: out-pointers to locals; the configuration is passed by value.
@@ -149,6 +152,7 @@ impl Meter {
             frames: 0,
             conv: None,
             flushed: false,
+            subsample,
         };
         if ret < 0 {
             return Err(format!(
@@ -248,7 +252,7 @@ impl Meter {
         Ok(pic)
     }
 
-    /// Every frame's score, in the order pushed.
+    /// The scores of the frames scored (every `subsample`th), in the order pushed.
     pub fn finish(mut self) -> Result<Vec<f64>, String> {
         // SAFETY: a null pair flushes the context.
         let ret = unsafe {
@@ -259,6 +263,7 @@ impl Meter {
             return Err(format!("libvmaf: cannot finish ({ret})"));
         }
         (0..self.frames)
+            .step_by(self.subsample as usize)
             .map(|i| {
                 let mut s = 0.0;
                 // SAFETY: the index was read and the context flushed.
@@ -348,8 +353,8 @@ mod tests {
     fn identical_frames_score_high_and_noise_scores_lower() {
         let clean = gradient(320, 240, 0);
         let noisy = gradient(320, 240, 40);
-        let mut same = Meter::new(320, 240, 0).unwrap();
-        let mut worse = Meter::new(320, 240, 0).unwrap();
+        let mut same = Meter::new(320, 240, 0, 1).unwrap();
+        let mut worse = Meter::new(320, 240, 0, 1).unwrap();
         for _ in 0..3 {
             same.push(&clean, &clean).unwrap();
             worse.push(&clean, &noisy).unwrap();
@@ -361,9 +366,19 @@ mod tests {
     }
 
     #[test]
+    fn a_subsampling_meter_scores_every_nth_frame() {
+        let f = gradient(64, 64, 0);
+        let mut m = Meter::new(64, 64, 0, 2).unwrap();
+        for _ in 0..5 {
+            m.push(&f, &f).unwrap();
+        }
+        assert_eq!(m.finish().unwrap().len(), 3);
+    }
+
+    #[test]
     fn a_meter_dropped_unfinished_is_released() {
         let f = gradient(64, 64, 0);
-        let mut m = Meter::new(64, 64, 2).unwrap();
+        let mut m = Meter::new(64, 64, 2, 1).unwrap();
         m.push(&f, &f).unwrap();
         drop(m);
     }
