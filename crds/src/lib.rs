@@ -529,6 +529,10 @@ pub struct TargetOutcome {
     /// the encoder that used it, is in the job's per-chunk records (`tessera run --json`: `chunkRecords`).
     pub min_crf: u8,
     pub max_crf: u8,
+    /// Chunks whose setting sits on a bound (`minCrf`/`maxCrf` or the encoder's range): where the target
+    /// was out of reach, the achieved mean differs from it for that reason.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunks_at_bound: u32,
 }
 
 /// A set of worker pods on nodes with a given device-plugin resource. Completed by the operator issue.

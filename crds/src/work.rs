@@ -365,6 +365,10 @@ pub struct ChunkEncode {
     /// again, with the same encoder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crf: Option<u8>,
+    /// The setting sits on a bound of the search (`minCrf`/`maxCrf` or the encoder's own range): the target
+    /// may have been out of reach for this chunk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub at_bound: bool,
     /// VMAF of each frame of this chunk (when the job measures VMAF or targets a quality).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmaf: Option<ChunkVmaf>,
@@ -453,7 +457,9 @@ pub fn target_outcome<'a>(
             min_chunk_vmaf: v.mean,
             min_crf: crf,
             max_crf: crf,
+            chunks_at_bound: 0,
         });
+        o.chunks_at_bound += u32::from(c.at_bound);
         if v.mean < o.min_chunk_vmaf {
             o.min_chunk = i;
             o.min_chunk_vmaf = v.mean;
@@ -634,17 +640,19 @@ mod tests {
             vmaf: Some(ChunkVmaf::new("vmaf_v0.6.1", scores)),
             ..Default::default()
         };
-        let (a, b, c) = (
+        let (a, b, mut c) = (
             rec(30, &[94.0, 94.0]),
             rec(18, &[91.0, 93.0]),
             rec(24, &[93.0, 93.0]),
         );
+        c.at_bound = true;
         let o = target_outcome(93.0, [(0, &a), (1, &b), (2, &c)]).unwrap();
         assert_eq!(
             (o.min_chunk, o.min_chunk_vmaf, o.min_crf, o.max_crf),
             (1, 92.0, 18, 30)
         );
         assert!((o.achieved_mean - 93.0).abs() < 1e-9);
+        assert_eq!(o.chunks_at_bound, 1);
         // A chunk without a setting (not a targeted encode) means no outcome.
         let plain = ChunkEncode::default();
         assert!(target_outcome(93.0, [(0, &a), (1, &plain)]).is_none());

@@ -260,20 +260,7 @@ pub fn search(
             .as_ref()
             .expect("searched outputs have a target");
         let name = &out.encoder.name;
-        let mut sc = target::scale(name);
-        let map = |c: u8| {
-            if crate::plan::family(name) == crate::plan::Family::Nvenc {
-                target::nvenc_cq(c)
-            } else {
-                c
-            }
-        };
-        if let Some(m) = goal.min_crf {
-            sc.lo = map(m);
-        }
-        if let Some(m) = goal.max_crf {
-            sc.hi = map(m).max(sc.lo);
-        }
+        let sc = target::bounded(name, goal);
         let mut probes = Vec::new();
         while let Some(crf) = target::next_probe(&probes, goal.vmaf, &sc) {
             if cancel.load(Ordering::Relaxed) {

@@ -793,6 +793,12 @@ impl Prepared {
                 frames: done.frames,
                 reused: false,
                 crf: o.crf,
+                at_bound: o
+                    .crf
+                    .zip(o.rendition.video.target_quality.as_ref())
+                    .is_some_and(|(c, goal)| {
+                        crate::target::at_bound(c, &crate::target::bounded(&o.encoder.name, goal))
+                    }),
                 vmaf: v
                     .map(|s| ChunkVmaf::new(vmaf::model_for(o.target.width, o.target.height), &s)),
             })

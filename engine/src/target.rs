@@ -64,6 +64,31 @@ pub fn scale(encoder: &str) -> Scale {
     }
 }
 
+/// The scale of `encoder` within a target's own bounds (`minCrf`/`maxCrf`, mapped to NVENC's cq there).
+pub fn bounded(encoder: &str, goal: &tessera_crds::TargetQuality) -> Scale {
+    let mut sc = scale(encoder);
+    let map = |c: u8| {
+        if plan::family(encoder) == Family::Nvenc {
+            nvenc_cq(c)
+        } else {
+            c
+        }
+    };
+    if let Some(m) = goal.min_crf {
+        sc.lo = map(m);
+    }
+    if let Some(m) = goal.max_crf {
+        sc.hi = map(m).max(sc.lo);
+    }
+    sc
+}
+
+/// Whether a chosen setting sits on a bound of the scale: the target may have been out of reach there (a
+/// still picture above it even at the highest setting, a hard scene below it at the lowest).
+pub fn at_bound(crf: u8, sc: &Scale) -> bool {
+    crf <= sc.lo || crf >= sc.hi
+}
+
 /// NVENC's constant-quality setting for a CRF-scale value: NVENC's `cq` (with `rc=vbr` and no bitrate) is
 /// a QP-like scale that lands about 2 steps higher in quality than x264's CRF at the same number (NVIDIA's
 /// guidance: cq ≈ crf − 2 for similar quality), clamped to its 1..51. The search itself runs on the cq
@@ -328,6 +353,27 @@ mod tests {
         }
         let c = choose(&probes, 94.0, &sc);
         assert!((54..=58).contains(&c), "{c}: {probes:?}");
+    }
+
+    #[test]
+    fn a_targets_bounds_narrow_the_scale_and_mark_settings_on_them() {
+        let goal = tessera_crds::TargetQuality {
+            vmaf: 93.0,
+            min_crf: Some(18),
+            max_crf: Some(30),
+        };
+        let sc = bounded("libx264", &goal);
+        assert_eq!((sc.lo, sc.hi), (18, 30));
+        assert!(at_bound(30, &sc) && at_bound(18, &sc) && !at_bound(24, &sc));
+        // NVENC's cq is about 2 below x264's CRF for the same quality.
+        let n = bounded("h264_nvenc", &goal);
+        assert_eq!((n.lo, n.hi), (16, 28));
+        let open = tessera_crds::TargetQuality {
+            vmaf: 93.0,
+            min_crf: None,
+            max_crf: None,
+        };
+        assert_eq!(bounded("libsvtav1", &open).hi, 63);
     }
 
     #[test]

@@ -250,4 +250,24 @@ fn a_quality_target_lands_on_its_mean_and_gives_hard_chunks_a_lower_crf() {
     assert!(chunks
         .iter()
         .all(|c| c[0]["encoder"] == "libx264" && c[2]["encoder"] == "libsvtav1"));
+    // A bound that stops the still slide: its chunks are marked, and counted in the status.
+    let out = out_dir("target-quality-bounded");
+    let yaml = job_yaml(
+        &src,
+        &out,
+        "mp4",
+        "    - {name: avc, video: {codec: h264, height: 240, targetQuality: {vmaf: 93, maxCrf: 24}, preset: ultrafast}}\n",
+        "  chunking: {targetSeconds: 2}\n",
+    );
+    let s = tessera_ok(&out, &yaml, &[]);
+    let crfs: Vec<u64> = s["chunkRecords"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[0]["crf"].as_u64().unwrap())
+        .collect();
+    let q = &s["renditions"][0]["quality"];
+    assert!(crfs.iter().all(|&c| c <= 24) && crfs[0] == 24, "{crfs:?}");
+    assert!(q["chunksAtBound"].as_u64().unwrap() >= 2, "{q}");
+    assert_eq!(q["maxCrf"], 24);
 }
