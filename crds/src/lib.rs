@@ -90,6 +90,18 @@ pub struct TranscodeJobSpec {
     pub ttl_seconds_after_finished: Option<i64>,
 }
 
+impl TranscodeJobSpec {
+    /// Whether rendition `r`'s chunks are scored with VMAF as they are encoded: the job asks for the metric,
+    /// or the rendition aims at a quality.
+    pub fn measures_vmaf(&self, r: &Rendition) -> bool {
+        r.video.target_quality.is_some()
+            || self
+                .quality
+                .as_ref()
+                .is_some_and(|q| q.metrics.contains(&QualityMetric::Vmaf))
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InputSpec {

@@ -202,19 +202,16 @@ pub fn encode_chunk(
     })
 }
 
-/// A search's answer for one output: the setting chosen and the probes that chose it.
-pub type Searched = (u8, Vec<Probe>);
-
 /// Find, for each output with a `targetQuality` and no setting yet, the setting to encode it with: one
 /// decode pass keeps a sample of the chunk's frames (runs of consecutive frames, `target::sample_runs`),
 /// converted as the encoder gets them; probe encodes of the sample at a few settings are scored with VMAF
 /// and the setting is interpolated between them (`target::next_probe`, `target::choose`). Answers, per
-/// output, the setting and the probes made (`None`: nothing to search).
+/// output, the setting (`None`: nothing to search).
 pub fn search(
     input: &ChunkInput<'_>,
     outputs: &[ChunkOutput<'_>],
     cancel: &AtomicBool,
-) -> Result<Vec<Option<Searched>>> {
+) -> Result<Vec<Option<u8>>> {
     let index = input.chunk.index;
     let searched: Vec<usize> = (0..outputs.len())
         .filter(|&o| {
@@ -273,7 +270,7 @@ pub fn search(
         tracing::info!(chunk = index, rendition = %out.rendition.name, encoder = %name, crf,
             target = goal.vmaf, probes = ?probes.iter().map(|p| (p.crf, (p.vmaf * 100.0).round() / 100.0)).collect::<Vec<_>>(),
             sample = kept.len(), "quality target: setting chosen");
-        answer[o] = Some((crf, probes));
+        answer[o] = Some(crf);
     }
     Ok(answer)
 }

@@ -701,10 +701,6 @@ impl Prepared {
         settings: &[Option<u8>],
         dir: &Path,
     ) -> Vec<ChunkOutput<'a>> {
-        let vmaf = spec
-            .quality
-            .as_ref()
-            .is_some_and(|q| q.metrics.contains(&QualityMetric::Vmaf));
         spec.renditions
             .iter()
             .zip(&self.plans)
@@ -716,7 +712,7 @@ impl Prepared {
                 encoder: &p.encoder,
                 path: dir.join(Self::chunk_file(ri, c.index)),
                 crf: settings.get(ri).copied().flatten(),
-                measure: vmaf || r.video.target_quality.is_some(),
+                measure: spec.measures_vmaf(r),
             })
             .collect()
     }
@@ -763,8 +759,8 @@ impl Prepared {
             .filter(|ri| wanted.contains(ri))
             .collect();
         for (ri, f) in idx.into_iter().zip(found) {
-            if let Some((crf, _)) = f {
-                settings[ri] = Some(crf);
+            if f.is_some() {
+                settings[ri] = f;
             }
         }
         Ok(settings)

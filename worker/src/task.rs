@@ -443,7 +443,7 @@ fn chunk(
     let pieces = Pieces::new(work, ledger)?;
     let uris = pieces.chunk(n);
     let renditions = uris.len();
-    let measured = needs_records(&work.spec);
+    let spec = &work.spec;
     // Renditions another job encoded already, with the same input, boundaries, settings and encoder (and,
     // where this job measures quality, that encode's record: its setting and VMAF).
     let mut found: Vec<Option<ChunkEncode>> = vec![None; renditions];
@@ -452,7 +452,7 @@ fn chunk(
             if !pieces.reusable(s3, uri)? {
                 continue;
             }
-            found[i] = if measured.get(i).copied().unwrap_or(false) {
+            found[i] = if spec.measures_vmaf(&spec.renditions[i]) {
                 side_record(s3, uri)?.filter(|rec| rec.vmaf.is_some())
             } else {
                 Some(ChunkEncode::default())
@@ -472,15 +472,23 @@ fn chunk(
         // Quality targets: the settings an earlier try of this chunk chose are kept (a retry encodes
         // exactly what it would have); new ones are written down before the encode starts.
         let settings_uri = ledger.join(&format!("settings/c{n}.json"));
-        let known: Vec<Option<u8>> = match s3::block_on(s3.get_small(&settings_uri))? {
-            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
-            None => Vec::new(),
+        // (Read only where a rendition has a target: other chunks cost no request for it.)
+        let has_target = wanted
+            .iter()
+            .any(|&r| spec.renditions[r].video.target_quality.is_some());
+        let known: Vec<Option<u8>> = if has_target {
+            s3::block_on(s3.get_small(&settings_uri))?
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
         };
         let settings = prep.search_chunk(&work.spec, c, &wanted, &known, cancel)?;
-        if settings.iter().any(Option::is_some) && settings != known {
+        let targeted = settings.iter().any(Option::is_some);
+        if targeted && settings != known {
             let body = serde_json::to_vec(&settings).map_err(|e| Error::Queue(e.to_string()))?;
             s3::block_on(s3.put_small(&settings_uri, Bytes::from(body)))?;
-        } else if settings.iter().any(Option::is_some) {
+        } else if targeted {
             tracing::info!(
                 chunk = n,
                 ?settings,
@@ -512,7 +520,8 @@ fn chunk(
         upload_to(s3, &files)?;
         // In a store, each piece's record goes beside it, for the jobs that take it.
         for (&r, rec) in wanted.iter().zip(&encoded) {
-            if pieces.in_store(&uris[r]) && (rec.vmaf.is_some() || rec.crf.is_some()) {
+            // (A targeted rendition is always measured: its record has VMAF whenever it has a setting.)
+            if pieces.in_store(&uris[r]) && rec.vmaf.is_some() {
                 let body = serde_json::to_vec(rec).map_err(|e| Error::Queue(e.to_string()))?;
                 s3::block_on(s3.put_small(&side_uri(&uris[r]), Bytes::from(body)))?;
             }
@@ -546,19 +555,6 @@ fn chunk(
     tracing::info!(chunk = n, frames = count, seconds = r.seconds, job = %format!("{}/{}", work.namespace, work.job),
         encoded = wanted.len(), reused = renditions - wanted.len(), "chunk encoded");
     Ok(r)
-}
-
-/// Per rendition (spec order): whether its chunks carry a quality record (VMAF, and a setting where it
-/// targets a quality).
-fn needs_records(spec: &tessera_crds::TranscodeJobSpec) -> Vec<bool> {
-    let vmaf = spec
-        .quality
-        .as_ref()
-        .is_some_and(|q| q.metrics.contains(&tessera_crds::QualityMetric::Vmaf));
-    spec.renditions
-        .iter()
-        .map(|r| vmaf || r.video.target_quality.is_some())
-        .collect()
 }
 
 /// The record filed beside a piece in a result store: `chunks/<address>.json`.
@@ -725,7 +721,12 @@ fn stitch(
         return Ok(TaskResult::Missing(missing));
     }
     // The chunks' quality records (VMAF, chosen settings), when the job has any.
-    let records: Vec<Vec<ChunkEncode>> = if needs_records(&work.spec).contains(&true) {
+    let records: Vec<Vec<ChunkEncode>> = if work
+        .spec
+        .renditions
+        .iter()
+        .any(|r| work.spec.measures_vmaf(r))
+    {
         let uris: Vec<S3Uri> = prep
             .chunks
             .iter()
