@@ -143,8 +143,9 @@ pub fn encoder_pix_fmt(
 /// internal threads) can deadlock in `avcodec_close` when freed without having seen end-of-stream.
 pub struct OpenEncoder {
     inner: Option<ff::encoder::Video>,
-    /// SVT-AV1 1.4 hangs on end-of-stream when it never received a frame.
-    hangs_unfed: bool,
+    /// libsvtav1: it hangs (1.4) on end-of-stream when it never received a frame, and its open and close
+    /// must not overlap another SVT-AV1 encoder's ([`SVT_AV1_LIFECYCLE`]).
+    svt_av1: bool,
     /// Set once a frame was sent.
     pub fed: bool,
 }
@@ -167,7 +168,7 @@ impl Drop for OpenEncoder {
         let Some(mut enc) = self.inner.take() else {
             return;
         };
-        if self.hangs_unfed && !self.fed {
+        if self.svt_av1 && !self.fed {
             // Closing it would block forever; leaking one unused encoder (error paths only) is the lesser harm.
             std::mem::forget(enc);
             return;
@@ -176,7 +177,23 @@ impl Drop for OpenEncoder {
         let _ = enc.send_eof();
         let mut p = ff::Packet::empty();
         while enc.receive_packet(&mut p).is_ok() {}
+        let _lifecycle = self.svt_av1.then(svt_av1_lifecycle);
+        drop(enc);
     }
+}
+
+/// SVT-AV1 (1.4 in Debian 12, and up to 2.3 at least) keeps process-wide state that each encoder's
+/// `svt_av1_enc_init_handle` writes (the CPU topology, shared tables) and each `svt_av1_enc_deinit_handle`
+/// frees, with no synchronisation: one chunk's encoder opening while another's closes crashed the process
+/// (SIGSEGV in `svt_av1_enc_init_handle`). Opens and closes of SVT-AV1 encoders in this process take this
+/// lock; encoding itself runs in parallel.
+static SVT_AV1_LIFECYCLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn svt_av1_lifecycle() -> std::sync::MutexGuard<'static, ()> {
+    // The guarded state is SVT-AV1's, not ours: a panic while holding the lock leaves nothing to repair.
+    SVT_AV1_LIFECYCLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Open `name` with the rendition's settings. The error text includes FFmpeg's own explanation.
@@ -264,10 +281,14 @@ pub fn open_video(
         }
         _ => {}
     }
-    let (res, lines) = avlog::capture(|| enc.open_with(opts));
+    let svt_av1 = name == "libsvtav1";
+    let (res, lines) = {
+        let _lifecycle = svt_av1.then(svt_av1_lifecycle);
+        avlog::capture(|| enc.open_with(opts))
+    };
     res.map(|e| OpenEncoder {
         inner: Some(e),
-        hangs_unfed: name == "libsvtav1",
+        svt_av1,
         fed: false,
     })
     .map_err(|e| explain_open_failure(name, e, &lines))
@@ -472,5 +493,62 @@ mod hdr_tests {
         };
         assert_eq!(x265_hdr_params(&cll), "max-cll=1000,400:hdr10=1");
         assert_eq!(svtav1_hdr_params(&cll), "content-light=1000,400");
+    }
+}
+
+#[cfg(test)]
+mod svt_av1_tests {
+    use super::*;
+    use tessera_crds::{VideoCodec, VideoSpec};
+
+    /// Chunk workers in one process open and close SVT-AV1 encoders at the same time; without
+    /// [`SVT_AV1_LIFECYCLE`] this crashed the process now and then (SIGSEGV in `svt_av1_enc_init_handle`).
+    #[test]
+    fn svt_av1_encoders_open_and_close_side_by_side() {
+        ff::init().unwrap();
+        let r = Rendition {
+            name: "av1".into(),
+            video: VideoSpec {
+                codec: VideoCodec::Av1,
+                width: None,
+                height: None,
+                crf: Some(50),
+                bitrate: None,
+                maxrate: None,
+                preset: Some("12".into()),
+                target_quality: None,
+            },
+            audio: None,
+        };
+        let t = VideoTarget {
+            width: 64,
+            height: 64,
+            pix_fmt: Pixel::YUV420P,
+            time_base: Rational(1, 25),
+            frame_rate: Rational(25, 1),
+            sar: Rational(1, 1),
+            color: (
+                ff::color::Range::MPEG,
+                ff::color::Primaries::Unspecified,
+                ff::color::TransferCharacteristic::Unspecified,
+                ff::color::Space::Unspecified,
+            ),
+            threads: 1,
+            hdr: None,
+            tone_map_from: None,
+        };
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..10 {
+                        let mut enc = open_video("libsvtav1", &r, &t, Pixel::YUV420P).unwrap();
+                        let mut f = ff::frame::Video::new(Pixel::YUV420P, 64, 64);
+                        f.set_pts(Some(i));
+                        enc.send_frame(&f).unwrap();
+                        enc.fed = true;
+                    }
+                });
+            }
+        });
     }
 }

@@ -248,7 +248,8 @@ pub fn tessera_ok(out: &Path, yaml: &str, extra_args: &[&str]) -> Value {
     let r = tessera_run(out, yaml, extra_args);
     assert!(
         r.output.status.success(),
-        "tessera run failed: {}",
+        "tessera run failed ({}): {}",
+        r.output.status,
         r.stderr()
     );
     r.summary
