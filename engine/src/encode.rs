@@ -33,6 +33,29 @@ pub struct VideoTarget {
     pub tone_map_from: Option<&'static str>,
 }
 
+impl VideoTarget {
+    /// 8-bit 4:2:0 at 25 fps, square pixels, no colour description, one thread: trial opens and tests.
+    pub fn plain(width: u32, height: u32) -> Self {
+        VideoTarget {
+            width,
+            height,
+            pix_fmt: Pixel::YUV420P,
+            time_base: Rational(1, 25),
+            frame_rate: Rational(25, 1),
+            sar: Rational(1, 1),
+            color: (
+                ff::color::Range::MPEG,
+                ff::color::Primaries::Unspecified,
+                ff::color::TransferCharacteristic::Unspecified,
+                ff::color::Space::Unspecified,
+            ),
+            threads: 1,
+            hdr: None,
+            tone_map_from: None,
+        }
+    }
+}
+
 /// Whether an encoder writes CEA-608/708 caption data (A/53) found on its frames back into the bitstream in
 /// this FFmpeg (5.1): libx264 and NVENC (`a53cc`, on by default) and QSV H.264. libx265 and SVT-AV1 have no
 /// such path. The NVENC and QSV entries are unverified here (no such hardware).
@@ -520,23 +543,7 @@ mod svt_av1_tests {
             },
             audio: None,
         };
-        let t = VideoTarget {
-            width: 64,
-            height: 64,
-            pix_fmt: Pixel::YUV420P,
-            time_base: Rational(1, 25),
-            frame_rate: Rational(25, 1),
-            sar: Rational(1, 1),
-            color: (
-                ff::color::Range::MPEG,
-                ff::color::Primaries::Unspecified,
-                ff::color::TransferCharacteristic::Unspecified,
-                ff::color::Space::Unspecified,
-            ),
-            threads: 1,
-            hdr: None,
-            tone_map_from: None,
-        };
+        let t = VideoTarget::plain(64, 64);
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {

@@ -126,23 +126,7 @@ pub fn render(checks: &[Check]) -> String {
 const CODECS: [VideoCodec; 3] = [VideoCodec::H264, VideoCodec::Hevc, VideoCodec::Av1];
 
 fn trial_target() -> encode::VideoTarget {
-    encode::VideoTarget {
-        width: 320,
-        height: 240,
-        pix_fmt: ff::format::Pixel::YUV420P,
-        time_base: ff::Rational::new(1, 25),
-        frame_rate: ff::Rational::new(25, 1),
-        sar: ff::Rational::new(1, 1),
-        color: (
-            ff::color::Range::MPEG,
-            ff::color::Primaries::Unspecified,
-            ff::color::TransferCharacteristic::Unspecified,
-            ff::color::Space::Unspecified,
-        ),
-        threads: 1,
-        hdr: None,
-        tone_map_from: None,
-    }
+    encode::VideoTarget::plain(320, 240)
 }
 
 /// Open `name` as a job would (SVT-AV1 only by lookup: it cannot be opened without frames).
