@@ -17,12 +17,14 @@ demo: build
 	./scripts/demo.sh
 
 crds:
-	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- crds charts/tessera/crds
+	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- crds
+	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --plain charts/tessera/crds
 
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check crds charts/tessera/crds
+	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check crds
+	$(CARGO) run --quiet --locked -p tessera-crds --bin crdgen -- --check --plain charts/tessera/crds
 	$(TESSERA_CACHE)/hadolint-2.15.1/bin/hadolint Dockerfile
 
 # The local Kubernetes control plane's binaries, kubectl and helm (cached; a few minutes the first time).

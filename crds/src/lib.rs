@@ -34,12 +34,51 @@ pub const QUEUE_URL_ANNOTATION: &str = "tessera.dev/queue-url";
     kind = "TranscodeJob",
     namespaced,
     shortname = "tj",
+    category = "tessera",
+    doc = "A request to turn one input video (in S3) into a set of renditions: the operator plans it as \
+           keyframe-aligned chunks, encodes them on a WorkerPool's workers and stitches frame-exact outputs.",
     status = "TranscodeJobStatus",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.display"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.pool","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.output.container) || self.output.container == 'mp4' || self.renditions.all(r, !has(r.audio) || r.audio.codec != 'opus')",
+        "message": "opus audio is not playable in hls and cmaf outputs: use aac",
+        "fieldPath": ".renditions"
+    },
+    {"rule": "self.input == oldSelf.input", "message": "spec.input is immutable: create a new job", "fieldPath": ".input"},
+    {"rule": "self.output == oldSelf.output", "message": "spec.output is immutable: create a new job", "fieldPath": ".output"},
+    {"rule": "self.renditions == oldSelf.renditions", "message": "spec.renditions is immutable: create a new job", "fieldPath": ".renditions"},
+    {
+        "rule": "has(self.chunking) == has(oldSelf.chunking) && (!has(self.chunking) || self.chunking == oldSelf.chunking)",
+        "message": "spec.chunking is immutable: create a new job"
+    },
+    {
+        "rule": "has(self.streams) == has(oldSelf.streams) && (!has(self.streams) || self.streams == oldSelf.streams)",
+        "message": "spec.streams is immutable: create a new job"
+    },
+    {
+        "rule": "has(self.thumbnails) == has(oldSelf.thumbnails) && (!has(self.thumbnails) || self.thumbnails == oldSelf.thumbnails)",
+        "message": "spec.thumbnails is immutable: create a new job"
+    },
+    {
+        "rule": "has(self.quality) == has(oldSelf.quality) && (!has(self.quality) || self.quality == oldSelf.quality)",
+        "message": "spec.quality is immutable: create a new job"
+    },
+    {
+        "rule": "(has(self.hardware) ? self.hardware : 'auto') == (has(oldSelf.hardware) ? oldSelf.hardware : 'auto')",
+        "message": "spec.hardware is immutable: create a new job"
+    },
+    {
+        "rule": "has(self.pool) == has(oldSelf.pool) && (!has(self.pool) || self.pool == oldSelf.pool)",
+        "message": "spec.pool is immutable: create a new job"
+    }
+]))]
 pub struct TranscodeJobSpec {
     /// Where the source video is read from.
     pub input: InputSpec,
@@ -105,7 +144,10 @@ impl TranscodeJobSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InputSpec {
-    /// `file:///absolute/path` (local mode) or `s3://bucket/key`.
+    /// `s3://bucket/key`, or `file:///absolute/path` with `tessera run` (a cluster's workers read S3).
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "!self.startsWith('file://')", "message": "file:// is for `tessera run` on one machine; a cluster reads s3://bucket/key"}
+    ]))]
     #[schemars(
         length(min = 1, max = 2048),
         regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))")
@@ -116,7 +158,10 @@ pub struct InputSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputSpec {
-    /// A folder: `file:///absolute/dir/` or `s3://bucket/prefix/`.
+    /// A folder: `s3://bucket/prefix/`, or `file:///absolute/dir/` with `tessera run`.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "!self.startsWith('file://')", "message": "file:// is for `tessera run` on one machine; a cluster writes s3://bucket/prefix/"}
+    ]))]
     #[schemars(
         length(min = 1, max = 2048),
         regex(pattern = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$))")
@@ -147,20 +192,48 @@ pub struct Rendition {
         regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
     )]
     pub name: String,
+    /// The video of this rendition: codec, size and rate control.
     pub video: VideoSpec,
     /// Defaults to AAC at 128 kb/s when the input has audio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audio: Option<AudioSpec>,
 }
 
+/// The video encoding of a rendition.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.crf) && has(self.bitrate))", "message": "crf and bitrate are exclusive: give one of them"},
+    {
+        "rule": "!has(self.targetQuality) || !(has(self.crf) || has(self.bitrate))",
+        "message": "targetQuality is exclusive with crf and bitrate: the setting is chosen per chunk",
+        "fieldPath": ".targetQuality"
+    },
+    {
+        "rule": "!has(self.crf) || self.codec == 'av1' || self.crf <= 51",
+        "message": "crf is out of range for h264 and hevc (0..51)",
+        "fieldPath": ".crf"
+    },
+    {
+        "rule": "!has(self.targetQuality) || self.codec == 'av1' || ((!has(self.targetQuality.minCrf) || self.targetQuality.minCrf <= 51) && (!has(self.targetQuality.maxCrf) || self.targetQuality.maxCrf <= 51))",
+        "message": "minCrf and maxCrf are out of range for h264 and hevc (0..51)",
+        "fieldPath": ".targetQuality"
+    },
+    {
+        "rule": "!has(self.preset) || (self.codec == 'av1' ? self.preset.matches('^([0-9]|1[0-3])$') : self.preset in ['ultrafast', 'superfast', 'veryfast', 'faster', 'fast', 'medium', 'slow', 'slower', 'veryslow', 'placebo'])",
+        "message": "unknown preset: x264/x265 take ultrafast..placebo, SVT-AV1 0..13",
+        "fieldPath": ".preset"
+    }
+]))]
 pub struct VideoSpec {
+    /// `h264`, `hevc` or `av1`; the encoder is chosen by `spec.hardware` (NVENC, QSV, VAAPI or software).
     pub codec: VideoCodec,
     /// Output width; when only one of width and height is given the other keeps the aspect ratio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16, max = 8192))]
     pub width: Option<u32>,
+    /// Output height; when only one of width and height is given the other keeps the aspect ratio. Neither: the
+    /// source size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16, max = 8192))]
     pub height: Option<u32>,
@@ -188,6 +261,13 @@ pub struct VideoSpec {
 /// A per-chunk quality target.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.minCrf) || !has(self.maxCrf) || self.minCrf <= self.maxCrf",
+        "message": "minCrf is above maxCrf",
+        "fieldPath": ".minCrf"
+    }
+]))]
 pub struct TargetQuality {
     /// The mean VMAF each chunk aims for (model vmaf_v0.6.1; vmaf_4k_v0.6.1 for 2160p renditions).
     #[schemars(range(min = 20.0, max = 99.0))]
@@ -220,9 +300,18 @@ impl fmt::Display for VideoCodec {
     }
 }
 
+/// The audio of a rendition.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.codec != 'opus' || !has(self.channels) || self.channels <= 2",
+        "message": "opus output is limited to 2 channels here",
+        "fieldPath": ".channels"
+    }
+]))]
 pub struct AudioSpec {
+    /// `aac`, `opus` (mp4 only), `copy` (the source audio as it is) or `none` (no audio).
     pub codec: AudioCodec,
     /// e.g. `128k`; ignored for `copy` and `none`. Default: AAC 128k and Opus 96k for stereo, scaled by the
     /// channel count for more channels (5.1 AAC: 384k).
@@ -286,9 +375,11 @@ pub enum Hardware {
     Software,
 }
 
+/// Objective quality metrics to compute.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QualitySpec {
+    /// Metrics computed for every rendition against the source scaled to it: `psnr`, `ssim`, `vmaf`.
     #[serde(default)]
     pub metrics: Vec<QualityMetric>,
 }
@@ -397,19 +488,26 @@ fn phase_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]})
 }
 
+/// What the operator observed of a TranscodeJob.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TranscodeJobStatus {
+    /// `Pending`, `Running`, `Succeeded` or `Failed`; the conditions say why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "phase_schema")]
     pub phase: Option<Phase>,
-    /// Standard conditions: `Complete`, `Failed`, `Progressing`, with reasons.
+    /// Standard conditions, one per type: `Ready` (True once complete), `Reconciling` and `Stalled` (as
+    /// kstatus and Flux read them), and `Complete`, `Failed`, `Progressing` (as for Kubernetes Jobs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Chunks encoded out of the plan's total, with speed and ETA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// One entry per finished rendition: file, size, encoder, quality and streams.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renditions: Vec<RenditionStatus>,
     /// `master.m3u8` for hls and cmaf outputs.
@@ -427,16 +525,21 @@ pub struct TranscodeJobStatus {
     /// Seconds of worker time spent on this job's tasks, on the pool's devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_seconds: Option<f64>,
+    /// When the job started running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When the job completed or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
+/// Chunk progress of a job.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
+    /// Chunks encoded (or reused) so far.
     pub chunks_done: u32,
+    /// Chunks in the plan.
     pub chunks_total: u32,
     /// 0..=100, whole percent.
     pub percent: u32,
@@ -478,23 +581,32 @@ impl Progress {
     }
 }
 
+/// A finished rendition.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RenditionStatus {
+    /// The rendition's name from the spec.
     pub name: String,
     /// The finished output: the mp4 file, or the media playlist for hls.
     pub uri: String,
+    /// Video frames in the output.
     pub frames: u64,
+    /// Duration of the output's video.
     pub duration_seconds: f64,
+    /// Size of the output (all its segments for hls and cmaf).
     pub bytes: u64,
+    /// Encoded width in pixels.
     pub width: u32,
+    /// Encoded height in pixels.
     pub height: u32,
     /// FFmpeg encoder name, e.g. `libx264` or `h264_nvenc`.
     pub encoder: String,
     /// Why this encoder was chosen, including every hardware encoder that failed to open.
     pub encoder_reason: String,
+    /// Mean PSNR (dB, luma) against the source scaled to the rendition (`quality.metrics: [psnr]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psnr: Option<f64>,
+    /// Mean SSIM (luma) against the source scaled to the rendition (`quality.metrics: [ssim]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssim: Option<f64>,
     /// VMAF over every frame (`quality.metrics: [vmaf]`, or a `targetQuality`).
@@ -517,10 +629,13 @@ pub struct RenditionStatus {
 pub struct VmafSummary {
     /// The libvmaf model, e.g. `vmaf_v0.6.1`.
     pub model: String,
+    /// Frames scored.
     pub frames: u64,
+    /// Arithmetic mean over the frames.
     pub mean: f64,
     /// libvmaf's harmonic mean: `n / Σ 1/(1+score) − 1`; it weighs the worst frames more.
     pub harmonic_mean: f64,
+    /// The lowest frame score.
     pub min: f64,
     /// The 5th percentile of the per-frame scores.
     pub p5: f64,
@@ -536,10 +651,12 @@ pub struct TargetOutcome {
     pub achieved_mean: f64,
     /// The chunk with the lowest mean VMAF, and that mean.
     pub min_chunk: u32,
+    /// The mean VMAF of that chunk.
     pub min_chunk_vmaf: f64,
     /// The lowest and highest setting given to a chunk (CRF, or cq for NVENC); each chunk's setting, with
     /// the encoder that used it, is in the job's per-chunk records (`tessera run --json`: `chunkRecords`).
     pub min_crf: u8,
+    /// The highest setting given to a chunk.
     pub max_crf: u8,
     /// Chunks whose setting sits on a bound (`minCrf`/`maxCrf` or the encoder's range): where the target
     /// was out of reach, the achieved mean differs from it for that reason.
@@ -555,6 +672,9 @@ pub struct TargetOutcome {
     kind = "WorkerPool",
     namespaced,
     shortname = "wp",
+    category = "tessera",
+    doc = "A set of worker pods on nodes with a device-plugin resource (`nvidia.com/gpu`, ...), scaled from \
+           the depth of its chunk queue, that runs the chunk tasks of the TranscodeJobs allowed to use it.",
     status = "WorkerPoolStatus",
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desired"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.ready"}"#,
@@ -566,8 +686,10 @@ pub struct WorkerPoolSpec {
     /// Device-plugin resource each worker requests, e.g. `nvidia.com/gpu`; absent for CPU-only pools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<DeviceResource>,
+    /// Workers kept running even with an empty queue (0: scale to zero).
     #[serde(default)]
     pub min_workers: u32,
+    /// The most workers the pool scales to (default 4).
     #[serde(default = "default_max_workers")]
     pub max_workers: u32,
     /// Chunk tasks one worker runs at a time: the encoder sessions its device gives (consumer NVIDIA GPUs
@@ -618,10 +740,13 @@ pub struct WorkerPoolSpec {
     /// Worker image (the `tessera` binary with FFmpeg runtime libraries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Node labels a worker pod's node must have, e.g. `nvidia.com/gpu.product: NVIDIA-L4`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// Tolerations for tainted GPU nodes (e.g. `nvidia.com/gpu:NoSchedule`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// The RuntimeClass of worker pods, e.g. `nvidia` where the NVIDIA container runtime is not the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_class_name: Option<String>,
     /// Node affinity and the like, for placements a nodeSelector cannot say (e.g. one of several GPU models).
@@ -660,6 +785,7 @@ pub struct S3Access {
     /// e.g. `https://s3.eu-west-1.amazonaws.com` or a MinIO/Ceph URL; absent: AWS's default for the region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The S3 region (request signing); absent: `us-east-1`, or the region of the environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// A Secret in the pool's namespace with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and optionally
@@ -673,6 +799,7 @@ pub struct S3Access {
 pub struct DeviceResource {
     /// e.g. `nvidia.com/gpu`, `gpu.intel.com/i915`.
     pub name: String,
+    /// Devices each worker requests (default 1).
     #[serde(default = "one")]
     pub count: u32,
 }
@@ -681,19 +808,33 @@ fn one() -> u32 {
     1
 }
 
+/// What the operator observed of a WorkerPool: its workers by state.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerPoolStatus {
+    /// Workers the autoscaler wants now, from the queue's depth and the pool's bounds.
     #[serde(default)]
     pub desired: u32,
+    /// Worker pods not yet ready (scheduling, pulling, starting).
     #[serde(default)]
     pub pending: u32,
+    /// Worker pods ready.
     #[serde(default)]
     pub ready: u32,
+    /// Workers running a task.
     #[serde(default)]
     pub busy: u32,
+    /// Ready workers without a task.
     #[serde(default)]
     pub idle: u32,
+    /// `Ready` (True when as many workers are ready as the pool wants) and `Reconciling` (True while workers
+    /// are starting), one per type, as kstatus and Argo CD read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// Parse a `TranscodeJob` manifest (the YAML `kubectl apply` and `tessera run` both accept).

@@ -20,6 +20,12 @@ pub struct StreamsSpec {
 /// languages or source stream indices.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.none) || !self.none || ((!has(self.languages) || size(self.languages) == 0) && (!has(self.indices) || size(self.indices) == 0))",
+        "message": "none excludes languages and indices: give either none: true or the tracks to keep"
+    }
+]))]
 pub struct TrackSelection {
     /// Keep no track of this kind.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -79,12 +85,16 @@ pub struct OutputStream {
     pub codec: String,
     /// The source stream it was made from.
     pub source_index: u32,
+    /// ISO 639-2 language from the source (absent: undetermined).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// The stream's title from the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// Selected by players when the user chose nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default: bool,
+    /// Shown even when subtitles are off (forced narrative).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forced: bool,
     /// Audio channels.
@@ -96,12 +106,16 @@ pub struct OutputStream {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LeftOutStream {
+    /// The index of the stream in the source.
     pub source_index: u32,
     /// `video`, `audio`, `subtitle`, `data` or `attachment`.
     pub kind: String,
+    /// The source codec.
     pub codec: String,
+    /// ISO 639-2 language from the source (absent: undetermined).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// Why it is not in the output, e.g. a bitmap subtitle in a text-only container, or not selected.
     pub reason: String,
 }
 

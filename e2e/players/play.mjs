@@ -33,6 +33,11 @@ const types = {
 };
 
 const page = `<!doctype html><html><body><video id="v" muted playsinline></video>
+<script>
+// Keep the players' source buffers, so a stall can be reported with what each track had buffered.
+window.sourceBuffers = [];
+if (window.MediaSource) { const add = MediaSource.prototype.addSourceBuffer; MediaSource.prototype.addSourceBuffer = function (type) { const sb = add.call(this, type); window.sourceBuffers.push({ type, sb }); return sb; }; }
+</script>
 <script src="/lib/${kind}.js"></script>
 <script>
 const report = { kind: '${kind}', ended: false, errors: [], audio: [], text: [], frames: 0, duration: 0 };
@@ -121,7 +126,13 @@ try {
   for (;;) {
     result = await tab.evaluate(() => { const r = window.report; const v = document.getElementById('v'); return { ...r, frames: r.ended ? r.frames : v.getVideoPlaybackQuality().totalVideoFrames, currentTime: v.currentTime }; });
     if (result.ended || result.errors.length) break;
-    if (Date.now() > deadline) { result.errors.push('timed out before the end'); break; }
+    if (Date.now() > deadline) {
+      // Where it stopped, for the test's message: what the element had buffered and why it was not playing.
+      const at = await tab.evaluate(() => { const v = document.getElementById('v'); const ranges = b => Array.from({ length: b.length }, (_, i) => [b.start(i), b.end(i)]); return { buffered: ranges(v.buffered), readyState: v.readyState, paused: v.paused, seeking: v.seeking, duration: v.duration, sourceBuffers: (window.sourceBuffers || []).map(s => { try { return { type: s.type, buffered: ranges(s.sb.buffered) }; } catch (e) { return { type: s.type, gone: true }; } }) }; });
+      result.stall = at;
+      result.errors.push(`timed out before the end (at ${result.currentTime}s of ${at.duration}s, buffered ${JSON.stringify(at.buffered)}, readyState ${at.readyState})`);
+      break;
+    }
     await new Promise(r => setTimeout(r, 200));
   }
   if (kind === 'shaka' && process.env.THUMBNAIL_TIMES) {

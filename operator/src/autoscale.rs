@@ -8,7 +8,9 @@
 //! * scale down removes Pending pods first, then only workers idle for at least the cooldown; a worker that
 //!   holds a lease is never deleted (kedacore/keda#3674).
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use std::time::Duration;
+use tessera_crds::WorkerPoolStatus;
 
 /// A worker pod as the reconciler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,5 +260,98 @@ mod tests {
         );
         assert_eq!(p.desired, 2);
         assert_eq!(p.delete, vec!["i3", "i2"]);
+    }
+}
+
+/// The pool's status from a scaling plan: counts, and the conditions kstatus and Argo CD read. `Ready` is
+/// True when every wanted worker is ready (an empty pool at zero is ready); `Reconciling` while workers are
+/// starting or more are wanted than exist.
+pub fn pool_status(p: &Plan, generation: Option<i64>, now: &Time) -> WorkerPoolStatus {
+    let pending = p.pending + p.create;
+    let ready = p.ready >= p.desired && pending == 0;
+    let (reason, message) = if ready {
+        (
+            "WorkersReady",
+            format!(
+                "{} of {} workers ready, {} busy",
+                p.ready, p.desired, p.busy
+            ),
+        )
+    } else {
+        (
+            "ScalingUp",
+            format!(
+                "{} of {} workers ready, {pending} starting",
+                p.ready, p.desired
+            ),
+        )
+    };
+    let cond = |type_: &str, status: bool| Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.clone(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    };
+    let mut conditions = vec![cond("Ready", ready)];
+    if !ready {
+        conditions.push(cond("Reconciling", true));
+    }
+    WorkerPoolStatus {
+        desired: p.desired,
+        pending,
+        ready: p.ready,
+        busy: p.busy,
+        idle: p.idle,
+        conditions,
+        observed_generation: generation,
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    fn plan(desired: u32, pending: u32, create: u32, ready: u32) -> Plan {
+        Plan {
+            desired,
+            create,
+            delete: vec![],
+            pending,
+            ready,
+            busy: ready.min(1),
+            idle: ready.saturating_sub(1),
+        }
+    }
+
+    #[test]
+    fn a_pool_is_ready_when_its_wanted_workers_are() {
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap());
+        let get = |s: &WorkerPoolStatus, t: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        };
+        let idle_at_zero = pool_status(&plan(0, 0, 0, 0), Some(3), &now);
+        assert_eq!(
+            get(&idle_at_zero, "Ready"),
+            Some(("True".into(), "WorkersReady".into()))
+        );
+        assert_eq!(get(&idle_at_zero, "Reconciling"), None);
+        assert_eq!(idle_at_zero.observed_generation, Some(3));
+        let scaling = pool_status(&plan(3, 1, 1, 1), Some(3), &now);
+        assert_eq!(scaling.pending, 2);
+        assert_eq!(
+            get(&scaling, "Ready"),
+            Some(("False".into(), "ScalingUp".into()))
+        );
+        assert_eq!(
+            get(&scaling, "Reconciling"),
+            Some(("True".into(), "ScalingUp".into()))
+        );
+        let full = pool_status(&plan(2, 0, 0, 2), Some(4), &now);
+        assert_eq!(get(&full, "Ready").unwrap().0, "True");
     }
 }

@@ -23,11 +23,11 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::json;
-use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool, WorkerPoolStatus};
+use tessera_crds::{Phase, TranscodeJob, TranscodeJobStatus, WorkerPool};
 
 use crate::api::PoolAccess;
 use crate::autoscale::{self, Load, PoolShape, WorkerState};
-use crate::core::{Admit, Cmd, CoreHandle, FinalizeStep, Observation, Observed};
+use crate::core::{now_time, Admit, Cmd, CoreHandle, FinalizeStep, Observation, Observed};
 use crate::jobrun::JobRun;
 use crate::podspec::{self, WorkerPodInput, POOL_LABEL};
 use crate::status::Throttle;
@@ -689,13 +689,9 @@ async fn reconcile_pool(pool: Arc<WorkerPool>, p: Arc<PoolCtx>) -> Result<Action
             }
         }
     }
-    let status = WorkerPoolStatus {
-        desired: plan.desired,
-        pending: plan.pending + plan.create,
-        ready: plan.ready,
-        busy: plan.busy,
-        idle: plan.idle,
-    };
+    let mut status = autoscale::pool_status(&plan, pool.metadata.generation, &now_time());
+    let old = pool.status.clone().unwrap_or_default();
+    crate::jobrun::keep_transition_times(&mut status.conditions, &old.conditions);
     if pool.status.as_ref() != Some(&status) {
         let api: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(

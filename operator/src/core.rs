@@ -359,7 +359,7 @@ pub struct Core {
     pub max_attempts: u32,
 }
 
-fn now_time() -> Time {
+pub(crate) fn now_time() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 

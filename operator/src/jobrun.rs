@@ -404,6 +404,7 @@ impl JobRun {
             last_transition_time: now.clone(),
         };
         let mut conditions = Vec::new();
+        // kstatus (Flux, kubectl wait) reads Ready, Reconciling and Stalled; Argo CD's health check reads Ready.
         match self.stage {
             Stage::Succeeded => {
                 conditions.push(cond(
@@ -413,24 +414,32 @@ impl JobRun {
                     format!("{} renditions published", self.spec.renditions.len()),
                 ));
                 conditions.push(cond("Progressing", false, "Completed", String::new()));
+                conditions.push(cond(
+                    "Ready",
+                    true,
+                    "Completed",
+                    format!("{} renditions published", self.spec.renditions.len()),
+                ));
             }
             Stage::Failed => {
                 let (reason, message) = self.failure.clone().unwrap_or_default();
-                conditions.push(cond("Failed", true, &reason, message));
+                conditions.push(cond("Failed", true, &reason, message.clone()));
                 conditions.push(cond("Progressing", false, &reason, String::new()));
+                conditions.push(cond("Ready", false, &reason, message.clone()));
+                conditions.push(cond("Stalled", true, &reason, message));
             }
-            Stage::Suspended => conditions.push(cond(
-                "Progressing",
-                false,
-                "Suspended",
-                "spec.suspend is true: no work is handed out".into(),
-            )),
-            Stage::PoolMissing => conditions.push(cond(
-                "Progressing",
-                false,
-                "PoolNotFound",
-                self.waiting.clone().unwrap_or_default(),
-            )),
+            Stage::Suspended => {
+                let msg = "spec.suspend is true: no work is handed out".to_string();
+                conditions.push(cond("Progressing", false, "Suspended", msg.clone()));
+                conditions.push(cond("Ready", false, "Suspended", msg));
+            }
+            Stage::PoolMissing => {
+                // It waits for someone to create the pool (or fix spec.pool): stalled until then.
+                let msg = self.waiting.clone().unwrap_or_default();
+                conditions.push(cond("Progressing", false, "PoolNotFound", msg.clone()));
+                conditions.push(cond("Ready", false, "PoolNotFound", msg.clone()));
+                conditions.push(cond("Stalled", true, "PoolNotFound", msg));
+            }
             s => {
                 let (reason, msg) = match s {
                     Stage::Queued => (
@@ -451,7 +460,9 @@ impl JobRun {
                         "joining chunks and publishing outputs".to_string(),
                     ),
                 };
-                conditions.push(cond("Progressing", true, reason, msg));
+                conditions.push(cond("Progressing", true, reason, msg.clone()));
+                conditions.push(cond("Ready", false, reason, msg.clone()));
+                conditions.push(cond("Reconciling", true, reason, msg));
             }
         }
         let renditions: Vec<RenditionStatus> = self
@@ -659,6 +670,49 @@ mod tests {
             ("InputNotFound", Some(3))
         );
         assert_eq!(st.phase, Some(Phase::Failed));
+    }
+
+    /// What kstatus (Flux, `kubectl wait`) and Argo CD read: `Ready` always, `Reconciling` while work goes on,
+    /// `Stalled` where only a person can move it on; one condition per type.
+    #[test]
+    fn ready_reconciling_and_stalled_follow_the_stage() {
+        use Stage::*;
+        let cases = [
+            (Queued, "False", Some("Queued"), None),
+            (Planning, "False", Some("Planning"), None),
+            (Encoding, "False", Some("Encoding"), None),
+            (Stitching, "False", Some("Stitching"), None),
+            (Succeeded, "True", None, None),
+            (Failed, "False", None, Some("InputNotFound")),
+            (Suspended, "False", None, None),
+            (PoolMissing, "False", None, Some("PoolNotFound")),
+        ];
+        for (stage, ready, reconciling, stalled) in cases {
+            let mut j = JobRun::new("ns", "j", "u1", 1, spec(), "ns/p".into());
+            j.stage = stage;
+            j.failure = Some(("InputNotFound".into(), "s3://b/in.mp4: not found".into()));
+            let st = j.status(Duration::ZERO, 0, &now());
+            let get = |t: &str| st.conditions.iter().find(|c| c.type_ == t);
+            assert_eq!(
+                get("Ready").map(|c| c.status.as_str()),
+                Some(ready),
+                "{stage:?}"
+            );
+            assert_eq!(
+                get("Reconciling").map(|c| c.reason.as_str()),
+                reconciling,
+                "{stage:?}"
+            );
+            assert_eq!(
+                get("Stalled").map(|c| c.reason.as_str()),
+                stalled,
+                "{stage:?}"
+            );
+            let mut types: Vec<_> = st.conditions.iter().map(|c| &c.type_).collect();
+            types.sort();
+            types.dedup();
+            assert_eq!(types.len(), st.conditions.len(), "{stage:?}: one per type");
+        }
     }
 
     /// Every stage × every event: the stage it leads to and how many tasks it queues. Anything not listed

@@ -1,5 +1,7 @@
 //! Writes the CRD YAML for every Tessera kind. `crdgen DIR...` writes `transcodejob.yaml` and
-//! `workerpool.yaml` into each DIR; `crdgen --check DIR...` fails when a checked-in file differs.
+//! `workerpool.yaml` into each DIR, and the same without CEL rules (`x-kubernetes-validations`) into
+//! `DIR/pre-cel/` for API servers before 1.25, which refuse them; `crdgen --plain DIR` writes only the
+//! latter, into DIR itself (the Helm chart's `crds/`); `--check` first fails when a checked-in file differs.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -13,17 +15,30 @@ fn main() -> ExitCode {
     if check {
         args.remove(0);
     }
+    let plain_only = args.first().is_some_and(|a| a == "--plain");
+    if plain_only {
+        args.remove(0);
+    }
     if args.is_empty() {
-        eprintln!("usage: crdgen [--check] DIR...");
+        eprintln!("usage: crdgen [--check] [--plain] DIR...");
         return ExitCode::from(2);
     }
-    let files = [
-        (
-            "transcodejob.yaml",
-            serde_yaml::to_string(&TranscodeJob::crd()),
-        ),
-        ("workerpool.yaml", serde_yaml::to_string(&WorkerPool::crd())),
+    let crds = [
+        ("transcodejob.yaml", TranscodeJob::crd()),
+        ("workerpool.yaml", WorkerPool::crd()),
     ];
+    let mut files = Vec::new();
+    for (name, crd) in crds {
+        let full = serde_json::to_value(&crd).expect("a CRD serialises");
+        let mut plain = full.clone();
+        strip_cel(&mut plain);
+        if plain_only {
+            files.push((name.to_string(), serde_yaml::to_string(&plain)));
+        } else {
+            files.push((name.to_string(), serde_yaml::to_string(&full)));
+            files.push((format!("pre-cel/{name}"), serde_yaml::to_string(&plain)));
+        }
+    }
     let mut stale = false;
     for dir in &args {
         for (name, yaml) in &files {
@@ -45,8 +60,8 @@ fn main() -> ExitCode {
                     );
                     stale = true;
                 }
-            } else if let Err(e) =
-                std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, yaml))
+            } else if let Err(e) = std::fs::create_dir_all(path.parent().expect("a file in DIR"))
+                .and_then(|_| std::fs::write(&path, yaml))
             {
                 eprintln!("crdgen: cannot write {}: {e}", path.display());
                 return ExitCode::FAILURE;
@@ -57,5 +72,17 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Remove every `x-kubernetes-validations` (CEL rules): a 1.20 to 1.24 API server refuses the field.
+fn strip_cel(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("x-kubernetes-validations");
+            m.values_mut().for_each(strip_cel);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_cel),
+        _ => {}
     }
 }
