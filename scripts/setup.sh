@@ -8,7 +8,7 @@ mkdir -p "$CACHE"
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-pkgs=(pkg-config clang libclang-dev ffmpeg faketime chromium mediainfo meson ninja-build nasm xxd curl
+pkgs=(pkg-config clang libclang-dev ffmpeg faketime chromium mediainfo meson ninja-build nasm xxd curl lua5.1
       libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev libswscale-dev libswresample-dev)
 missing=()
 for p in "${pkgs[@]}"; do

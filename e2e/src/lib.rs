@@ -3,6 +3,7 @@
 //! bursts, connections reset mid-body, stalls, bandwidth limits and outages. The engine's end-to-end tests are
 //! in `worker/tests/`; `cluster` is the local Kubernetes the operator's run on.
 
+pub mod argocd;
 pub mod cluster;
 pub mod faultproxy;
 pub mod jobs;

@@ -448,6 +448,11 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
                 names[name].0
             );
             if let Some(f) = failed(&st) {
+                // Argo CD shows the failed job Degraded, with the operator's reason and message.
+                let (health, message) =
+                    tessera_e2e::argocd::health("TranscodeJob", &serde_json::json!({"status": st}));
+                assert_eq!(health, "Degraded", "{name}: {message}");
+                assert!(message.starts_with(&f.0), "{name}: {message}");
                 done.insert(name.clone(), f);
             }
         }

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tessera_e2e::argocd;
 use tessera_e2e::cluster::{json, kubectl, kubectl_ok, pod_logs, root};
 use tessera_e2e::faultproxy::wait_until;
 use tessera_e2e::jobs::{
@@ -521,6 +522,11 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
     // Held: nothing planned, nothing written, for a while.
     std::thread::sleep(Duration::from_secs(3));
     let j = get_job("held").unwrap();
+    // Argo CD: Suspended, and the one action it offers is resume, which clears spec.suspend.
+    let (health, message) = argocd::health("TranscodeJob", &j);
+    assert_eq!(health, "Suspended", "{message}");
+    assert_eq!(argocd::actions(&j), ["resume"]);
+    assert!(!argocd::suspend_after("resume", &j));
     assert_eq!(j["status"]["phase"], "Pending", "{}", j["status"]);
     assert!(j["status"]["progress"].is_null());
     assert!(objects("outputs/held").is_empty());
@@ -538,7 +544,13 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
         None,
     );
     let t0 = Instant::now();
-    wait_complete("held", Duration::from_secs(120));
+    let done = wait_complete("held", Duration::from_secs(120));
+    let (health, message) = argocd::health("TranscodeJob", &done);
+    assert_eq!(health, "Healthy", "{message}");
+    assert!(
+        argocd::actions(&done).is_empty(),
+        "a finished job has no actions"
+    );
     assert!(objects("outputs/held")
         .iter()
         .any(|o| o.ends_with("small.mp4")));
@@ -566,6 +578,25 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
         Some(&slow_job_yaml("drain", &src, "slow")),
     );
     let pod = wait_busy_worker("drain");
+    // Argo CD while it encodes: Progressing, with suspend on offer; the pool is Healthy or Progressing as
+    // its Ready condition says.
+    let running = get_job("drain").unwrap();
+    let (health, message) = argocd::health("TranscodeJob", &running);
+    assert_eq!(health, "Progressing", "{message}");
+    assert_eq!(argocd::actions(&running), ["suspend"]);
+    assert!(argocd::suspend_after("suspend", &running));
+    let pool = json(&["get", "wp", "default", "-n", "tessera-system"]);
+    let ready = pool["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| c["status"] == "True")
+        .expect("the pool's Ready condition");
+    let (health, message) = argocd::health("WorkerPool", &pool);
+    assert_eq!(
+        health,
+        if ready { "Healthy" } else { "Progressing" },
+        "{message}"
+    );
     kubectl_ok(
         &[
             "delete",
