@@ -757,6 +757,32 @@ pub struct WorkerPoolSpec {
     /// new task until space is freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// CPU and memory of each worker container (the device resource is added to its limits). Absent:
+    /// requests `cpu: 2, memory: 1Gi`, limit `memory: 4Gi`, so workers are Burstable (not the first evicted)
+    /// and a cluster autoscaler or Karpenter can size nodes for them. Measured peak of one 1080p chunk task
+    /// on 2 cores: 0.3 GB (x264), 0.46 GB (x265), 0.59 GB (SVT-AV1); encoders use more threads, and memory,
+    /// on larger nodes, and `tasksPerWorker` multiplies it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// The PriorityClass of worker pods (e.g. to let them preempt batch work, or be preempted by serving).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Secrets for pulling the worker image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<k8s_openapi::api::core::v1::LocalObjectReference>,
+    /// Extra annotations on worker pods (e.g. for a service mesh or a log shipper).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pod_annotations: std::collections::BTreeMap<String, String>,
+    /// Extra labels on worker pods; the operator's own (`tessera.dev/pool`, `app.kubernetes.io/*`) win.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pod_labels: std::collections::BTreeMap<String, String>,
+    /// How worker pods spread over zones or nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>,
+    /// Extra groups of the worker process, e.g. the host's `render` group's ID, which Intel and AMD device
+    /// nodes (`/dev/dri/renderD*`) need.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplemental_groups: Vec<i64>,
 }
 
 impl WorkerPoolSpec {

@@ -551,6 +551,27 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
         argocd::actions(&done).is_empty(),
         "a finished job has no actions"
     );
+    // Idle again: no worker keeps the annotations that would block scale-down.
+    wait_until(
+        "idle workers to lose do-not-disrupt",
+        Duration::from_secs(10),
+        || {
+            json(&[
+                "get",
+                "pods",
+                "-n",
+                "tessera-system",
+                "-l",
+                "tessera.dev/pool=default",
+            ])["items"]
+                .as_array()
+                .is_some_and(|pods| {
+                    pods.iter().all(|p| {
+                        p["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"].is_null()
+                    })
+                })
+        },
+    );
     assert!(objects("outputs/held")
         .iter()
         .any(|o| o.ends_with("small.mp4")));
@@ -596,6 +617,28 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
         health,
         if ready { "Healthy" } else { "Progressing" },
         "{message}"
+    );
+    // The busy worker: Burstable with the pool's default requests, and marked not to be disrupted by
+    // Karpenter or the Cluster Autoscaler while it holds its lease.
+    let worker = json(&["get", "pod", &pod, "-n", "tessera-system"]);
+    assert_eq!(
+        worker["status"]["qosClass"], "Burstable",
+        "{}",
+        worker["status"]
+    );
+    let requests = &worker["spec"]["containers"][0]["resources"]["requests"];
+    assert_eq!(
+        (requests["cpu"].as_str(), requests["memory"].as_str()),
+        (Some("2"), Some("1Gi"))
+    );
+    wait_until(
+        "the busy worker's do-not-disrupt annotations",
+        Duration::from_secs(10),
+        || {
+            let a = &json(&["get", "pod", &pod, "-n", "tessera-system"])["metadata"]["annotations"];
+            a["karpenter.sh/do-not-disrupt"] == "true"
+                && a["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        },
     );
     kubectl_ok(
         &[

@@ -689,6 +689,33 @@ async fn reconcile_pool(pool: Arc<WorkerPool>, p: Arc<PoolCtx>) -> Result<Action
             }
         }
     }
+    // Busy workers carry the do-not-disrupt annotations, idle ones lose them (within a tick of the change).
+    for w in workers
+        .iter()
+        .filter(|w| w.state != WorkerState::Terminating)
+    {
+        let Some(pod) = p.pods.get(&ObjectRef::new(&w.name).within(&ns)) else {
+            continue;
+        };
+        if plan.delete.contains(&w.name) {
+            continue;
+        }
+        let Some(patch) =
+            podspec::disruption_patch(pod.annotations(), w.busy, &pool.spec.pod_annotations)
+        else {
+            continue;
+        };
+        match pods_api
+            .patch(&w.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(pool = %key, pod = %w.name, busy = w.busy, "disruption annotations updated")
+            }
+            Err(e) if is_404(&e) => {}
+            Err(e) => return Err(Error::kube(format!("annotate worker {}", w.name), e)),
+        }
+    }
     let mut status = autoscale::pool_status(&plan, pool.metadata.generation, &now_time());
     let old = pool.status.clone().unwrap_or_default();
     crate::jobrun::keep_transition_times(&mut status.conditions, &old.conditions);

@@ -60,8 +60,55 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// Annotations that keep node autoscalers from draining a node under a busy worker: Karpenter's consolidation
+/// and the Cluster Autoscaler's scale-down. Set while the worker holds a task lease, removed when it is idle.
+pub const DO_NOT_DISRUPT: [(&str, &str); 2] = [
+    ("karpenter.sh/do-not-disrupt", "true"),
+    ("cluster-autoscaler.kubernetes.io/safe-to-evict", "false"),
+];
+
+/// The merge patch that brings a worker pod's `annotations` in line with `busy`, or `None` when they are.
+/// A key the pool sets itself (`podAnnotations`) is the pool's: left alone.
+pub fn disruption_patch(
+    annotations: &BTreeMap<String, String>,
+    busy: bool,
+    pool_annotations: &BTreeMap<String, String>,
+) -> Option<serde_json::Value> {
+    let mut patch = serde_json::Map::new();
+    for (key, value) in DO_NOT_DISRUPT {
+        if pool_annotations.contains_key(key) {
+            continue;
+        }
+        match (busy, annotations.get(key)) {
+            (true, Some(v)) if v == value => {}
+            (true, _) => {
+                patch.insert(key.into(), value.into());
+            }
+            (false, Some(_)) => {
+                patch.insert(key.into(), serde_json::Value::Null);
+            }
+            (false, None) => {}
+        }
+    }
+    (!patch.is_empty()).then(|| serde_json::json!({"metadata": {"annotations": patch}}))
+}
+
+/// A worker's CPU and memory when the pool names none: Burstable, sized for a 1080p chunk task with room
+/// for more encoder threads on larger nodes (see `WorkerPoolSpec::resources`).
+pub fn default_worker_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.into());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("2")),
+            ("memory".to_string(), q("1Gi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q("4Gi"))])),
+        ..ResourceRequirements::default()
+    }
+}
+
 pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
-    let mut labels = BTreeMap::new();
+    let mut labels = i.spec.pod_labels.clone();
     labels.insert(POOL_LABEL.to_string(), i.pool.to_string());
     labels.insert("app.kubernetes.io/name".into(), "tessera-worker".into());
     labels.insert(
@@ -111,7 +158,12 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
         }
     }
     envs.extend(i.spec.env.iter().cloned());
-    let mut limits = BTreeMap::new();
+    let mut resources = i
+        .spec
+        .resources
+        .clone()
+        .unwrap_or_else(default_worker_resources);
+    let mut limits = resources.limits.take().unwrap_or_default();
     if let Some(r) = &i.spec.resource {
         limits.insert(r.name.clone(), Quantity(r.count.to_string()));
         if r.name.starts_with("nvidia.com/") {
@@ -125,7 +177,7 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
         env: Some(envs),
         resources: Some(ResourceRequirements {
             limits: (!limits.is_empty()).then_some(limits),
-            ..ResourceRequirements::default()
+            ..resources
         }),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
@@ -149,6 +201,8 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             name: Some(format!("{}-worker-{}", i.pool, i.suffix)),
             namespace: Some(i.namespace.into()),
             labels: Some(labels),
+            annotations: (!i.spec.pod_annotations.is_empty())
+                .then(|| i.spec.pod_annotations.clone()),
             owner_references: Some(vec![OwnerReference {
                 api_version: format!("{}/v1alpha1", tessera_crds::GROUP),
                 kind: "WorkerPool".into(),
@@ -168,10 +222,17 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             tolerations: (!i.spec.tolerations.is_empty()).then(|| i.spec.tolerations.clone()),
             runtime_class_name: i.spec.runtime_class_name.clone(),
             affinity: i.spec.affinity.clone(),
+            priority_class_name: i.spec.priority_class_name.clone(),
+            image_pull_secrets: (!i.spec.image_pull_secrets.is_empty())
+                .then(|| i.spec.image_pull_secrets.clone()),
+            topology_spread_constraints: (!i.spec.topology_spread_constraints.is_empty())
+                .then(|| i.spec.topology_spread_constraints.clone()),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(65532),
                 run_as_group: Some(65532),
+                supplemental_groups: (!i.spec.supplemental_groups.is_empty())
+                    .then(|| i.spec.supplemental_groups.clone()),
                 seccomp_profile: Some(SeccompProfile {
                     type_: "RuntimeDefault".into(),
                     ..SeccompProfile::default()
@@ -228,6 +289,13 @@ mod tests {
             scratch_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
                 "20Gi".into(),
             )),
+            resources: None,
+            priority_class_name: None,
+            image_pull_secrets: Vec::new(),
+            pod_annotations: BTreeMap::new(),
+            pod_labels: BTreeMap::new(),
+            topology_spread_constraints: Vec::new(),
+            supplemental_groups: Vec::new(),
         }
     }
 
@@ -291,7 +359,114 @@ mod tests {
             .all(|e| e.name != "NVIDIA_DRIVER_CAPABILITIES"));
         let p = build(&spec(None));
         let c = &p.spec.as_ref().unwrap().containers[0];
-        assert!(c.resources.as_ref().unwrap().limits.is_none());
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits.keys().collect::<Vec<_>>(), ["memory"], "no device");
+    }
+
+    #[test]
+    fn busy_workers_are_marked_not_to_disrupt_and_idle_ones_unmarked() {
+        let none = BTreeMap::new();
+        let p = disruption_patch(&none, true, &none).unwrap();
+        assert_eq!(
+            p["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"],
+            "true"
+        );
+        assert_eq!(
+            p["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+            "false"
+        );
+        let marked: BTreeMap<String, String> = DO_NOT_DISRUPT
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            disruption_patch(&marked, true, &none),
+            None,
+            "already marked"
+        );
+        assert_eq!(
+            disruption_patch(&none, false, &none),
+            None,
+            "idle and unmarked"
+        );
+        let p = disruption_patch(&marked, false, &none).unwrap();
+        assert!(p["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"].is_null());
+        assert_eq!(p["metadata"]["annotations"].as_object().unwrap().len(), 2);
+        // The pool pins safe-to-evict itself: only Karpenter's key follows the worker.
+        let pinned = BTreeMap::from([(
+            "cluster-autoscaler.kubernetes.io/safe-to-evict".to_string(),
+            "false".to_string(),
+        )]);
+        let p = disruption_patch(&marked, false, &pinned).unwrap();
+        assert_eq!(p["metadata"]["annotations"].as_object().unwrap().len(), 1);
+    }
+
+    /// Burstable by default (requests below limits), so the autoscalers can size nodes and the kubelet
+    /// does not evict workers first; a pool's own resources replace the defaults, the device is added.
+    #[test]
+    fn workers_request_cpu_and_memory_and_carry_the_pools_extras() {
+        let p = build(&spec(Some(("nvidia.com/gpu", 1))));
+        let r = p.spec.as_ref().unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap();
+        let requests = r.requests.unwrap();
+        let limits = r.limits.unwrap();
+        assert_eq!(requests["cpu"], Quantity("2".into()));
+        assert_eq!(requests["memory"], Quantity("1Gi".into()));
+        assert_eq!(limits["memory"], Quantity("4Gi".into()));
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+
+        let mut s = spec(Some(("gpu.intel.com/i915", 1)));
+        s.resources = Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([("cpu".into(), Quantity("500m".into()))])),
+            limits: Some(BTreeMap::from([("cpu".into(), Quantity("4".into()))])),
+            ..ResourceRequirements::default()
+        });
+        s.priority_class_name = Some("media-batch".into());
+        s.image_pull_secrets = vec![k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "registry".into(),
+        }];
+        s.pod_annotations = BTreeMap::from([("sidecar.istio.io/inject".into(), "false".into())]);
+        s.pod_labels = BTreeMap::from([
+            ("team".into(), "media".into()),
+            (POOL_LABEL.into(), "spoofed".into()),
+        ]);
+        s.topology_spread_constraints =
+            vec![k8s_openapi::api::core::v1::TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: "topology.kubernetes.io/zone".into(),
+                when_unsatisfiable: "ScheduleAnyway".into(),
+                ..Default::default()
+            }];
+        s.supplemental_groups = vec![110];
+        let p = build(&s);
+        let ps = p.spec.as_ref().unwrap();
+        let r = ps.containers[0].resources.clone().unwrap();
+        assert_eq!(r.requests.unwrap()["cpu"], Quantity("500m".into()));
+        let limits = r.limits.unwrap();
+        assert_eq!(limits["cpu"], Quantity("4".into()));
+        assert_eq!(limits["gpu.intel.com/i915"], Quantity("1".into()));
+        assert!(
+            !limits.contains_key("memory"),
+            "the pool's resources replace the defaults"
+        );
+        assert_eq!(ps.priority_class_name.as_deref(), Some("media-batch"));
+        assert_eq!(ps.image_pull_secrets.as_ref().unwrap()[0].name, "registry");
+        assert_eq!(ps.topology_spread_constraints.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            ps.security_context.as_ref().unwrap().supplemental_groups,
+            Some(vec![110])
+        );
+        let labels = p.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            (labels["team"].as_str(), labels[POOL_LABEL].as_str()),
+            ("media", "gpu")
+        );
+        assert_eq!(
+            p.metadata.annotations.as_ref().unwrap()["sidecar.istio.io/inject"],
+            "false"
+        );
     }
 
     #[test]
