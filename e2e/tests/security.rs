@@ -277,6 +277,8 @@ fn the_operator_may_do_what_it_needs_and_nothing_else() {
         ("patch", "workerpools.tessera.dev:status", "tessera-system"),
         ("create", "pods", "tessera-system"),
         ("delete", "pods", "tessera-system"),
+        // The do-not-disrupt annotations of busy workers.
+        ("patch", "pods", "tessera-system"),
         ("create", "events.events.k8s.io", "default"),
         ("create", "tokenreviews.authentication.k8s.io", ""),
         ("create", "leases.coordination.k8s.io", "tessera-system"),
@@ -289,7 +291,6 @@ fn the_operator_may_do_what_it_needs_and_nothing_else() {
         ("list", "secrets", "default"),
         ("update", "transcodejobs.tessera.dev", "default"),
         ("create", "workerpools.tessera.dev", "tessera-system"),
-        ("patch", "pods", "tessera-system"),
         ("create", "pods:exec", "tessera-system"),
         ("create", "deployments.apps", "tessera-system"),
         ("create", "leases.coordination.k8s.io", "kube-system"),
