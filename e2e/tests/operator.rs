@@ -556,20 +556,9 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
         "idle workers to lose do-not-disrupt",
         Duration::from_secs(10),
         || {
-            json(&[
-                "get",
-                "pods",
-                "-n",
-                "tessera-system",
-                "-l",
-                "tessera.dev/pool=default",
-            ])["items"]
-                .as_array()
-                .is_some_and(|pods| {
-                    pods.iter().all(|p| {
-                        p["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"].is_null()
-                    })
-                })
+            worker_pods("default")
+                .iter()
+                .all(|p| p["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"].is_null())
         },
     );
     assert!(objects("outputs/held")

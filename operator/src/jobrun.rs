@@ -404,7 +404,6 @@ impl JobRun {
             last_transition_time: now.clone(),
         };
         let mut conditions = Vec::new();
-        // kstatus (Flux, kubectl wait) reads Ready, Reconciling and Stalled; Argo CD's health check reads Ready.
         match self.stage {
             Stage::Succeeded => {
                 conditions.push(cond(
@@ -414,32 +413,24 @@ impl JobRun {
                     format!("{} renditions published", self.spec.renditions.len()),
                 ));
                 conditions.push(cond("Progressing", false, "Completed", String::new()));
-                conditions.push(cond(
-                    "Ready",
-                    true,
-                    "Completed",
-                    format!("{} renditions published", self.spec.renditions.len()),
-                ));
             }
             Stage::Failed => {
                 let (reason, message) = self.failure.clone().unwrap_or_default();
-                conditions.push(cond("Failed", true, &reason, message.clone()));
+                conditions.push(cond("Failed", true, &reason, message));
                 conditions.push(cond("Progressing", false, &reason, String::new()));
-                conditions.push(cond("Ready", false, &reason, message.clone()));
-                conditions.push(cond("Stalled", true, &reason, message));
             }
-            Stage::Suspended => {
-                let msg = "spec.suspend is true: no work is handed out".to_string();
-                conditions.push(cond("Progressing", false, "Suspended", msg.clone()));
-                conditions.push(cond("Ready", false, "Suspended", msg));
-            }
-            Stage::PoolMissing => {
-                // It waits for someone to create the pool (or fix spec.pool): stalled until then.
-                let msg = self.waiting.clone().unwrap_or_default();
-                conditions.push(cond("Progressing", false, "PoolNotFound", msg.clone()));
-                conditions.push(cond("Ready", false, "PoolNotFound", msg.clone()));
-                conditions.push(cond("Stalled", true, "PoolNotFound", msg));
-            }
+            Stage::Suspended => conditions.push(cond(
+                "Progressing",
+                false,
+                "Suspended",
+                "spec.suspend is true: no work is handed out".into(),
+            )),
+            Stage::PoolMissing => conditions.push(cond(
+                "Progressing",
+                false,
+                "PoolNotFound",
+                self.waiting.clone().unwrap_or_default(),
+            )),
             s => {
                 let (reason, msg) = match s {
                     Stage::Queued => (
@@ -460,10 +451,27 @@ impl JobRun {
                         "joining chunks and publishing outputs".to_string(),
                     ),
                 };
-                conditions.push(cond("Progressing", true, reason, msg.clone()));
-                conditions.push(cond("Ready", false, reason, msg.clone()));
-                conditions.push(cond("Reconciling", true, reason, msg));
+                conditions.push(cond("Progressing", true, reason, msg));
             }
+        }
+        // What kstatus (Flux, `kubectl wait`) and Argo CD read, with the reason and message of the condition
+        // above that says most (Complete, Failed, or Progressing): Ready once complete; Stalled where only a
+        // person moves it on (a failure, a missing pool); Reconciling while work goes on.
+        let (reason, message) = (conditions[0].reason.clone(), conditions[0].message.clone());
+        let working = conditions
+            .iter()
+            .any(|c| c.type_ == "Progressing" && c.status == "True");
+        let stalled = matches!(self.stage, Stage::Failed | Stage::PoolMissing);
+        conditions.push(cond(
+            "Ready",
+            self.stage == Stage::Succeeded,
+            &reason,
+            message.clone(),
+        ));
+        if stalled {
+            conditions.push(cond("Stalled", true, &reason, message));
+        } else if working {
+            conditions.push(cond("Reconciling", true, &reason, message));
         }
         let renditions: Vec<RenditionStatus> = self
             .result

@@ -1,7 +1,6 @@
 -- Argo CD health of a tessera.dev TranscodeJob (Lua 5.1, as Argo CD's gopher-lua runs it).
 -- Healthy once Ready is True; Degraded when it failed or stalled (the condition's reason and message);
--- Suspended while spec.suspend holds it; Progressing otherwise, and while the status describes an older
--- generation than the spec.
+-- Suspended while spec.suspend holds it; Progressing otherwise.
 local hs = {}
 local conditions = {}
 if obj.status ~= nil and obj.status.conditions ~= nil then
@@ -21,17 +20,13 @@ if ready ~= nil and ready.status == "True" then
   hs.message = said(ready)
   return hs
 end
-local failed = conditions["Failed"]
-if failed ~= nil and failed.status == "True" then
-  hs.status = "Degraded"
-  hs.message = said(failed)
-  return hs
-end
-local stalled = conditions["Stalled"]
-if stalled ~= nil and stalled.status == "True" then
-  hs.status = "Degraded"
-  hs.message = said(stalled)
-  return hs
+for _, t in ipairs({"Failed", "Stalled"}) do
+  local c = conditions[t]
+  if c ~= nil and c.status == "True" then
+    hs.status = "Degraded"
+    hs.message = said(c)
+    return hs
+  end
 end
 if obj.spec ~= nil and obj.spec.suspend == true then
   hs.status = "Suspended"
