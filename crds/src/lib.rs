@@ -16,6 +16,48 @@ pub mod streams;
 pub mod tenancy;
 mod validate;
 pub mod work;
+
+/// Every Tessera CRD as the API server takes it, with its file name (`transcodejob.yaml`, ...): with the
+/// CEL rules (`x-kubernetes-validations`, enforced from Kubernetes 1.25) or without them, for 1.20 to 1.24
+/// servers, which refuse the field.
+pub fn definitions(with_cel: bool) -> Vec<(&'static str, serde_json::Value)> {
+    use kube::CustomResourceExt;
+    [
+        ("transcodejob.yaml", TranscodeJob::crd()),
+        ("workerpool.yaml", WorkerPool::crd()),
+    ]
+    .into_iter()
+    .map(|(file, crd)| {
+        let mut v = serde_json::to_value(&crd).expect("a CRD serialises");
+        if !with_cel {
+            strip_cel(&mut v);
+        }
+        (file, v)
+    })
+    .collect()
+}
+
+/// Whether an API server of this version enforces CEL rules in CRDs (beta and on by default from 1.25).
+pub fn server_enforces_cel(major: &str, minor: &str) -> bool {
+    let num = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    (num(major), num(minor)) >= (1, 25)
+}
+
+/// Remove every `x-kubernetes-validations` (CEL rules).
+fn strip_cel(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("x-kubernetes-validations");
+            m.values_mut().for_each(strip_cel);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_cel),
+        _ => {}
+    }
+}
 pub use streams::{LeftOutStream, OutputStream, StreamsSpec, TrackSelection};
 pub use validate::{cluster_uri_problem, ignored_in_local_mode, validate_spec, ValidationError};
 
@@ -968,6 +1010,21 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cel_rules_go_only_to_servers_that_enforce_them() {
+        assert!(!server_enforces_cel("1", "20"));
+        assert!(!server_enforces_cel("1", "24+"));
+        assert!(server_enforces_cel("1", "25"));
+        assert!(server_enforces_cel("1", "33+"));
+        assert!(server_enforces_cel("2", "0"));
+        let rules = |cel| {
+            serde_json::to_string(&definitions(cel))
+                .unwrap()
+                .contains("x-kubernetes-validations")
+        };
+        assert!(rules(true) && !rules(false));
+    }
 
     const EXAMPLE: &str = r#"
 apiVersion: tessera.dev/v1alpha1

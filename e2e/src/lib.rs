@@ -6,8 +6,10 @@
 pub mod argocd;
 pub mod cluster;
 pub mod faultproxy;
+pub mod flux;
 pub mod jobs;
 pub mod load;
+pub mod monitoring;
 pub mod players;
 pub mod s3server;
 

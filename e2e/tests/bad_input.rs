@@ -453,6 +453,12 @@ fn bad_input_is_rejected_with_the_cause_named_and_nothing_is_lost() {
                     tessera_e2e::argocd::health("TranscodeJob", &serde_json::json!({"status": st}));
                 assert_eq!(health, "Degraded", "{name}: {message}");
                 assert!(message.starts_with(&f.0), "{name}: {message}");
+                // Flux: Failed at once, not after the Kustomization's timeout.
+                assert_eq!(
+                    tessera_e2e::flux::health("TranscodeJob", &serde_json::json!({"status": st})),
+                    "Failed",
+                    "{name}"
+                );
                 done.insert(name.clone(), f);
             }
         }

@@ -48,10 +48,14 @@ fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String
 }
 
 fn render(args: &[&str]) -> Vec<Value> {
+    render_release("tessera", args)
+}
+
+fn render_release(release: &str, args: &[&str]) -> Vec<Value> {
     let out = Command::new(helm())
         .args([
             "template",
-            "tessera",
+            release,
             root().join("charts/tessera").to_str().unwrap(),
             "-n",
             "tessera-system",
@@ -93,8 +97,10 @@ fn helm_lint_passes() {
 #[test]
 fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
     use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
     use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
@@ -109,6 +115,14 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
         "s3.credentialsSecret=s3",
         "--set",
         "defaultPool.runtimeClassName=nvidia",
+        "--set",
+        "tests.location=s3://media/helm-test/",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "worker.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/w",
     ]);
     let mut kinds = Vec::new();
     for d in &docs {
@@ -122,6 +136,16 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
             "Role" => round_trip::<Role>(d),
             "RoleBinding" => round_trip::<RoleBinding>(d),
             "NetworkPolicy" => round_trip::<NetworkPolicy>(d),
+            "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(d),
+            "Job" => round_trip::<Job>(d),
+            "Pod" => round_trip::<Pod>(d),
+            "ConfigMap" => round_trip::<ConfigMap>(d),
+            // The Prometheus operator's type; checked for shape only.
+            "PrometheusRule" => d["spec"]["groups"][0]["rules"]
+                .as_array()
+                .filter(|r| r.len() >= 4)
+                .map(drop)
+                .ok_or_else(|| "fewer than 4 rules".to_string()),
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(d),
             "WorkerPool" => round_trip::<tessera_crds::WorkerPool>(d),
             // The Prometheus operator's type; checked for shape only.
@@ -147,6 +171,11 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
         "NetworkPolicy",
         "ServiceMonitor",
         "CustomResourceDefinition",
+        "PodDisruptionBudget",
+        "Job",
+        "Pod",
+        "ConfigMap",
+        "PrometheusRule",
     ] {
         assert!(kinds.iter().any(|x| x == k), "{k} rendered");
     }
@@ -161,6 +190,139 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
         "RuntimeDefault"
     );
     assert_eq!(dep["spec"]["replicas"], 2);
+    // Images follow the chart's appVersion; the workers' ServiceAccount carries the cloud identity.
+    let chart: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("charts/tessera/Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    let app = chart["appVersion"].as_str().unwrap();
+    let pool = docs.iter().find(|d| d["kind"] == "WorkerPool").unwrap();
+    assert_eq!(
+        pool["spec"]["image"],
+        format!("ghcr.io/tessera-dev/tessera-worker:{app}")
+    );
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("ghcr.io/tessera-dev/tessera-operator:{app}")
+    );
+    let sa = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ServiceAccount"
+                && d["metadata"]["name"] == pool["spec"]["serviceAccountName"]
+        })
+        .expect("the pool's ServiceAccount is the chart's");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::1:role/w"
+    );
+    // Every alert and dashboard query names a tessera_ metric (that the operator exports them is checked
+    // against its real /metrics in e2e/tests/operator.rs).
+    let queries = tessera_e2e::monitoring::chart_queries(&docs);
+    assert!(queries.len() >= 10, "{queries:?}");
+    for (at, q) in &queries {
+        let names = tessera_e2e::monitoring::promql_metric_names(q);
+        assert!(
+            !names.is_empty() && names.iter().all(|n| n.starts_with("tessera_")),
+            "{at}: {q}"
+        );
+    }
+}
+
+/// values.schema.json: a wrong type or an unknown key fails `helm template` and `helm lint --strict`,
+/// naming the value.
+#[test]
+fn the_values_schema_rejects_wrong_types_and_unknown_keys() {
+    let chart = root().join("charts/tessera");
+    for (set, says) in [
+        ("defaultPool.maxWorkers=lots", "/defaultPool/maxWorkers"),
+        ("operator.replica=3", "replica"),
+        ("s3.endpoint=minio:9000", "/s3/endpoint"),
+        ("queue.port=70000", "/queue/port"),
+    ] {
+        for cmd in [&["template", "t"][..], &["lint", "--strict"][..]] {
+            let out = Command::new(helm())
+                .args(cmd)
+                .arg(&chart)
+                .args(["--set", set])
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "helm {cmd:?} --set {set} passed");
+            assert!(text.contains(says), "helm {cmd:?} --set {set}: {text}");
+        }
+    }
+}
+
+/// Names fit 63 characters for the longest release name Helm allows (53), and two releases in one
+/// namespace (the second with its own default pool) share no object.
+#[test]
+fn long_release_names_fit_and_two_releases_share_no_object() {
+    use std::collections::BTreeSet;
+    let long = "a-release-name-of-fifty-three-characters-for-the-test";
+    assert_eq!(long.len(), 53);
+    let ids = |docs: &[Value]| -> BTreeSet<(String, String, String)> {
+        docs.iter()
+            .filter(|d| d["kind"] != "CustomResourceDefinition")
+            .map(|d| {
+                (
+                    d["kind"].as_str().unwrap().to_string(),
+                    d["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    d["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let args = [
+        "--set",
+        "tests.location=s3://m/t/",
+        "--set",
+        "prometheusRule.enabled=true",
+    ];
+    let docs = render_release(long, &args);
+    for (kind, _, name) in ids(&docs) {
+        assert!(name.len() <= 63, "{kind} {name}: {} characters", name.len());
+    }
+    for d in &docs {
+        for (k, v) in d["metadata"]["labels"].as_object().into_iter().flatten() {
+            assert!(
+                v.as_str().unwrap().len() <= 63,
+                "{} label {k}={v}",
+                d["kind"]
+            );
+        }
+    }
+    let first = ids(&render(&args));
+    let mut second_args = args.to_vec();
+    second_args.extend([
+        "--set",
+        "defaultPool.name=canary",
+        "--set",
+        "operator.primary=false",
+    ]);
+    let second = render_release("canary", &second_args);
+    let second_ids = ids(&second);
+    let shared: Vec<_> = first.intersection(&second_ids).collect();
+    assert!(shared.is_empty(), "both releases render {shared:?}");
+    // The second release's operator is not the primary and serves the pool it labels as its own.
+    let dep = second.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let var = |n: &str| env.iter().find(|e| e["name"] == n).unwrap()["value"].clone();
+    assert_eq!(var("TESSERA_PRIMARY"), "false");
+    let pool = second.iter().find(|d| d["kind"] == "WorkerPool").unwrap();
+    assert_eq!(
+        pool["metadata"]["labels"]["tessera.dev/operator"],
+        var("TESSERA_INSTANCE")
+    );
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! Bounds stated here are for a 2-core CI machine.
 
 use std::path::PathBuf;
+
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 use tessera_e2e::argocd;
@@ -525,6 +527,8 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
     // Argo CD: Suspended, and the one action it offers is resume, which clears spec.suspend.
     let (health, message) = argocd::health("TranscodeJob", &j);
     assert_eq!(health, "Suspended", "{message}");
+    // Flux: as Git asks, so Current (a Kustomization waiting on it goes on).
+    assert_eq!(tessera_e2e::flux::health("TranscodeJob", &j), "Current");
     assert_eq!(argocd::actions(&j), ["resume"]);
     assert!(!argocd::suspend_after("resume", &j));
     assert_eq!(j["status"]["phase"], "Pending", "{}", j["status"]);
@@ -547,6 +551,7 @@ fn suspend_holds_a_job_and_ttl_deletes_it_after_it_finished() {
     let done = wait_complete("held", Duration::from_secs(120));
     let (health, message) = argocd::health("TranscodeJob", &done);
     assert_eq!(health, "Healthy", "{message}");
+    assert_eq!(tessera_e2e::flux::health("TranscodeJob", &done), "Current");
     assert!(
         argocd::actions(&done).is_empty(),
         "a finished job has no actions"
@@ -593,6 +598,10 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
     let running = get_job("drain").unwrap();
     let (health, message) = argocd::health("TranscodeJob", &running);
     assert_eq!(health, "Progressing", "{message}");
+    assert_eq!(
+        tessera_e2e::flux::health("TranscodeJob", &running),
+        "InProgress"
+    );
     assert_eq!(argocd::actions(&running), ["suspend"]);
     assert!(argocd::suspend_after("suspend", &running));
     let pool = json(&["get", "wp", "default", "-n", "tessera-system"]);
@@ -606,6 +615,10 @@ fn a_worker_stopped_mid_task_finishes_it_before_it_exits() {
         health,
         if ready { "Healthy" } else { "Progressing" },
         "{message}"
+    );
+    assert_eq!(
+        tessera_e2e::flux::health("WorkerPool", &pool),
+        if ready { "Current" } else { "InProgress" }
     );
     // The busy worker: Burstable with the pool's default requests, and marked not to be disrupted by
     // Karpenter or the Cluster Autoscaler while it holds its lease.
@@ -1006,4 +1019,253 @@ fn every_track_reaches_cmaf_outputs_on_the_cluster() {
         .collect();
     assert_eq!(langs, ["en", "fr"], "{r}");
     assert_eq!(r["text"][0]["lang"], "en", "{r}");
+}
+
+fn helm(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(
+        tessera_e2e::s3server::cache_dir().join("kubectl-helm-2.2.2/bin/helm"),
+    )
+    .env(
+        "KUBECONFIG",
+        tessera_e2e::cluster::e2e_dir().join("kubeconfig"),
+    )
+    .args(args)
+    .output()
+    .expect("helm runs")
+}
+
+fn helm_ok(args: &[&str]) -> String {
+    let out = helm(args);
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm upgrade` brings an older CRD up to this chart's (its pre-upgrade hook applies the CRDs the operator
+/// was built with; Helm itself never updates crds/), then `helm test` runs a real job through the release.
+#[test]
+fn helm_upgrade_applies_the_new_crds_and_helm_test_runs_a_job() {
+    let _c = cluster();
+    // An older CRD in the cluster: another description, no Pool column.
+    let crd = "transcodejobs.tessera.dev";
+    let mut old = json(&["get", "crd", crd]);
+    for k in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+        "generation",
+    ] {
+        old["metadata"].as_object_mut().unwrap().remove(k);
+    }
+    old.as_object_mut().unwrap().remove("status");
+    let version = &mut old["spec"]["versions"][0];
+    version["schema"]["openAPIV3Schema"]["description"] = "an older Tessera".into();
+    version["additionalPrinterColumns"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "Pool");
+    kubectl_ok(&["replace", "-f", "-"], Some(&old.to_string()));
+    let now = |crd: &str| json(&["get", "crd", crd])["spec"]["versions"][0].clone();
+    assert_eq!(
+        now(crd)["schema"]["openAPIV3Schema"]["description"],
+        "an older Tessera"
+    );
+
+    let chart = root().join("charts/tessera");
+    helm_ok(&[
+        "upgrade",
+        "tessera",
+        chart.to_str().unwrap(),
+        "-n",
+        "tessera-system",
+        "--reuse-values",
+        "--set",
+        "tests.location=s3://tessera/helm-test/",
+    ]);
+    let v = now(crd);
+    let want: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("crds/pre-cel/transcodejob.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        v["schema"]["openAPIV3Schema"]["description"],
+        want["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"],
+        "the upgrade applied the chart's CRD"
+    );
+    assert!(
+        v["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "Pool"),
+        "the Pool column is back: {}",
+        v["additionalPrinterColumns"]
+    );
+    assert!(
+        !v.to_string().contains("x-kubernetes-validations"),
+        "a 1.20 server gets the CRD without CEL rules"
+    );
+    // The hook's Job went once it succeeded; the operator was not restarted by an unchanged upgrade.
+    assert!(!kubectl(
+        &["get", "job", "tessera-crds", "-n", "tessera-system"],
+        None
+    )
+    .status
+    .success());
+
+    let out = helm(&["test", "tessera", "-n", "tessera-system", "--timeout", "5m"]);
+    let logs: String = pod_logs("tessera-test")
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert!(
+        out.status.success(),
+        "helm test: {}{}\n{logs}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        logs.contains("ok: WorkerPool tessera-system/default is Ready"),
+        "{logs}"
+    );
+    assert!(logs.contains("Succeeded"), "{logs}");
+    // The test left nothing: its job is gone, and so is every object under its prefix.
+    let left = json(&[
+        "get",
+        "tj",
+        "-n",
+        "default",
+        "-l",
+        "app.kubernetes.io/name=tessera-helm-test",
+    ]);
+    assert_eq!(left["items"].as_array().unwrap().len(), 0, "{left}");
+    assert!(
+        objects("helm-test/").is_empty(),
+        "{:?}",
+        objects("helm-test/")
+    );
+}
+
+/// A second release beside the first in the same namespace serves only its own pool: its job runs once,
+/// on its workers, and the first release's operator never queues it.
+#[test]
+fn two_releases_side_by_side_each_serve_their_own_pools() {
+    let _c = cluster();
+    let env = tessera_e2e::cluster::env_file();
+    let endpoint = env
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL")
+        .unwrap()
+        .1
+        .clone();
+    let chart = root().join("charts/tessera");
+    helm_ok(&[
+        "install",
+        "canary",
+        chart.to_str().unwrap(),
+        "-n",
+        "tessera-system",
+        "--skip-crds",
+        "--set",
+        "operator.primary=false",
+        "--set",
+        "operator.replicas=1",
+        "--set",
+        "defaultPool.name=canary",
+        "--set",
+        "defaultPool.cooldownSeconds=5",
+        "--set",
+        &format!("s3.endpoint={endpoint}"),
+        "--set",
+        "s3.credentialsSecret=tessera-s3",
+        "--set-string",
+        "defaultPool.nodeSelector.tessera\\.dev/gpu=true",
+    ]);
+    wait_until(
+        "the canary operator to lead",
+        Duration::from_secs(60),
+        || {
+            !kubectl(
+                &[
+                    "get",
+                    "lease",
+                    "canary-tessera-operator-leader",
+                    "-n",
+                    "tessera-system",
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ],
+                None,
+            )
+            .stdout
+            .is_empty()
+        },
+    );
+    let src = input("canary4", 4);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&job_yaml("canary", &src, "  pool: tessera-system/canary\n")),
+    );
+    let job = wait_complete("canary", Duration::from_secs(120));
+    let chunks = job["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
+    assert!(chunks >= 2);
+    assert_eq!(
+        encodes("canary"),
+        chunks,
+        "every chunk encoded exactly once"
+    );
+    // The canary's workers ran it; the first release's operator neither queued it nor wrote its pool.
+    assert!(!worker_pods("canary").is_empty());
+    let primary = leader_metrics();
+    assert!(
+        !primary.contains("tessera-system/canary"),
+        "the primary operator knows nothing of the canary's pool:\n{primary}"
+    );
+    // Every metric the chart's alerts and dashboard query is one the operator really exports.
+    let declared = tessera_e2e::monitoring::declared_names(&primary);
+    let docs: Vec<Value> = helm_ok(&[
+        "template",
+        "tessera",
+        chart.to_str().unwrap(),
+        "-n",
+        "tessera-system",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ])
+    .split("\n---")
+    .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+    .filter(|v| !v.is_null())
+    .collect();
+    let queries = tessera_e2e::monitoring::chart_queries(&docs);
+    assert!(queries.len() >= 10);
+    for (at, q) in queries {
+        for name in tessera_e2e::monitoring::promql_metric_names(&q) {
+            assert!(
+                declared.contains(&name),
+                "{at}: {name} is not exported by the operator:\n{q}\nexported: {declared:?}\n{primary}"
+            );
+        }
+    }
+    let pool = json(&["get", "workerpool", "canary", "-n", "tessera-system"]);
+    assert_eq!(
+        pool["metadata"]["labels"]["tessera.dev/operator"],
+        "canary-tessera"
+    );
+    assert!(pool["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
+    delete_job("canary");
+    helm_ok(&["uninstall", "canary", "-n", "tessera-system", "--wait"]);
+    wait_until(
+        "the canary's workers to go",
+        Duration::from_secs(60),
+        || live_workers("canary") == 0,
+    );
 }

@@ -49,6 +49,55 @@ pub struct Config {
     pub lease: String,
     pub status_interval: Duration,
     pub identity: String,
+    /// Which pools (and so which jobs) this operator serves, when several releases share a cluster.
+    pub ownership: Ownership,
+}
+
+/// The label by which a WorkerPool names the operator (Helm release) that serves it.
+pub const OPERATOR_LABEL: &str = "tessera.dev/operator";
+
+/// Which WorkerPools an operator serves: those labelled with its instance, and the unlabelled ones only
+/// where it is the cluster's primary. The primary also takes the jobs that name no pool or a pool that does
+/// not exist (to say so in their status), so with any number of releases each job has exactly one operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// This operator's instance (the Helm release's full name): pools labelled `tessera.dev/operator` with
+    /// it are served here.
+    pub instance: String,
+    /// Serve pools without the label, and jobs without a pool (one operator per cluster does).
+    pub primary: bool,
+}
+
+impl Default for Ownership {
+    fn default() -> Self {
+        Ownership {
+            instance: "tessera".into(),
+            primary: true,
+        }
+    }
+}
+
+impl Ownership {
+    /// Whether a pool with these labels is served by this operator.
+    pub fn serves_pool(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        match labels.get(OPERATOR_LABEL) {
+            Some(instance) => *instance == self.instance,
+            None => self.primary,
+        }
+    }
+
+    /// Whether a job is served here: `pool` is the job's pool as found (`None`: no such pool), `names_pool`
+    /// whether the job names one (the default pool is the primary's).
+    pub fn serves_job(
+        &self,
+        names_pool: bool,
+        pool: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> bool {
+        match pool {
+            Some(labels) if names_pool => self.serves_pool(labels),
+            _ => self.primary,
+        }
+    }
 }
 
 /// What the controllers share: the API client, the way to the state's owner, and counters.
@@ -351,6 +400,11 @@ fn observed(job: &TranscodeJob) -> Observed {
 
 async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let (ns, name) = key(&job);
+    let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
+    if !serves(&ctx, job.spec.pool.is_some(), &pool).await? {
+        // Another release's operator serves this job's pool: not a field of it is touched here.
+        return Ok(Action::await_change());
+    }
     let api: Api<TranscodeJob> = Api::namespaced(ctx.client.clone(), &ns);
     if job.metadata.deletion_timestamp.is_some() {
         return finalize(&job, &ctx, api).await;
@@ -375,7 +429,6 @@ async fn reconcile_job(job: Arc<TranscodeJob>, ctx: Arc<Ctx>) -> Result<Action, 
     }
     let uid = job.uid().unwrap_or_default();
     let generation = job.metadata.generation.unwrap_or(0);
-    let pool = resolve_pool(job.spec.pool.as_deref(), &ns, &ctx.cfg.default_pool);
     let admission = match cluster_validate(&job.spec) {
         Err(message) => Admit::Refuse {
             reason: "InvalidSpec",
@@ -592,11 +645,17 @@ struct PoolCtx {
 /// its pods (both from caches), and write its status when it changed.
 async fn reconcile_pool(pool: Arc<WorkerPool>, p: Arc<PoolCtx>) -> Result<Action, Error> {
     let ctx = &p.ctx;
+    let owner = &ctx.cfg.ownership;
+    if !owner.serves_pool(pool.labels()) {
+        // Another release's pool: its operator scales it and writes its status.
+        return Ok(Action::await_change());
+    }
     let access = PoolAccess {
         pools: p
             .pools
             .state()
             .iter()
+            .filter(|wp| owner.serves_pool(wp.labels()))
             .map(|wp| {
                 let ns = wp.namespace().unwrap_or_default();
                 (
@@ -748,6 +807,16 @@ fn pool_ticks(core: CoreHandle) -> impl futures_util::Stream<Item = ()> + Send {
     })
 }
 
+/// Whether this operator serves a job whose pool is `pool` (`ns/name`; `names_pool`: the job named it).
+async fn serves(ctx: &Ctx, names_pool: bool, pool: &str) -> Result<bool, Error> {
+    let (pns, pname) = pool.split_once('/').unwrap_or(("", pool));
+    let found = find_pool(ctx, pns, pname).await?;
+    Ok(ctx
+        .cfg
+        .ownership
+        .serves_job(names_pool, found.as_ref().map(|p| p.labels())))
+}
+
 /// A job's pool: from the watched cache, or (not there yet: created a moment ago) from the API server.
 async fn find_pool(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<WorkerPool>, Error> {
     if let Some(store) = ctx.pools.get() {
@@ -843,6 +912,41 @@ pub async fn run(ctx: Arc<Ctx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_pool_and_job_has_exactly_one_operator_among_releases() {
+        let primary = Ownership::default();
+        let second = Ownership {
+            instance: "tessera-b".into(),
+            primary: false,
+        };
+        let labelled = |v: &str| [(OPERATOR_LABEL.to_string(), v.to_string())].into();
+        let none = std::collections::BTreeMap::new();
+        for labels in [labelled("tessera"), labelled("tessera-b"), none.clone()] {
+            assert_eq!(
+                primary.serves_pool(&labels) as u8 + second.serves_pool(&labels) as u8,
+                1,
+                "{labels:?}"
+            );
+        }
+        assert!(second.serves_pool(&labelled("tessera-b")));
+        assert!(
+            !primary.serves_pool(&labelled("tessera-c"))
+                && !second.serves_pool(&labelled("tessera-c"))
+        );
+        // Jobs: by their pool's label; without a pool, or naming a missing one, the primary's.
+        let cases = [
+            (true, Some(labelled("tessera-b")), false),
+            (true, Some(none.clone()), true),
+            (true, None, true),
+            (false, None, true),
+            (false, Some(labelled("tessera-b")), true),
+        ];
+        for (names, pool, want_primary) in cases {
+            assert_eq!(primary.serves_job(names, pool.as_ref()), want_primary);
+            assert_eq!(second.serves_job(names, pool.as_ref()), !want_primary);
+        }
+    }
     use tessera_crds::tenancy::{AccessRule, Namespaces, NamespacesFrom};
 
     fn pool(allowed: NamespacesFrom, access: Vec<AccessRule>) -> tessera_crds::WorkerPoolSpec {

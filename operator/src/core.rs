@@ -1235,8 +1235,12 @@ impl Core {
         writes
     }
 
+    /// Jobs per stage, every stage present (0 where none is), so the metric exists from the start.
     fn jobs_by_stage(&self) -> HashMap<&'static str, u64> {
-        let mut out = HashMap::new();
+        let mut out: HashMap<&'static str, u64> = crate::jobrun::Stage::ALL
+            .iter()
+            .map(|s| (s.name(), 0))
+            .collect();
         for e in self.jobs.values() {
             *out.entry(e.run.stage.name()).or_default() += 1;
         }

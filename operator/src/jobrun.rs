@@ -39,6 +39,19 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in the order a job goes through them.
+    pub const ALL: [Stage; 9] = [
+        Self::Queued,
+        Self::Planning,
+        Self::Encoding,
+        Self::Stitching,
+        Self::Suspended,
+        Self::PoolMissing,
+        Self::Deleting,
+        Self::Succeeded,
+        Self::Failed,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Queued => "Queued",

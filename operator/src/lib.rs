@@ -7,6 +7,7 @@ pub mod api;
 pub mod autoscale;
 pub mod controller;
 pub mod core;
+pub mod crds;
 pub mod error;
 pub mod fuzzing;
 pub mod jobrun;

@@ -30,6 +30,8 @@ use tokio::sync::{watch, OnceCell};
     about = "Tessera's Kubernetes operator"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address for the queue API, metrics and probes. Default: the pod's IP (POD_IP) and TESSERA_PORT, else
     /// 0.0.0.0:8080.
     #[arg(long, env = "TESSERA_LISTEN")]
@@ -66,6 +68,30 @@ struct Args {
     /// Shortest interval between two progress-only status writes of one job (milliseconds).
     #[arg(long, env = "TESSERA_STATUS_INTERVAL_MS", default_value_t = 1000)]
     status_interval_ms: u64,
+    /// This operator's instance (the Helm release's full name): it serves the WorkerPools labelled
+    /// `tessera.dev/operator` with it.
+    #[arg(long, env = "TESSERA_INSTANCE", default_value = "tessera")]
+    instance: String,
+    /// Also serve WorkerPools without that label, and jobs naming no pool or a missing one. One operator per
+    /// cluster does; a second release sets false and labels its pools.
+    #[arg(long, env = "TESSERA_PRIMARY", default_value_t = true, action = clap::ArgAction::Set)]
+    primary: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Apply the CRDs this operator was built with (the chart's pre-install/pre-upgrade hook: `helm upgrade`
+    /// never updates a chart's crds/), with CEL rules where the API server enforces them (1.25+).
+    Crds {
+        #[command(subcommand)]
+        action: CrdsAction,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CrdsAction {
+    /// Server-side apply both CRDs to the cluster of the kubeconfig (or the pod's ServiceAccount).
+    Apply,
 }
 
 struct App {
@@ -119,6 +145,18 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Command::Crds {
+        action: CrdsAction::Apply,
+    }) = &args.command
+    {
+        return match apply_crds().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tessera-operator: error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args).await {
         Ok(code) => code,
         Err(e) => {
@@ -127,6 +165,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn apply_crds() -> Result<(), Error> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::kube("connect to the Kubernetes API".into(), e))?;
+    for applied in tessera_operator::crds::apply(&client).await? {
+        println!("applied {applied}");
+    }
+    Ok(())
 }
 
 async fn run(args: Args) -> Result<ExitCode, Error> {
@@ -229,6 +277,10 @@ async fn run(args: Args) -> Result<ExitCode, Error> {
                         queue_service: with_ns(&args.queue_service),
                         status_interval: Duration::from_millis(args.status_interval_ms),
                         identity: args.identity.clone(),
+                        ownership: controller::Ownership {
+                            instance: args.instance.clone(),
+                            primary: args.primary,
+                        },
                     }));
                     let _ = app.ctx.set(ctx.clone());
                     if !std::mem::replace(&mut started, true) {

@@ -61,6 +61,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What the chart's `helm test` runs: the pool is Ready and, with --location, a 2-second clip goes
+    /// through a TranscodeJob to Succeeded (the job and its files are removed after).
+    TestRelease {
+        /// The pool: namespace/name.
+        #[arg(long)]
+        pool: String,
+        /// The namespace the test job runs in (one the pool serves).
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// s3://bucket/prefix/ for the clip and the outputs; without it the job step is skipped.
+        #[arg(long)]
+        location: Option<String>,
+        /// Seconds for the whole test.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Worker pod mode: lease tasks from the operator's queue and run them until SIGTERM (configured by the
     /// environment the operator's pod spec sets: TESSERA_POOL, TESSERA_QUEUE_SERVICE, POD_NAME, ...).
     Worker,
@@ -105,6 +121,26 @@ fn main() -> ExitCode {
             namespace,
             json,
         } => return doctor_cmd(uri, cluster, namespace, json),
+        Command::TestRelease {
+            pool,
+            namespace,
+            location,
+            timeout,
+        } => {
+            let opts = tessera_worker::release_test::Options {
+                pool,
+                namespace,
+                location,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            return match tessera_worker::release_test::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tessera test-release: failed: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose),
         Command::Worker => {
             tessera_engine::s3::set_pod_mode();

@@ -6,9 +6,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use kube::CustomResourceExt;
-use tessera_crds::{TranscodeJob, WorkerPool};
-
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let check = args.first().is_some_and(|a| a == "--check");
@@ -23,15 +20,11 @@ fn main() -> ExitCode {
         eprintln!("usage: crdgen [--check] [--plain] DIR...");
         return ExitCode::from(2);
     }
-    let crds = [
-        ("transcodejob.yaml", TranscodeJob::crd()),
-        ("workerpool.yaml", WorkerPool::crd()),
-    ];
     let mut files = Vec::new();
-    for (name, crd) in crds {
-        let full = serde_json::to_value(&crd).expect("a CRD serialises");
-        let mut plain = full.clone();
-        strip_cel(&mut plain);
+    for ((name, full), (_, plain)) in tessera_crds::definitions(true)
+        .into_iter()
+        .zip(tessera_crds::definitions(false))
+    {
         if plain_only {
             files.push((name.to_string(), serde_yaml::to_string(&plain)));
         } else {
@@ -72,17 +65,5 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
-}
-
-/// Remove every `x-kubernetes-validations` (CEL rules): a 1.20 to 1.24 API server refuses the field.
-fn strip_cel(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(m) => {
-            m.remove("x-kubernetes-validations");
-            m.values_mut().for_each(strip_cel);
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_cel),
-        _ => {}
     }
 }
