@@ -122,6 +122,10 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
         "--set",
         "grafanaDashboard.enabled=true",
         "--set",
+        "podMonitor.enabled=true",
+        "--set",
+        "logFormat=json",
+        "--set",
         "worker.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/w",
     ]);
     let mut kinds = Vec::new();
@@ -149,6 +153,11 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(d),
             "WorkerPool" => round_trip::<tessera_crds::WorkerPool>(d),
             // The Prometheus operator's type; checked for shape only.
+            "PodMonitor" => d["spec"]["podMetricsEndpoints"]
+                .as_array()
+                .filter(|e| e.iter().any(|e| e["port"] == "metrics"))
+                .map(drop)
+                .ok_or_else(|| "no metrics endpoint".to_string()),
             "ServiceMonitor" => d["spec"]["endpoints"]
                 .as_array()
                 .filter(|e| !e.is_empty())
@@ -170,6 +179,7 @@ fn rendered_manifests_fit_kubernetes_1_33_and_the_crd_types() {
         "WorkerPool",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PodMonitor",
         "CustomResourceDefinition",
         "PodDisruptionBudget",
         "Job",

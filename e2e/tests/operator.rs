@@ -1172,7 +1172,7 @@ fn two_releases_side_by_side_each_serve_their_own_pools() {
         "--set",
         "defaultPool.name=canary",
         "--set",
-        "defaultPool.cooldownSeconds=5",
+        "defaultPool.cooldownSeconds=60",
         "--set",
         &format!("s3.endpoint={endpoint}"),
         "--set",
@@ -1220,8 +1220,31 @@ fn two_releases_side_by_side_each_serve_their_own_pools() {
         !primary.contains("tessera-system/canary"),
         "the primary operator knows nothing of the canary's pool:\n{primary}"
     );
-    // Every metric the chart's alerts and dashboard query is one the operator really exports.
-    let declared = tessera_e2e::monitoring::declared_names(&primary);
+    // Each worker serves /metrics on its pod IP: the chunks it encoded are counted there.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut frames = 0.0;
+    let mut worker_text = String::new();
+    for pod in worker_pods("canary") {
+        let ip = pod["status"]["podIP"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let text = rt.block_on(tessera_e2e::load::metrics(&format!("http://{ip}:9090")));
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("tessera_worker_frames_encoded_total ") {
+                frames += v.trim().parse::<f64>().unwrap();
+            }
+        }
+        worker_text.push_str(&text);
+    }
+    assert!(
+        frames >= job["status"]["renditions"][0]["frames"].as_f64().unwrap(),
+        "the canary's workers count the frames they encoded ({frames}):\n{worker_text}"
+    );
+    assert!(worker_text.contains(r#"tessera_worker_tasks_total{kind="chunk",outcome="completed"}"#));
+    // Every metric the chart's alerts and dashboard query is one the operator or a worker really exports.
+    let mut declared = tessera_e2e::monitoring::declared_names(&primary);
+    declared.extend(tessera_e2e::monitoring::declared_names(&worker_text));
     let docs: Vec<Value> = helm_ok(&[
         "template",
         "tessera",
@@ -1232,6 +1255,8 @@ fn two_releases_side_by_side_each_serve_their_own_pools() {
         "prometheusRule.enabled=true",
         "--set",
         "grafanaDashboard.enabled=true",
+        "--set",
+        "podMonitor.enabled=true",
     ])
     .split("\n---")
     .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())

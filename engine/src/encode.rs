@@ -1,6 +1,8 @@
 //! Opening video encoders: the same settings in every chunk of a rendition, and the choice between hardware
 //! and software made once per rendition by actually opening each candidate.
 
+use std::collections::BTreeMap;
+
 use ffmpeg_next::{self as ff, codec, ffi, format::Pixel, Dictionary, Rational};
 use serde::Serialize;
 use tessera_crds::work::HdrStatic;
@@ -364,6 +366,43 @@ fn explain_open_failure(name: &str, e: ff::Error, lines: &[String]) -> String {
     msg
 }
 
+/// Encoders that did not open and were passed over for the next candidate, by encoder and reason class,
+/// since the process started (a worker exports them as `tessera_worker_encoder_fallbacks_total`).
+static FALLBACKS: std::sync::Mutex<BTreeMap<(String, &'static str), u64>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// The class of an encoder's failure to open, for metrics: `not_built_in`, `no_device` or `open_failed`.
+pub fn fallback_reason(why: &str) -> &'static str {
+    let w = why.to_ascii_lowercase();
+    if w.contains("not built into") {
+        "not_built_in"
+    } else if [
+        "no device",
+        "unsupported device",
+        "no capable devices",
+        "cannot load",
+        "no such file",
+        "no nvenc",
+    ]
+    .iter()
+    .any(|k| w.contains(k))
+    {
+        "no_device"
+    } else {
+        "open_failed"
+    }
+}
+
+/// Every fallback so far: (encoder passed over, reason class, count).
+pub fn fallbacks() -> Vec<(String, &'static str, u64)> {
+    FALLBACKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|((e, r), n)| (e.clone(), *r, *n))
+        .collect()
+}
+
 /// Pick the encoder for a rendition: the first candidate that opens with the real settings. `only` restricts
 /// the choice to one encoder (a distributed job's plan fixed it: every chunk of a rendition must match).
 pub fn select(
@@ -374,6 +413,7 @@ pub fn select(
     only: Option<&str>,
 ) -> Result<EncoderChoice> {
     let mut failures = Vec::new();
+    let mut passed_over: Vec<(&str, &'static str)> = Vec::new();
     let candidates = plan::encoder_candidates(r.video.codec, hw);
     if let Some(o) = only.filter(|o| !candidates.contains(o)) {
         return Err(Error::Encoder {
@@ -402,6 +442,10 @@ pub fn select(
                     format!("{}; used {name}", failures.join("; "))
                 };
                 tracing::info!(rendition = %r.name, encoder = name, %reason, "encoder chosen");
+                let mut f = FALLBACKS.lock().unwrap_or_else(|p| p.into_inner());
+                for (over, class) in passed_over {
+                    *f.entry((over.to_string(), class)).or_default() += 1;
+                }
                 return Ok(EncoderChoice {
                     name: name.to_string(),
                     reason,
@@ -410,6 +454,7 @@ pub fn select(
             }
             Err(why) => {
                 tracing::debug!(rendition = %r.name, encoder = name, %why, "encoder did not open");
+                passed_over.push((name, fallback_reason(&why)));
                 failures.push(format!("{name} failed to open: {why}"));
             }
         }

@@ -76,6 +76,21 @@ struct Args {
     /// cluster does; a second release sets false and labels its pools.
     #[arg(long, env = "TESSERA_PRIMARY", default_value_t = true, action = clap::ArgAction::Set)]
     primary: bool,
+    /// Log lines as text or JSON (one object per line).
+    #[arg(
+        long,
+        value_enum,
+        env = "TESSERA_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -138,13 +153,16 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube_runtime=warn,tower=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     if let Some(Command::Crds {
         action: CrdsAction::Apply,
     }) = &args.command

@@ -175,6 +175,13 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
         image: Some(i.spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into())),
         args: Some(vec!["worker".into()]),
         env: Some(envs),
+        // The worker's /metrics (tasks, frames, fps, encoder fallbacks, S3): a PodMonitor scrapes it.
+        ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+            name: Some("metrics".into()),
+            container_port: 9090,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
         resources: Some(ResourceRequirements {
             limits: (!limits.is_empty()).then_some(limits),
             ..resources

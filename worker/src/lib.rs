@@ -4,6 +4,8 @@
 //! engine and its S3 I/O are `tessera-engine`.
 
 pub mod doctor;
+pub mod logging;
+pub mod metrics;
 pub mod pod;
 pub mod release_test;
 pub mod task;

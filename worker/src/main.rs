@@ -22,6 +22,15 @@ struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log lines as text or JSON (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TESSERA_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: tessera_worker::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,14 +113,10 @@ fn main() -> ExitCode {
         // SAFETY (edition 2024 wording): set before any other thread exists.
         std::env::set_var("SVT_LOG", "2");
     }
-    let default = tessera_engine::s3::cli::log_filter(cli.verbose);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tessera_worker::logging::init(
+        tessera_engine::s3::cli::log_filter(cli.verbose),
+        cli.log_format,
+    );
     let res = match cli.command {
         Command::Run { job, workers, json } => run(job, workers, json),
         Command::Probe { uri, json } => probe_cmd(&uri, json),

@@ -27,9 +27,10 @@ use tessera_crds::protocol::{
     decode, lease_path, task_path, CompleteRequest, ErrorReply, FailRequest, HeartbeatRequest,
     LeaseReply, LeaseRequest, ReleaseRequest, TaskOp,
 };
-use tessera_crds::work::{TaskFailure, TaskProgress, Work};
+use tessera_crds::work::{TaskFailure, TaskProgress, Work, WorkKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{Outcome, WorkerMetrics};
 use crate::task;
 use tessera_engine::error::{Error, Result};
 
@@ -49,6 +50,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// A worker whose scratch space (`TMPDIR`) has less free than this takes no new task.
     pub scratch_min_free_mb: u64,
+    /// Where `/metrics` is served (`TESSERA_METRICS_ADDR`; default the pod's IP, port 9090; `off`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -83,7 +86,74 @@ impl Config {
             drain: Duration::from_secs(num("TESSERA_DRAIN_SECONDS", 90)),
             heartbeat: Duration::from_millis(num("TESSERA_HEARTBEAT_MS", 1000)),
             scratch_min_free_mb: num("TESSERA_SCRATCH_MIN_FREE_MB", 256),
+            metrics_addr: metrics_addr(var("TESSERA_METRICS_ADDR"), var("POD_IP"))?,
         })
+    }
+}
+
+/// `/metrics`'s address: `TESSERA_METRICS_ADDR` (`host:port`, or `off`), else the pod's IP on 9090 (each pod
+/// of a node has its own), else all interfaces.
+fn metrics_addr(
+    set: Option<String>,
+    pod_ip: Option<String>,
+) -> Result<Option<std::net::SocketAddr>> {
+    let bad = |v: &str, e: String| Error::Field {
+        field: "TESSERA_METRICS_ADDR".into(),
+        message: format!("{v:?}: {e} (host:port, or off)"),
+    };
+    match set.as_deref() {
+        Some("off") => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|e| bad(v, format!("{e}"))),
+        None => {
+            let ip: std::net::IpAddr = pod_ip
+                .and_then(|ip| ip.parse().ok())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            Ok(Some((ip, 9090).into()))
+        }
+    }
+}
+
+/// Serve `/metrics` until the process ends (a failure to bind is logged, not fatal: the work matters more).
+async fn serve_metrics(addr: std::net::SocketAddr, metrics: WorkerMetrics) {
+    use hyper::service::service_fn;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot serve /metrics");
+            return;
+        }
+    };
+    tracing::info!(%addr, "serving /metrics");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        let s3 = tessera_engine::s3::global_if_made().map(|s| s.stats.snapshot());
+                        hyper::Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(metrics.render(s3))))
+                    } else {
+                        hyper::Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"not found\n")))
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.expect("a valid response"))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
     }
 }
 
@@ -156,6 +226,7 @@ enum Reply {
 }
 
 struct Queue {
+    metrics: WorkerMetrics,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     kube: Option<kube::Client>,
     cfg: Config,
@@ -181,6 +252,7 @@ impl Queue {
         conn.set_connect_timeout(Some(Duration::from_secs(2)));
         conn.set_nodelay(true);
         Ok(Self {
+            metrics: WorkerMetrics::new(cfg.slots),
             http: HttpClient::builder(TokioExecutor::new()).build(conn),
             kube,
             token: Token::discover()?,
@@ -335,6 +407,9 @@ pub fn run(cfg: Config) -> Result<()> {
             });
         }
         let q = Arc::new(Queue::new(cfg.clone()).await?);
+        if let Some(addr) = cfg.metrics_addr {
+            tokio::spawn(serve_metrics(addr, q.metrics.clone()));
+        }
         tracing::info!(pool = %cfg.pool, worker = %cfg.worker, slots = cfg.slots, "worker started");
         let mut slots = Vec::new();
         for n in 0..cfg.slots {
@@ -456,6 +531,7 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
     let started = Instant::now();
     let cancel = Arc::new(AtomicBool::new(false));
     let frames = Arc::new(AtomicU64::new(0));
+    q.metrics.started();
     // Every line the engine logs for this task names its job (a worker runs several tasks at once, of
     // different jobs and tenants): the span is entered on the blocking thread that runs it.
     let span = tracing::info_span!("task", id, job = %format!("{}/{}", work.namespace, work.job));
@@ -517,6 +593,21 @@ async fn run_task(q: &Arc<Queue>, stop: &CancellationToken, id: u64, work: Work)
         }
     };
     let secs = started.elapsed().as_secs_f64();
+    let kind = serde_json::to_value(work.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let outcome_class = match (&outcome, abandoned) {
+        (_, true) | (Err(Error::Cancelled), false) => Outcome::Released,
+        (Ok(_), false) => Outcome::Completed,
+        (Err(_), false) => Outcome::Failed,
+    };
+    let encoded_frames = match (&outcome, work.kind) {
+        (Ok(_), WorkKind::Chunk) => frames.load(Ordering::Relaxed),
+        _ => 0,
+    };
+    q.metrics
+        .finished(&kind, outcome_class, secs, encoded_frames);
     let worker = me.clone();
     let encoded = |v: serde_json::Result<Vec<u8>>| v.map(Bytes::from);
     let (path, body) = match (outcome, abandoned) {

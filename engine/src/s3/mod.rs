@@ -176,7 +176,7 @@ pub struct Stats {
     pub breaker_closed: AtomicU64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatsSnapshot {
     pub requests: u64,
@@ -281,6 +281,11 @@ pub fn interrupted() -> bool {
 /// Is this an `s3://` URI (as a string or as the path the engine carries it in)?
 pub fn is_s3(name: &str) -> bool {
     name.starts_with("s3://")
+}
+
+/// The process's S3 endpoint if something has used it yet (never configures it: for metrics).
+pub fn global_if_made() -> Option<Arc<S3>> {
+    GLOBAL.get().cloned()
 }
 
 /// The process's S3 endpoint, configured from the standard AWS chain on first use.

@@ -26,13 +26,18 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    // (Not tessera_worker::logging: this binary links no FFmpeg, and that crate does.)
+    let b = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tessera_engine::s3::cli::log_filter(cli.verbose).into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("TESSERA_LOG_FORMAT").as_deref() == Ok("json") {
+        b.json().init();
+    } else {
+        b.init();
+    }
     match tessera_engine::s3::cli::cp_command(&cli.src, &cli.dst, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
