@@ -9,6 +9,8 @@
 //! POST /v1/tasks/{id}/complete       CompleteRequest   → 200 CompleteReply | 400 unreadable (task failed)
 //! POST /v1/tasks/{id}/fail           FailRequest       → 200 FailReply
 //! POST /v1/tasks/{id}/release        ReleaseRequest    → 200 ReleaseReply
+//! Authorization: Bearer <a ServiceAccount token for QUEUE_AUDIENCE> (workers read it from QUEUE_TOKEN_FILE, a
+//! projected volume; the API server refuses it, and the queue refuses API-server tokens).
 //! errors: ErrorReply. 401 no or bad token · 403 another pool's task · 404 unknown task · 410 task cancelled
 //! (job deleted or suspended): stop it · 503 not the leader
 //! ```
@@ -20,6 +22,14 @@ use crate::work::{
     ChunkResult, CollectResult, MissingResults, PlanResult, StitchResult, TaskFailure,
     TaskProgress, Work, WorkKind,
 };
+
+/// The audience of the tokens the queue accepts: a worker's projected ServiceAccount token is issued for it
+/// alone, so the token a worker sends to the queue is useless against the API server (and the other way).
+pub const QUEUE_AUDIENCE: &str = "tessera.dev/queue";
+
+/// Where a worker pod finds its queue token (the projected volume the operator's pod spec mounts; the kubelet
+/// refreshes it before it expires). `TESSERA_QUEUE_TOKEN_FILE` names it.
+pub const QUEUE_TOKEN_FILE: &str = "/var/run/secrets/tessera.dev/queue/token";
 
 /// A task's id: unique across leaders (an epoch in the high bits).
 pub type TaskId = u64;

@@ -244,6 +244,7 @@ pub fn prepare() -> String {
             "-n",
             "tessera-system",
             "--duration=2h",
+            &format!("--audience={}", tessera_crds::protocol::QUEUE_AUDIENCE),
         ],
         None,
     )

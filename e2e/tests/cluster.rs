@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tessera_e2e::cluster::{e2e_dir, json, kubectl_ok};
+use tessera_e2e::cluster::{e2e_dir, json, kubectl, kubectl_ok};
 use tessera_e2e::faultproxy::wait_until;
 
 fn cluster() -> std::sync::MutexGuard<'static, Option<tessera_e2e::cluster::Cluster>> {
@@ -165,8 +165,9 @@ fn pods_get_their_service_accounts_credentials_and_rbac_applies() {
 }
 
 /// The queue API authenticates workers with TokenReview against the real API server: a pool's own
-/// ServiceAccount token is accepted, another account's token is refused for that pool, a made-up token and
-/// a missing one are refused.
+/// ServiceAccount token for the queue's audience is accepted, another account's token is refused for that
+/// pool, the same account's API-server token (wrong audience), a made-up token and a missing one are refused;
+/// the queue token itself is refused by the API server.
 #[test]
 fn queue_api_checks_real_service_account_tokens() {
     use axum::body::Body;
@@ -183,12 +184,23 @@ fn queue_api_checks_real_service_account_tokens() {
     for sa in ["gpu-worker", "intruder"] {
         kubectl_ok(&["create", "serviceaccount", "-n", "queue-test", sa], None);
     }
-    let token = |sa: &str| {
-        kubectl_ok(&["create", "token", "-n", "queue-test", sa], None)
+    // Tokens as a worker's projected volume has them: for the queue's audience.
+    let aud = format!("--audience={}", tessera_crds::protocol::QUEUE_AUDIENCE);
+    let token = |sa: &str, aud: &str| {
+        kubectl_ok(&["create", "token", "-n", "queue-test", sa, aud], None)
             .trim()
             .to_string()
     };
-    let (good, other) = (token("gpu-worker"), token("intruder"));
+    let (good, other) = (token("gpu-worker", &aud), token("intruder", &aud));
+    // The same worker's token for the API server (what every pod has mounted by default).
+    let api_token = token("gpu-worker", "--audience=https://kubernetes.default.svc");
+    // A queue token is no key to the API server: refused there as unauthenticated.
+    let out = kubectl(&["get", "pods", "-n", "queue-test", "--token", &good], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Unauthorized"),
+        "the API server must refuse a queue token: {err}"
+    );
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -257,6 +269,11 @@ fn queue_api_checks_real_service_account_tokens() {
             "{body}"
         );
         assert!(!body.contains(&other), "the token must not be echoed");
+        // The API server's token of the right ServiceAccount is refused by the queue: wrong audience.
+        let (s, body) = call(Some(api_token.clone())).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body.contains("audience"), "{body}");
+        assert!(!body.contains(&api_token), "the token must not be echoed");
         let (s, body) = call(Some(good.clone())).await;
         assert_eq!(s, StatusCode::OK, "{body}");
         assert!(body.contains("\"id\":7"), "{body}");

@@ -51,15 +51,43 @@ pub trait Authenticator: Send + Sync + 'static {
 pub struct TokenReviewer {
     pub client: kube::Client,
     pub cache: Mutex<HashMap<u64, (Identity, Instant)>>,
+    /// The audience a token must be issued for ([`QUEUE_AUDIENCE`]).
+    pub audience: String,
 }
 
 impl TokenReviewer {
+    /// A reviewer that accepts only tokens issued for the queue's audience.
     pub fn new(client: kube::Client) -> Self {
         Self {
             client,
             cache: Mutex::default(),
+            audience: tessera_crds::protocol::QUEUE_AUDIENCE.to_string(),
         }
     }
+}
+
+/// Whether a review's answer admits the token for `audience`: authenticated, and for that audience (the API
+/// server lists the audiences it checked that the token is valid for).
+pub fn review_admits(
+    status: &k8s_openapi::api::authentication::v1::TokenReviewStatus,
+    audience: &str,
+) -> Result<(), String> {
+    let hint = || {
+        format!(
+            "the queue accepts only ServiceAccount tokens issued for its audience {audience} (a worker's \
+             projected queue token, {}), not API-server tokens",
+            tessera_crds::protocol::QUEUE_TOKEN_FILE
+        )
+    };
+    if status.authenticated != Some(true) {
+        // The API server's reason never includes the token itself.
+        let why = status.error.as_deref().unwrap_or("token not authenticated");
+        return Err(format!("{why}: {}", hint()));
+    }
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return Err(hint());
+    }
+    Ok(())
 }
 
 fn token_key(token: &str) -> u64 {
@@ -85,7 +113,7 @@ impl Authenticator for TokenReviewer {
             let review = TokenReview {
                 spec: TokenReviewSpec {
                     token: Some(token.to_string()),
-                    ..TokenReviewSpec::default()
+                    audiences: Some(vec![self.audience.clone()]),
                 },
                 ..TokenReview::default()
             };
@@ -94,12 +122,7 @@ impl Authenticator for TokenReviewer {
                 .await
                 .map_err(|e| format!("token review failed: {e}"))?;
             let status = out.status.unwrap_or_default();
-            if status.authenticated != Some(true) {
-                // The API server's reason never includes the token itself.
-                return Err(status
-                    .error
-                    .unwrap_or_else(|| "token not authenticated".into()));
-            }
+            review_admits(&status, &self.audience)?;
             let who = Identity {
                 username: status.user.and_then(|u| u.username).unwrap_or_default(),
             };
@@ -175,7 +198,14 @@ async fn identify(api: &QueueApi, headers: &HeaderMap) -> Result<Identity, Respo
     api.auth.authenticate(token).await.map_err(|why| {
         rejected();
         tracing::info!(%why, "queue request with a rejected token");
-        err(StatusCode::UNAUTHORIZED, "invalid token")
+        // The same words for every rejected token (the reason is logged here, never sent).
+        err(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "invalid token: the queue accepts only ServiceAccount tokens issued for audience {}",
+                tessera_crds::protocol::QUEUE_AUDIENCE
+            ),
+        )
     })
 }
 

@@ -107,6 +107,37 @@ pub fn default_worker_resources() -> ResourceRequirements {
     }
 }
 
+const QUEUE_TOKEN_VOLUME: &str = "queue-token";
+
+fn queue_token_dir() -> &'static str {
+    let f = tessera_crds::protocol::QUEUE_TOKEN_FILE;
+    f.rsplit_once('/').map_or(f, |(dir, _)| dir)
+}
+
+/// The worker's queue token: its ServiceAccount's, issued by the kubelet for the queue's audience only (an
+/// hour, refreshed by the kubelet before it expires), so it is no key to the API server.
+fn queue_token_volume() -> Volume {
+    use k8s_openapi::api::core::v1::{
+        ProjectedVolumeSource, ServiceAccountTokenProjection, VolumeProjection,
+    };
+    let file = tessera_crds::protocol::QUEUE_TOKEN_FILE;
+    Volume {
+        name: QUEUE_TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(tessera_crds::protocol::QUEUE_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: file.rsplit('/').next().unwrap_or("token").into(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
 pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
     let mut labels = i.spec.pod_labels.clone();
     labels.insert(POOL_LABEL.to_string(), i.pool.to_string());
@@ -128,6 +159,10 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_IP", "status.podIP"),
         env("TMPDIR", "/scratch"),
+        env(
+            "TESSERA_QUEUE_TOKEN_FILE",
+            tessera_crds::protocol::QUEUE_TOKEN_FILE,
+        ),
     ];
     if let Some(s3) = &i.spec.s3 {
         if let Some(e) = &s3.endpoint {
@@ -196,11 +231,19 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "scratch".into(),
-            mount_path: "/scratch".into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "scratch".into(),
+                mount_path: "/scratch".into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: QUEUE_TOKEN_VOLUME.into(),
+                mount_path: queue_token_dir().into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
         ..Container::default()
     };
     Pod {
@@ -246,14 +289,17 @@ pub fn worker_pod(i: &WorkerPodInput<'_>) -> Pod {
                 }),
                 ..PodSecurityContext::default()
             }),
-            volumes: Some(vec![Volume {
-                name: "scratch".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: i.spec.scratch_size_limit.clone(),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
+            volumes: Some(vec![
+                Volume {
+                    name: "scratch".into(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        size_limit: i.spec.scratch_size_limit.clone(),
+                        ..EmptyDirVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                queue_token_volume(),
+            ]),
             ..PodSpec::default()
         }),
         ..Pod::default()
@@ -500,5 +546,42 @@ mod tests {
         let scratch = ps.volumes.as_ref().unwrap()[0].empty_dir.as_ref().unwrap();
         assert_eq!(scratch.size_limit.as_ref().unwrap().0, "20Gi");
         assert_eq!(ps.termination_grace_period_seconds, Some(GRACE_SECONDS));
+    }
+
+    #[test]
+    fn workers_get_a_queue_token_for_the_queue_audience_only() {
+        let p = build(&spec(Some(("nvidia.com/gpu", 1))));
+        let ps = p.spec.as_ref().unwrap();
+        let vol = ps
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == QUEUE_TOKEN_VOLUME)
+            .unwrap();
+        let proj = vol.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+            .service_account_token
+            .clone()
+            .unwrap();
+        assert_eq!(
+            proj.audience.as_deref(),
+            Some(tessera_crds::protocol::QUEUE_AUDIENCE)
+        );
+        let c = &ps.containers[0];
+        let m = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == QUEUE_TOKEN_VOLUME)
+            .unwrap();
+        assert_eq!(
+            format!("{}/{}", m.mount_path, proj.path),
+            tessera_crds::protocol::QUEUE_TOKEN_FILE
+        );
+        assert_eq!(m.read_only, Some(true));
+        let env = c.env.as_ref().unwrap();
+        assert!(env.iter().any(|e| e.name == "TESSERA_QUEUE_TOKEN_FILE"
+            && e.value.as_deref() == Some(tessera_crds::protocol::QUEUE_TOKEN_FILE)));
     }
 }

@@ -113,7 +113,14 @@ async fn main() {
         ),
     );
     let token = kubectl_ok(
-        &["create", "token", "tessera-worker", "-n", "tessera-system"],
+        &[
+            "create",
+            "token",
+            "tessera-worker",
+            "-n",
+            "tessera-system",
+            &format!("--audience={}", tessera_crds::protocol::QUEUE_AUDIENCE),
+        ],
         None,
     )
     .trim()

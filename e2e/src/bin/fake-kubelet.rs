@@ -5,7 +5,8 @@
 //! binds to those nodes as local processes: the image name is mapped to a locally built binary (`--image
 //! NAME=PATH`), `command`/`args`/`env` (values, downward-API fields, Secret and ConfigMap keys) are honoured,
 //! each pod gets its own loopback address as its IP, and a kubeconfig holding a token from its
-//! ServiceAccount's TokenRequest API (`KUBECONFIG`), so RBAC applies to it for real. Pod status follows the
+//! ServiceAccount's TokenRequest API (`KUBECONFIG`), so RBAC applies to it for real; projected
+//! ServiceAccount token volumes get a token for their audience the same way. Pod status follows the
 //! process; `restartPolicy` is honoured; deletion sends SIGTERM, waits the grace period, then SIGKILL.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +29,9 @@ use kube::Client;
 use serde_json::json;
 use tokio::process::Command;
 use tokio::sync::Mutex;
+
+/// The API server's own audience (a token for it works against the API server).
+const API_AUDIENCE: &str = "https://kubernetes.default.svc";
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -375,6 +379,24 @@ impl Kubelet {
                 }
             };
             let mut env = self.env(&p, &c, &ns, &ip).await?;
+            // Projected ServiceAccount tokens: issued (TokenRequest, for the volume's audience, bound to the
+            // pod) into the pod's folder, and environment values naming the mount path pointed there.
+            match self.projected_tokens(&p, &c, &ns).await {
+                Ok(dirs) => {
+                    for (mount, dir) in dirs {
+                        for (_, v) in env.iter_mut() {
+                            if *v == mount || v.starts_with(&format!("{mount}/")) {
+                                *v = format!("{}{}", dir.display(), &v[mount.len()..]);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.fail(&api, &name, &format!("projected ServiceAccount token: {e}"))
+                        .await;
+                    return Ok(());
+                }
+            }
             // emptyDir volumes: a folder per pod and volume; the process cannot see the mount path itself
             // (no mount namespace), so environment values naming it are pointed at the folder.
             let mut limited = Vec::new();
@@ -636,20 +658,69 @@ impl Kubelet {
                 .and_then(|v| v.empty_dir.as_ref())
             {
                 let limit = ed.size_limit.as_ref().and_then(|q| bytes(&q.0));
-                let dir = self
-                    .state
-                    .join("volumes")
-                    .join(format!("{ns}_{name}"))
-                    .join(&m.name);
-                std::fs::create_dir_all(&dir)?;
+                let dir = self.volume_dir(ns, &name, &m.name)?;
                 out.push((m.mount_path.trim_end_matches('/').to_string(), dir, limit));
             }
         }
         Ok(out)
     }
 
-    /// A kubeconfig with a token from the pod's ServiceAccount (TokenRequest, bound to the pod).
-    async fn pod_kubeconfig(&self, p: &Pod, ns: &str) -> Result<PathBuf, kube::Error> {
+    /// A pod volume's folder (created on first use).
+    fn volume_dir(&self, ns: &str, pod: &str, volume: &str) -> std::io::Result<PathBuf> {
+        let dir = self
+            .state
+            .join("volumes")
+            .join(format!("{ns}_{pod}"))
+            .join(volume);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// The pod's projected volumes with ServiceAccount tokens mounted in `c`: each token requested for its
+    /// audience and lifetime, bound to the pod, written at its path in the volume's folder; returns (mount
+    /// path, folder). (Not refreshed: test pods live far shorter than a token.)
+    async fn projected_tokens(
+        &self,
+        p: &Pod,
+        c: &Container,
+        ns: &str,
+    ) -> Result<Vec<(String, PathBuf)>, Box<dyn std::error::Error + Send + Sync>> {
+        let spec = p.spec.clone().unwrap_or_default();
+        let vols = spec.volumes.unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        for m in c.volume_mounts.clone().unwrap_or_default() {
+            let Some(proj) = vols
+                .iter()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.projected.as_ref())
+            else {
+                continue;
+            };
+            let dir = self.volume_dir(ns, &name, &m.name)?;
+            for src in proj.sources.clone().unwrap_or_default() {
+                let Some(t) = src.service_account_token else {
+                    continue;
+                };
+                let audience = t.audience.clone().unwrap_or_else(|| API_AUDIENCE.into());
+                let token = self
+                    .pod_token(p, ns, &audience, t.expiration_seconds.unwrap_or(3600))
+                    .await?;
+                std::fs::write(dir.join(&t.path), token)?;
+            }
+            out.push((m.mount_path.trim_end_matches('/').to_string(), dir));
+        }
+        Ok(out)
+    }
+
+    /// A token of the pod's ServiceAccount for `audience`, bound to the pod (TokenRequest).
+    async fn pod_token(
+        &self,
+        p: &Pod,
+        ns: &str,
+        audience: &str,
+        seconds: i64,
+    ) -> Result<String, kube::Error> {
         let sa = p
             .spec
             .as_ref()
@@ -658,8 +729,8 @@ impl Kubelet {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
         let req = TokenRequest {
             spec: TokenRequestSpec {
-                audiences: vec!["https://kubernetes.default.svc".into()],
-                expiration_seconds: Some(24 * 3600),
+                audiences: vec![audience.to_string()],
+                expiration_seconds: Some(seconds),
                 bound_object_ref: Some(
                     k8s_openapi::api::authentication::v1::BoundObjectReference {
                         api_version: Some("v1".into()),
@@ -674,7 +745,12 @@ impl Kubelet {
         let tr: TokenRequest = sas
             .create_subresource("token", &sa, &PostParams::default(), &req)
             .await?;
-        let token = tr.status.map(|s| s.token).unwrap_or_default();
+        Ok(tr.status.map(|s| s.token).unwrap_or_default())
+    }
+
+    /// A kubeconfig with a token from the pod's ServiceAccount (TokenRequest, bound to the pod).
+    async fn pod_kubeconfig(&self, p: &Pod, ns: &str) -> Result<PathBuf, kube::Error> {
+        let token = self.pod_token(p, ns, API_AUDIENCE, 24 * 3600).await?;
         let path = self.state.join("pods").join(format!(
             "{ns}_{}.kubeconfig",
             p.metadata.name.as_deref().unwrap_or_default()
