@@ -146,7 +146,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose),
+        Command::Cp { src, dst, json } => cp_cmd(&src, &dst, json, cli.verbose, cli.log_format),
         Command::Worker => {
             tessera_engine::s3::set_pod_mode();
             tessera_worker::pod::Config::from_env().and_then(tessera_worker::pod::run)
@@ -370,7 +370,13 @@ fn probe_cmd(uri: &str, json: bool) -> Result<(), Error> {
 /// `tessera cp` runs the `tessera-cp` binary beside this one where there is one, the way `git foo` runs
 /// `git-foo`: it carries no FFmpeg, so a copy's memory is the copy's own (about 50 MiB less than this binary's
 /// baseline). Without it, the copy runs here.
-fn cp_cmd(src: &str, dst: &str, json: bool, verbose: u8) -> Result<(), Error> {
+fn cp_cmd(
+    src: &str,
+    dst: &str,
+    json: bool,
+    verbose: u8,
+    log_format: tessera_worker::logging::LogFormat,
+) -> Result<(), Error> {
     use std::os::unix::process::CommandExt;
     if let Some(bin) = std::env::current_exe()
         .ok()
@@ -384,6 +390,9 @@ fn cp_cmd(src: &str, dst: &str, json: bool, verbose: u8) -> Result<(), Error> {
         cmd.arg(src).arg(dst);
         if json {
             cmd.arg("--json");
+        }
+        if log_format == tessera_worker::logging::LogFormat::Json {
+            cmd.env("TESSERA_LOG_FORMAT", "json");
         }
         let err = cmd.exec();
         tracing::warn!(bin = %bin.display(), error = %err, "could not run tessera-cp; copying here");

@@ -425,6 +425,47 @@ fn a_transient_failure_says_once_that_it_is_being_retried() {
     assert!(Path::new(&store.object_path("media", "t/obj.bin")).exists());
 }
 
+/// `--log-format json` (or `TESSERA_LOG_FORMAT=json`): every log line is one JSON object, with the level and
+/// the event's fields (the retry warning above, as a log pipeline reads it).
+#[test]
+fn logs_can_be_json_lines() {
+    let store = S3Server::start(&["media"]);
+    let proxy = FaultProxy::start(store.addr);
+    let dir = out_dir("mistakes-json-logs");
+    let src = dir.join("obj.bin");
+    std::fs::write(&src, vec![7u8; 10_000]).unwrap();
+    for how in [&["--log-format", "json"][..], &[][..]] {
+        proxy.arm(None, Fault::Status(503), 2);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.args(how)
+            .args(["cp", src.to_str().unwrap(), "s3://media/t/j.bin"]);
+        for (k, v) in env(&store.env(&proxy.url())) {
+            cmd.env(k, v);
+        }
+        if how.is_empty() {
+            cmd.env("TESSERA_LOG_FORMAT", "json");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let lines: Vec<serde_json::Value> = err
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let retry = lines
+            .iter()
+            .find(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("retrying"))
+            })
+            .unwrap_or_else(|| panic!("no retry line in {err}"));
+        assert_eq!(retry["level"], "WARN", "{retry}");
+        assert!(retry["timestamp"].is_string(), "{retry}");
+    }
+}
+
 fn doctor(args: &[&str], env_vars: &[(String, String)]) -> (i32, serde_json::Value, f64) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
     cmd.arg("doctor").args(args).arg("--json");
