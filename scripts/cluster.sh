@@ -138,6 +138,7 @@ EOF
   wait_for "the S3 server" 20 python3 -c "import socket; socket.create_connection(('127.0.0.1', $s3_port), 1)"
   cat >"$E2E/env" <<EOF
 export KUBECONFIG="$E2E/kubeconfig"
+command -v kubectl >/dev/null || export PATH="\$PATH:$CACHE/kubectl-helm-2.2.2/bin"
 export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port"
 export AWS_ACCESS_KEY_ID="tessera"
 export AWS_SECRET_ACCESS_KEY="$s3_secret"
