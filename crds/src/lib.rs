@@ -11,6 +11,7 @@ use kube::CustomResource;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod ladder;
 pub mod protocol;
 pub mod streams;
 pub mod tenancy;
@@ -58,6 +59,7 @@ fn strip_cel(v: &mut serde_json::Value) {
         _ => {}
     }
 }
+pub use ladder::{Ladder, LadderPoint, LadderRung, LadderSpec};
 pub use streams::{LeftOutStream, OutputStream, StreamsSpec, TrackSelection};
 pub use validate::{cluster_uri_problem, ignored_in_local_mode, validate_spec, ValidationError};
 
@@ -93,6 +95,20 @@ pub const QUEUE_URL_ANNOTATION: &str = "tessera.dev/queue-url";
         "message": "opus audio is not playable in hls and cmaf outputs: use aac",
         "fieldPath": ".renditions"
     },
+    {
+        "rule": "!has(self.output.container) || self.output.container == 'mp4' || !has(self.ladder) || !has(self.ladder.audio) || self.ladder.audio.codec != 'opus'",
+        "message": "opus audio is not playable in hls and cmaf outputs: use aac",
+        "fieldPath": ".ladder.audio.codec"
+    },
+    {
+        "rule": "size(self.renditions) > 0 || has(self.ladder)",
+        "message": "give renditions, a ladder, or both",
+        "fieldPath": ".renditions"
+    },
+    {
+        "rule": "has(self.ladder) == has(oldSelf.ladder) && (!has(self.ladder) || self.ladder == oldSelf.ladder)",
+        "message": "spec.ladder is immutable: create a new job"
+    },
     {"rule": "self.input == oldSelf.input", "message": "spec.input is immutable: create a new job", "fieldPath": ".input"},
     {"rule": "self.output == oldSelf.output", "message": "spec.output is immutable: create a new job", "fieldPath": ".output"},
     {"rule": "self.renditions == oldSelf.renditions", "message": "spec.renditions is immutable: create a new job", "fieldPath": ".renditions"},
@@ -127,12 +143,19 @@ pub struct TranscodeJobSpec {
     /// Where the renditions are written to.
     pub output: OutputSpec,
     /// The outputs to produce; each one is a separately encoded file (mp4) or media playlist (hls). Names are
-    /// unique (the API server rejects duplicates: the list is a map keyed by name).
+    /// unique (the API server rejects duplicates: the list is a map keyed by name). May be empty when
+    /// `ladder` builds the renditions.
+    #[serde(default)]
     #[schemars(
-        length(min = 1, max = 32),
+        length(max = 32),
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
     )]
     pub renditions: Vec<Rendition>,
+    /// Build renditions from the content (per-title): sample chunks are encoded at several sizes and
+    /// settings, scored with VMAF at the top size, and the rungs are chosen on the rate-quality hull. They
+    /// follow `renditions`; `status.ladder` reports the choice and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ladder: Option<LadderSpec>,
     /// Which source audio and subtitle tracks the outputs keep (default: all of them). Every source stream
     /// an output lacks is listed in its status with the reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -552,6 +575,9 @@ pub struct TranscodeJobStatus {
     /// One entry per finished rendition: file, size, encoder, quality and streams.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renditions: Vec<RenditionStatus>,
+    /// The ladder `spec.ladder` built: the rungs chosen, every point measured, and what was left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ladder: Option<Ladder>,
     /// `master.m3u8` for hls and cmaf outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_playlist: Option<String>,

@@ -319,6 +319,7 @@ mod tests {
                     audio: true,
                     hdr: None,
                     captions: false,
+                    ladder: None,
                 },
                 done: vec![1],
                 audio_done: false,

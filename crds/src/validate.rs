@@ -42,11 +42,14 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
     check_uri("spec.input.uri", &spec.input.uri, false, &mut err);
     check_uri("spec.output.uri", &spec.output.uri, true, &mut err);
 
-    if spec.renditions.is_empty() {
+    if spec.renditions.is_empty() && spec.ladder.is_none() {
         err(
             "spec.renditions".into(),
-            "at least one rendition is required".into(),
+            "at least one rendition is required (or a ladder that builds them)".into(),
         );
+    }
+    if let Some(l) = &spec.ladder {
+        check_ladder(spec, l, &mut err);
     }
     let mut names = HashSet::new();
     for (i, r) in spec.renditions.iter().enumerate() {
@@ -128,22 +131,8 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
             }
         }
         if let Some(p) = &v.preset {
-            let ok = match v.codec {
-                VideoCodec::H264 | VideoCodec::Hevc => X26X_PRESETS.contains(&p.as_str()),
-                VideoCodec::Av1 => p.parse::<u8>().is_ok_and(|n| n <= 13),
-            };
-            if !ok {
-                let expected = match v.codec {
-                    VideoCodec::Av1 => "0..13 (SVT-AV1 speed)".to_string(),
-                    _ => X26X_PRESETS.join(", "),
-                };
-                err(
-                    at("video.preset"),
-                    format!(
-                        "unknown preset {p:?} for {}; expected one of {expected}",
-                        v.codec
-                    ),
-                );
+            if let Some(m) = preset_problem(v.codec, p) {
+                err(at("video.preset"), m);
             }
         }
         if let Some(a) = &r.audio {
@@ -207,6 +196,75 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
         Ok(())
     } else {
         Err(errs)
+    }
+}
+
+/// Why `p` is not a preset of `codec`'s software encoder.
+fn preset_problem(codec: VideoCodec, p: &str) -> Option<String> {
+    let ok = match codec {
+        VideoCodec::H264 | VideoCodec::Hevc => X26X_PRESETS.contains(&p),
+        VideoCodec::Av1 => p.parse::<u8>().is_ok_and(|n| n <= 13),
+    };
+    let expected = match codec {
+        VideoCodec::Av1 => "0..13 (SVT-AV1 speed)".to_string(),
+        _ => X26X_PRESETS.join(", "),
+    };
+    (!ok).then(|| format!("unknown preset {p:?} for {codec}; expected one of {expected}"))
+}
+
+fn check_ladder(
+    spec: &TranscodeJobSpec,
+    l: &crate::LadderSpec,
+    err: &mut impl FnMut(String, String),
+) {
+    let at = |f: &str| format!("spec.ladder.{f}");
+    let crf_max = match l.codec {
+        VideoCodec::H264 | VideoCodec::Hevc => 51,
+        VideoCodec::Av1 => 63,
+    };
+    let t = &l.target_quality;
+    if !(20.0..=99.0).contains(&t.vmaf) {
+        err(
+            at("targetQuality.vmaf"),
+            format!("{} is out of range (20..=99)", t.vmaf),
+        );
+    }
+    for (f, b) in [("minCrf", t.min_crf), ("maxCrf", t.max_crf)] {
+        if let Some(b) = b.filter(|&b| b > crf_max) {
+            err(
+                at(&format!("targetQuality.{f}")),
+                format!("{b} is out of range for {} (0..={crf_max})", l.codec),
+            );
+        }
+    }
+    if let (Some(lo), Some(hi)) = (t.min_crf, t.max_crf) {
+        if lo > hi {
+            err(at("targetQuality.minCrf"), format!("{lo} is above maxCrf {hi}"));
+        }
+    }
+    for (f, dim) in [("maxHeight", l.max_height), ("minHeight", l.min_height)] {
+        if let Some(d) = dim.filter(|d| !(16..=8192).contains(d)) {
+            err(at(f), format!("{d} is out of range (16..=8192)"));
+        }
+    }
+    if let (Some(lo), Some(hi)) = (l.min_height, l.max_height) {
+        if lo > hi {
+            err(at("minHeight"), format!("{lo} is above maxHeight {hi}"));
+        }
+    }
+    if let Some(n) = l.max_rungs.filter(|n| !(1..=8).contains(n)) {
+        err(at("maxRungs"), format!("{n} is out of range (1..=8)"));
+    }
+    if let Some(m) = l.preset.as_deref().and_then(|p| preset_problem(l.codec, p)) {
+        err(at("preset"), m);
+    }
+    if let Some(a) = &l.audio {
+        if spec.output.container != Container::Mp4 && a.codec == AudioCodec::Opus {
+            err(at("audio.codec"), "opus is not playable in HLS: use aac".into());
+        }
+        if a.codec == AudioCodec::Opus && a.channels.is_some_and(|c| c > 2) {
+            err(at("audio.channels"), "opus output is limited to 2 channels here".into());
+        }
     }
 }
 

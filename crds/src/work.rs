@@ -204,7 +204,8 @@ pub struct PlanRecord {
     /// Frame durations vary (timestamps are kept as they are rather than made constant).
     #[serde(default)]
     pub vfr: bool,
-    /// Video encoder per rendition, in spec order. Every chunk of a rendition uses the same one.
+    /// Video encoder per rendition, in spec order (the ladder's rungs last, see [`PlanRecord::applied`]).
+    /// Every chunk of a rendition uses the same one.
     pub encoders: Vec<String>,
     /// Why each encoder was chosen (hardware encoders that failed to open, in the planning worker's words).
     #[serde(default)]
@@ -217,6 +218,9 @@ pub struct PlanRecord {
     /// The source's video carries CEA-608/708 captions (A/53), kept in renditions whose encoder can.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub captions: bool,
+    /// The ladder `spec.ladder` built (its rungs follow the spec's renditions: see [`crate::ladder::apply`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ladder: Option<Box<crate::Ladder>>,
 }
 
 /// HDR10 static metadata as the source carries it: the mastering display's colour volume (SMPTE ST 2086)
@@ -250,6 +254,14 @@ pub struct ContentLight {
 }
 
 impl PlanRecord {
+    /// The job's spec as its tasks run it: with the ladder's rungs as renditions ([`crate::ladder::apply`]).
+    pub fn applied<'a>(
+        &self,
+        spec: &'a TranscodeJobSpec,
+    ) -> std::borrow::Cow<'a, TranscodeJobSpec> {
+        crate::ladder::apply(spec, self.ladder.as_deref())
+    }
+
     pub fn chunk_count(&self) -> u32 {
         self.chunks.len() as u32
     }
@@ -281,6 +293,7 @@ impl PlanRecord {
             audio: self.audio,
             hdr: self.hdr.clone(),
             captions: self.captions,
+            ladder: self.ladder.clone(),
         }
     }
 }
@@ -683,6 +696,7 @@ mod tests {
             audio: true,
             hdr: None,
             captions: false,
+            ladder: None,
         }
     }
 

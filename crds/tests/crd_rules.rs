@@ -242,6 +242,50 @@ fn what_a_job_produces_is_immutable_and_its_scheduling_is_not() {
     );
 }
 
+/// A ladder may stand in for the renditions; its own rules reject its bad cases; it is immutable.
+#[test]
+fn a_ladder_builds_renditions_and_keeps_its_rules() {
+    let mut job = rich_job();
+    job["spec"]["ladder"] =
+        json!({"codec": "h264", "targetQuality": {"vmaf": 93}, "maxHeight": 1080, "preset": "fast"});
+    assert_eq!(broken(&job, None), Vec::<String>::new());
+    job["spec"]["output"]["container"] = json!("hls");
+    job["spec"]["renditions"] = json!([]);
+    assert_eq!(broken(&job, None), Vec::<String>::new(), "a ladder alone");
+    assert!(rust_accepts(&job));
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("/spec/ladder", Value::Null, "give renditions, a ladder, or both"),
+        ("/spec/ladder/preset", json!("7"), "unknown preset"),
+        ("/spec/ladder/minHeight", json!(2160), "minHeight is above maxHeight"),
+        (
+            "/spec/ladder/audio",
+            json!({"codec": "opus"}),
+            "opus audio is not playable in hls and cmaf",
+        ),
+    ];
+    for (pointer, value, expected) in cases {
+        let mut bad = job.clone();
+        if value.is_null() {
+            bad["spec"].as_object_mut().unwrap().remove("ladder");
+        } else {
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            bad.pointer_mut(parent).unwrap()[key] = value.clone();
+        }
+        let messages = broken(&bad, None);
+        assert!(
+            messages.len() == 1 && messages[0].contains(expected),
+            "{pointer} = {value}: expected only {expected:?}, got {messages:?}"
+        );
+        assert!(!rust_accepts(&bad), "validate_spec accepts {pointer} = {value}");
+    }
+    let edited = with(job.clone(), "/spec/ladder/targetQuality/vmaf", json!(95));
+    let messages = broken(&edited, Some(&job));
+    assert!(
+        messages.len() == 1 && messages[0].contains("spec.ladder is immutable"),
+        "{messages:?}"
+    );
+}
+
 /// `kubectl explain` has something to say about every field, and `kubectl get tessera` lists both kinds.
 #[test]
 fn every_property_is_described_and_both_kinds_are_in_the_category() {

@@ -112,6 +112,7 @@ pub fn sample_plan(chunks: u32, audio: bool) -> TaskResult {
             audio,
             hdr: None,
             captions: false,
+            ladder: None,
         },
         done: vec![],
         audio_done: false,

@@ -285,6 +285,61 @@ fn probe(
     crf: u8,
     samples: &[frame::Video],
 ) -> Result<f64> {
+    score(input, out, crf, samples, None).map(|(vmaf, _)| vmaf)
+}
+
+/// A ladder's sample: for each of `outputs` (the ladder's sizes), the frames of `inputs` (sample chunks)
+/// that `ladder::sample_runs` picks, converted as its encoder gets them. Each chunk is decoded once.
+pub fn ladder_sample(
+    inputs: &[ChunkInput<'_>],
+    outputs: &[ChunkOutput<'_>],
+    cancel: &AtomicBool,
+) -> Result<Vec<Vec<frame::Video>>> {
+    let mut convs: Vec<Converter> = outputs.iter().map(|o| o.converter()).collect();
+    let mut kept: Vec<Vec<frame::Video>> = vec![Vec::new(); outputs.len()];
+    for input in inputs {
+        let runs = crate::ladder::sample_runs(input.expected_frames);
+        let mut n = 0u64;
+        decode_chunk(input, cancel, &mut |f, _| {
+            if runs.iter().any(|r| r.contains(&n)) {
+                for (conv, k) in convs.iter_mut().zip(&mut kept) {
+                    let c = conv.convert(f).map_err(|e| Error::Chunk {
+                        chunk: input.chunk.index,
+                        detail: format!("scaling the ladder's sample: {e}"),
+                    })?;
+                    k.push(c.unwrap_or_else(|| f.clone()));
+                }
+            }
+            n += 1;
+            Ok(())
+        })?;
+    }
+    Ok(kept)
+}
+
+/// One point of a ladder: `samples` (`out`'s size) encoded at `crf`, decoded, upscaled to `top`'s size and
+/// scored against `top_samples` (the same frames at that size). The mean VMAF and the bytes encoded.
+pub fn ladder_point(
+    input: &ChunkInput<'_>,
+    out: &ChunkOutput<'_>,
+    crf: u8,
+    samples: &[frame::Video],
+    top_samples: &[frame::Video],
+    top: &VideoTarget,
+) -> Result<(f64, u64)> {
+    score(input, out, crf, samples, Some((top_samples, top)))
+}
+
+/// Encode `samples` at `crf`, decode the encode and score it with VMAF (every [`PROBE_SUBSAMPLE`]th
+/// frame): against the samples themselves, or, given `against`, upscaled to its size and scored against
+/// its frames. The mean VMAF and the bytes the encoder wrote.
+fn score(
+    input: &ChunkInput<'_>,
+    out: &ChunkOutput<'_>,
+    crf: u8,
+    samples: &[frame::Video],
+    against: Option<(&[frame::Video], &VideoTarget)>,
+) -> Result<(f64, u64)> {
     let index = input.chunk.index;
     let name = &out.encoder.name;
     let enc_err = |detail: String| Error::Encoder {
@@ -300,12 +355,21 @@ fn probe(
         .map_err(enc_err)?;
     // Probes score every other frame: VMAF costs more than the probe encode, and the search needs the
     // sample's mean, not each frame.
-    let mut check = Check::new(&enc, out.target, PROBE_SUBSAMPLE).map_err(enc_err)?;
+    let mut check = match against {
+        Some((_, top)) => Check::new(&enc, top, PROBE_SUBSAMPLE)
+            .map(|c| c.upscaled(Converter::new(top.pix_fmt, top.width, top.height))),
+        None => Check::new(&enc, out.target, PROBE_SUBSAMPLE),
+    }
+    .map_err(enc_err)?;
     let mut p = Packet::empty();
+    let mut bytes = 0u64;
     let mut drain = |enc: &mut encode::OpenEncoder, check: &mut Check| -> Result<()> {
         loop {
             match enc.receive_packet(&mut p) {
-                Ok(()) => check.packet(&p).map_err(enc_err)?,
+                Ok(()) => {
+                    bytes += p.size() as u64;
+                    check.packet(&p).map_err(enc_err)?
+                }
                 Err(ff::Error::Other {
                     errno: ff::error::EAGAIN,
                 })
@@ -322,7 +386,12 @@ fn probe(
             (*raw).pts = i as i64 * input.clock.default_duration.max(1);
             (*raw).pict_type = ffi::AVPictureType::AV_PICTURE_TYPE_NONE;
         }
-        check.reference(&f);
+        match against {
+            Some((refs, _)) => check.reference(refs.get(i).ok_or_else(|| {
+                enc_err("the ladder's sizes were sampled to different frame counts".into())
+            })?),
+            None => check.reference(&f),
+        }
         enc.fed = true;
         enc.send_frame(&f).map_err(|e| enc_err(e.to_string()))?;
         drain(&mut enc, &mut check)?;
@@ -330,7 +399,11 @@ fn probe(
     enc.send_eof().map_err(|e| enc_err(e.to_string()))?;
     drain(&mut enc, &mut check)?;
     let scores = check.finish().map_err(enc_err)?;
-    Ok(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
+    drop(drain);
+    Ok((
+        scores.iter().sum::<f64>() / scores.len().max(1) as f64,
+        bytes,
+    ))
 }
 
 /// Decodes an encoder's packets as they come and scores each decoded frame with VMAF against the frame
@@ -340,6 +413,8 @@ struct Check {
     refs: VecDeque<frame::Video>,
     meter: Meter,
     decoded: frame::Video,
+    /// Decoded frames are scaled to the meter's size first (a ladder's lower sizes, scored at its top).
+    upscale: Option<Converter>,
 }
 
 impl Check {
@@ -357,7 +432,15 @@ impl Check {
             refs: VecDeque::new(),
             meter: Meter::new(t.width, t.height, 0, subsample)?,
             decoded: frame::Video::empty(),
+            upscale: None,
         })
+    }
+
+    fn upscaled(self, to: Converter) -> Self {
+        Self {
+            upscale: Some(to),
+            ..self
+        }
     }
 
     fn reference(&mut self, f: &frame::Video) {
@@ -377,7 +460,13 @@ impl Check {
                 .refs
                 .pop_front()
                 .ok_or("the encode decoded to more frames than were encoded")?;
-            self.meter.push(&r, &self.decoded)?;
+            match &mut self.upscale {
+                Some(conv) => {
+                    let up = conv.convert(&self.decoded)?;
+                    self.meter.push(&r, up.as_ref().unwrap_or(&self.decoded))?;
+                }
+                None => self.meter.push(&r, &self.decoded)?,
+            }
         }
         Ok(())
     }

@@ -87,6 +87,9 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thumbnails: Option<String>,
     pub renditions: Vec<RenditionStatus>,
+    /// The ladder `spec.ladder` built: rungs, measured points and what was left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ladder: Option<tessera_crds::Ladder>,
     /// Per chunk, per rendition: the encoder, the setting a quality target chose and the chunk's mean VMAF
     /// (when the job measures VMAF or targets a quality).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -314,6 +317,8 @@ pub struct Prepared {
     /// Which source tracks the outputs keep, and which they leave out.
     pub streams: StreamPlan,
     decoder_threads: usize,
+    /// The ladder `spec.ladder` built (its rungs are among the renditions this was assembled for).
+    pub ladder: Option<tessera_crds::Ladder>,
 }
 
 /// Probe the input, cut it into chunks, choose the decoder and each rendition's encoder. `workers` is how
@@ -349,19 +354,155 @@ pub fn prepare(
         "planned"
     );
     let active = workers.max(1).min(chunks.len()).max(1);
-    assemble(
-        spec,
-        Cut {
-            input,
-            info,
-            chunks,
-            spans,
-            target_seconds,
-            active,
-        },
-        None,
-        progress,
-    )
+    let cut = Cut {
+        input,
+        info,
+        chunks,
+        spans,
+        target_seconds,
+        active,
+    };
+    let ladder = match &spec.ladder {
+        Some(l) => Some(measure_ladder(spec, l, &cut, progress)?),
+        None => None,
+    };
+    let applied = tessera_crds::ladder::apply(spec, ladder.as_ref());
+    let mut p = assemble(&applied, cut, None, progress)?;
+    p.ladder = ladder;
+    Ok(p)
+}
+
+/// Build `spec.ladder`: sample chunks encoded at each candidate size and setting, scored with VMAF at the
+/// top size (`chunk::ladder_point`), the top rung's setting refined by one more encode interpolated on its
+/// size's curve, and the rungs chosen on the hull (`ladder::choose`).
+fn measure_ladder(
+    spec: &TranscodeJobSpec,
+    l: &tessera_crds::LadderSpec,
+    cut: &Cut,
+    progress: &Progress,
+) -> Result<tessera_crds::Ladder> {
+    use tessera_crds::ladder::{DEFAULT_MAX_RUNGS, DEFAULT_MIN_HEIGHT};
+    use tessera_crds::{LadderPoint, Rendition, VideoSpec};
+    progress.stage("measuring the ladder");
+    let started = Instant::now();
+    let v = &cut.info.video;
+    let quarter_turn = ((v.rotation.abs().round() as i64) % 180) == 90;
+    let source_height = if quarter_turn { v.width } else { v.height };
+    let top = crate::ladder::top_height(source_height, l.max_height);
+    let heights =
+        crate::ladder::candidate_heights(top, l.min_height.unwrap_or(DEFAULT_MIN_HEIGHT));
+    // The sizes as renditions, so they get encoders and targets as any rendition does.
+    let sizes_spec = TranscodeJobSpec {
+        renditions: heights
+            .iter()
+            .map(|&h| Rendition {
+                name: format!("ladder-{h}p"),
+                video: VideoSpec {
+                    codec: l.codec,
+                    width: None,
+                    height: Some(h),
+                    crf: None,
+                    bitrate: None,
+                    maxrate: None,
+                    preset: l.preset.clone(),
+                    target_quality: None,
+                },
+                audio: None,
+            })
+            .collect(),
+        ladder: None,
+        quality: None,
+        ..spec.clone()
+    };
+    let sizes = assemble(&sizes_spec, cut.clone(), None, &Progress::default())?;
+    let picks = crate::ladder::sample_chunks(sizes.chunks.len());
+    let inputs: Vec<ChunkInput<'_>> = picks
+        .iter()
+        .map(|&i| sizes.chunk_input(&sizes.chunks[i]))
+        .collect();
+    let all: Vec<usize> = (0..heights.len()).collect();
+    let outputs = sizes.chunk_outputs(&sizes_spec, &sizes.chunks[0], &all, &[], Path::new(""));
+    let cancel = AtomicBool::new(false);
+    let samples = chunk::ladder_sample(&inputs, &outputs, &cancel)?;
+    let frames = samples[0].len() as u64;
+    if frames == 0 {
+        return Err(Error::Field {
+            field: "spec.ladder".into(),
+            message: "no frames could be sampled from the input to measure a ladder".into(),
+        });
+    }
+    let seconds = frames as f64 / sizes.fps().max(1e-9);
+    let top_target = &sizes.plans[0].target;
+    let encoder = sizes.plans[0].encoder.name.clone();
+    let scale = crate::target::bounded(&encoder, &l.target_quality);
+    let measure = |o: usize, crf: u8| -> Result<LadderPoint> {
+        let (vmaf, bytes) = chunk::ladder_point(
+            &inputs[0],
+            &outputs[o],
+            crf,
+            &samples[o],
+            &samples[0],
+            top_target,
+        )?;
+        Ok(LadderPoint {
+            width: if quarter_turn { outputs[o].target.height } else { outputs[o].target.width },
+            height: heights[o],
+            crf,
+            kbps: bytes as f64 * 8.0 / seconds / 1000.0,
+            vmaf,
+            on_hull: false,
+        })
+    };
+    let mut points = Vec::new();
+    for o in 0..outputs.len() {
+        for crf in crate::ladder::settings(&scale) {
+            points.push(measure(o, crf)?);
+        }
+    }
+    crate::ladder::mark_hull(&mut points);
+    // The top rung: interpolate its size's curve to the target, and measure that setting too.
+    let goal = l.target_quality.vmaf;
+    if let Some(t) = crate::ladder::top_point(&points, goal).filter(|t| t.vmaf >= goal) {
+        let o = heights.iter().position(|&h| h == t.height).unwrap_or(0);
+        let probes: Vec<crate::target::Probe> = points
+            .iter()
+            .filter(|p| p.height == t.height)
+            .map(|p| crate::target::Probe {
+                crf: p.crf,
+                vmaf: p.vmaf,
+            })
+            .collect();
+        let crf = crate::target::choose(&probes, goal, &scale);
+        if !probes.iter().any(|p| p.crf == crf) {
+            points.push(measure(o, crf)?);
+            crate::ladder::mark_hull(&mut points);
+        }
+    }
+    let taken: Vec<String> = spec.renditions.iter().map(|r| r.name.clone()).collect();
+    let (rungs, notes) = crate::ladder::choose(
+        &points,
+        goal,
+        l.max_rungs.unwrap_or(DEFAULT_MAX_RUNGS) as usize,
+        &taken,
+    );
+    tracing::info!(
+        encoder = %encoder, sizes = ?heights, points = points.len(), sample_frames = frames,
+        rungs = ?rungs.iter().map(|r| format!("{}@crf{} {:.0}kb/s vmaf {:.1}", r.name, r.crf, r.kbps, r.vmaf)).collect::<Vec<_>>(),
+        seconds = started.elapsed().as_secs_f64(), "ladder chosen"
+    );
+    for n in &notes {
+        tracing::info!(note = %n, "ladder");
+    }
+    Ok(tessera_crds::Ladder {
+        display: format!("{}x{}", top_target.width, top_target.height),
+        model: vmaf::model_for(top_target.width, top_target.height).to_string(),
+        target_vmaf: goal,
+        sample_chunks: picks.iter().map(|&i| sizes.chunks[i].index as u32).collect(),
+        sample_frames: frames,
+        rungs,
+        points,
+        notes,
+    })
 }
 
 /// A task of a planned job: the plan's chunks, timing and encoders, and of the input only its container
@@ -371,6 +512,7 @@ pub fn prepare_planned(
     plan: &tessera_crds::work::PlanRecord,
     slots: usize,
 ) -> Result<Prepared> {
+    let spec = &*plan.applied(spec);
     validate(spec)?;
     let input = source_path("spec.input.uri", &spec.input.uri)?;
     let mut info = probe::header(&input)?;
@@ -393,7 +535,7 @@ pub fn prepare_planned(
         .iter()
         .map(|c| (c.start_seconds, c.end_seconds))
         .collect();
-    assemble(
+    let mut p = assemble(
         spec,
         Cut {
             input,
@@ -405,10 +547,13 @@ pub fn prepare_planned(
         },
         Some(&plan.encoders),
         &Progress::default(),
-    )
+    )?;
+    p.ladder = plan.ladder.as_deref().cloned();
+    Ok(p)
 }
 
 /// An input cut into chunks (all of them, or the ones a task was sent).
+#[derive(Clone)]
 struct Cut {
     input: PathBuf,
     info: ProbeInfo,
@@ -599,6 +744,7 @@ fn assemble(
         audio,
         streams,
         decoder_threads,
+        ladder: None,
     })
 }
 
@@ -1388,6 +1534,9 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
     let workers = opts.workers.max(1);
     let progress = &opts.progress;
     let prep = prepare(spec, workers, None, progress)?;
+    // With a ladder, its rungs are renditions from here on.
+    let applied = tessera_crds::ladder::apply(spec, prep.ladder.as_ref());
+    let spec = &*applied;
     let v = &prep.info.video;
     let chunks = &prep.chunks;
 
@@ -1503,6 +1652,7 @@ pub fn run_job(job: &TranscodeJob, opts: &RunOptions) -> Result<Summary> {
         manifest: fin.manifest,
         thumbnails: fin.thumbnails,
         renditions: fin.renditions,
+        ladder: prep.ladder.clone(),
         chunk_records: if measured {
             records
                 .iter()

@@ -12,6 +12,7 @@ pub mod fmp4;
 pub mod fuzzing;
 pub mod hwdec;
 pub mod job;
+pub mod ladder;
 pub mod packets;
 pub mod plan;
 pub mod probe;

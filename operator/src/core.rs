@@ -1321,6 +1321,7 @@ mod tests {
                 audio: false,
                 hdr: None,
                 captions: false,
+                ladder: None,
             },
             done: vec![],
             audio_done: false,

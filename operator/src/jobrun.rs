@@ -171,13 +171,21 @@ impl JobRun {
         matches!(self.stage, Stage::Succeeded | Stage::Failed)
     }
 
+    /// The spec as the job's tasks run it: after the plan, with its ladder's rungs as renditions.
+    fn applied_spec(&self) -> std::borrow::Cow<'_, TranscodeJobSpec> {
+        match &self.plan {
+            Some(p) => p.applied(&self.spec),
+            None => std::borrow::Cow::Borrowed(&self.spec),
+        }
+    }
+
     fn work(&self, kind: WorkKind, chunk: Option<u32>) -> Work {
         Work {
             kind,
             namespace: self.namespace.clone(),
             job: self.name.clone(),
             uid: self.uid.clone(),
-            spec: self.spec.clone(),
+            spec: self.applied_spec().into_owned(),
             ledger: self.ledger.clone(),
             plan: self.plan.as_ref().map(|p| p.for_task(kind, chunk)),
             chunk,
@@ -199,7 +207,7 @@ impl JobRun {
     /// Every content address this job needs from its result store, while it runs.
     pub fn needed_results(&self) -> Vec<String> {
         match (&self.plan, self.finished()) {
-            (Some(p), false) => tessera_crds::work::needed_addresses(&self.spec, p),
+            (Some(p), false) => tessera_crds::work::needed_addresses(&p.applied(&self.spec), p),
             _ => Vec::new(),
         }
     }
@@ -423,7 +431,7 @@ impl JobRun {
                     "Complete",
                     true,
                     "Completed",
-                    format!("{} renditions published", self.spec.renditions.len()),
+                    format!("{} renditions published", self.applied_spec().renditions.len()),
                 ));
                 conditions.push(cond("Progressing", false, "Completed", String::new()));
             }
@@ -505,6 +513,7 @@ impl JobRun {
             master_playlist: self.result.as_ref().and_then(|r| r.master_playlist.clone()),
             manifest: self.result.as_ref().and_then(|r| r.manifest.clone()),
             thumbnails: self.result.as_ref().and_then(|r| r.thumbnails.clone()),
+            ladder: self.plan.as_ref().and_then(|p| p.ladder.as_deref().cloned()),
             encoder,
             gpu_seconds: (self.worker_seconds > 0.0)
                 .then(|| (self.worker_seconds * 10.0).round() / 10.0),
@@ -554,6 +563,7 @@ mod tests {
             audio,
             hdr: None,
             captions: false,
+            ladder: None,
         }
     }
 

@@ -66,6 +66,19 @@ pub fn execute(
     let ledger = S3Uri::parse(&work.ledger)
         .ok_or_else(|| field("ledger", format!("{:?} is not an s3:// URI", work.ledger)))?;
     let started = Instant::now();
+    // After the plan, a ladder's rungs are renditions like any other (the operator sends them so; an
+    // older operator's spec is applied here).
+    let applied;
+    let work = match &work.plan {
+        Some(p) if work.spec.ladder.is_some() && work.kind != WorkKind::Plan => {
+            applied = Work {
+                spec: p.applied(&work.spec).into_owned(),
+                ..work.clone()
+            };
+            &applied
+        }
+        _ => work,
+    };
     let out = match work.kind {
         WorkKind::Plan => plan(work, &s3, &ledger).map(TaskResult::Plan),
         WorkKind::Chunk => {
@@ -164,6 +177,7 @@ fn make_plan(
         audio: p.has_audio(),
         hdr: p.info.video.hdr.map(Box::new),
         captions: p.info.video.captions,
+        ladder: p.ladder.clone().map(Box::new),
     };
     let body = serde_json::to_vec(&rec).map_err(|e| Error::Queue(e.to_string()))?;
     s3::block_on(s3.put_small(manifest, Bytes::from(body)))?;
@@ -877,6 +891,7 @@ mod tests {
             audio: true,
             hdr: None,
             captions: false,
+            ladder: None,
         };
         let json = serde_json::to_vec(&rec).unwrap();
         match serde_json::from_slice::<Manifest>(&json).unwrap() {
