@@ -29,7 +29,7 @@ use crate::{AudioSpec, Rendition, TargetQuality, TranscodeJobSpec, VideoCodec, V
 pub struct LadderSpec {
     /// `h264`, `hevc` or `av1`, for every rung.
     pub codec: VideoCodec,
-    /// The top rung's quality: the cheapest measured point of the hull whose VMAF, scored at the ladder's top
+    /// The top rung's quality: the cheapest undominated measured point whose VMAF, scored at the ladder's top
     /// size, reaches `vmaf`. `minCrf`/`maxCrf` bound the settings measured.
     pub target_quality: TargetQuality,
     /// The ladder's top size, at which every point is scored (lower sizes upscaled to it, as a player
@@ -80,7 +80,7 @@ pub struct Ladder {
     pub sample_frames: u64,
     /// The chosen rungs, top first: their renditions are appended to `spec.renditions`.
     pub rungs: Vec<LadderRung>,
-    /// Every measured point, with whether it lies on the hull.
+    /// Every measured point, with whether another dominates it and whether it lies on the convex hull.
     pub points: Vec<LadderPoint>,
     /// What was left out of the ladder, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -101,7 +101,10 @@ pub struct LadderPoint {
     pub kbps: f64,
     /// Mean VMAF of the sample, decoded and upscaled to the top size, against the source at that size.
     pub vmaf: f64,
-    /// On the upper convex hull of (log rate, VMAF) over every point: no mix of other points does better.
+    /// Another point scores at least as high for no more rate: it is never chosen as a rung.
+    pub dominated: bool,
+    /// On the upper convex hull of (log rate, VMAF) over every point: not even a mix of two other points
+    /// does better.
     pub on_hull: bool,
 }
 
@@ -202,10 +205,17 @@ mod tests {
         assert_eq!(names, ["720p", "720p-2", "360p"]);
         assert!(a.ladder.is_none());
         let r = &a.renditions[1];
-        assert_eq!((r.video.codec, r.video.height, r.video.crf), (VideoCodec::Hevc, Some(720), Some(24)));
+        assert_eq!(
+            (r.video.codec, r.video.height, r.video.crf),
+            (VideoCodec::Hevc, Some(720), Some(24))
+        );
         assert_eq!(r.video.preset.as_deref(), Some("fast"));
         assert!(r.audio.is_some());
-        assert!(crate::validate_spec(&a).is_ok(), "{:?}", crate::validate_spec(&a));
+        assert!(
+            crate::validate_spec(&a).is_ok(),
+            "{:?}",
+            crate::validate_spec(&a)
+        );
         // Applied again (a worker given the operator's applied spec): unchanged.
         assert_eq!(apply(&a, Some(&l)).as_ref(), a.as_ref());
         assert!(matches!(apply(&a, Some(&l)), Cow::Borrowed(_)));

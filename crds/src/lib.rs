@@ -152,7 +152,7 @@ pub struct TranscodeJobSpec {
     )]
     pub renditions: Vec<Rendition>,
     /// Build renditions from the content (per-title): sample chunks are encoded at several sizes and
-    /// settings, scored with VMAF at the top size, and the rungs are chosen on the rate-quality hull. They
+    /// settings, scored with VMAF at the top size, and the rungs are chosen among the undominated points. They
     /// follow `renditions`; `status.ladder` reports the choice and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ladder: Option<LadderSpec>,

@@ -239,7 +239,10 @@ fn check_ladder(
     }
     if let (Some(lo), Some(hi)) = (t.min_crf, t.max_crf) {
         if lo > hi {
-            err(at("targetQuality.minCrf"), format!("{lo} is above maxCrf {hi}"));
+            err(
+                at("targetQuality.minCrf"),
+                format!("{lo} is above maxCrf {hi}"),
+            );
         }
     }
     for (f, dim) in [("maxHeight", l.max_height), ("minHeight", l.min_height)] {
@@ -260,10 +263,16 @@ fn check_ladder(
     }
     if let Some(a) = &l.audio {
         if spec.output.container != Container::Mp4 && a.codec == AudioCodec::Opus {
-            err(at("audio.codec"), "opus is not playable in HLS: use aac".into());
+            err(
+                at("audio.codec"),
+                "opus is not playable in HLS: use aac".into(),
+            );
         }
         if a.codec == AudioCodec::Opus && a.channels.is_some_and(|c| c > 2) {
-            err(at("audio.channels"), "opus output is limited to 2 channels here".into());
+            err(
+                at("audio.channels"),
+                "opus output is limited to 2 channels here".into(),
+            );
         }
     }
 }

@@ -246,17 +246,24 @@ fn what_a_job_produces_is_immutable_and_its_scheduling_is_not() {
 #[test]
 fn a_ladder_builds_renditions_and_keeps_its_rules() {
     let mut job = rich_job();
-    job["spec"]["ladder"] =
-        json!({"codec": "h264", "targetQuality": {"vmaf": 93}, "maxHeight": 1080, "preset": "fast"});
+    job["spec"]["ladder"] = json!({"codec": "h264", "targetQuality": {"vmaf": 93}, "maxHeight": 1080, "preset": "fast"});
     assert_eq!(broken(&job, None), Vec::<String>::new());
     job["spec"]["output"]["container"] = json!("hls");
     job["spec"]["renditions"] = json!([]);
     assert_eq!(broken(&job, None), Vec::<String>::new(), "a ladder alone");
     assert!(rust_accepts(&job));
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("/spec/ladder", Value::Null, "give renditions, a ladder, or both"),
+        (
+            "/spec/ladder",
+            Value::Null,
+            "give renditions, a ladder, or both",
+        ),
         ("/spec/ladder/preset", json!("7"), "unknown preset"),
-        ("/spec/ladder/minHeight", json!(2160), "minHeight is above maxHeight"),
+        (
+            "/spec/ladder/minHeight",
+            json!(2160),
+            "minHeight is above maxHeight",
+        ),
         (
             "/spec/ladder/audio",
             json!({"codec": "opus"}),
@@ -276,7 +283,10 @@ fn a_ladder_builds_renditions_and_keeps_its_rules() {
             messages.len() == 1 && messages[0].contains(expected),
             "{pointer} = {value}: expected only {expected:?}, got {messages:?}"
         );
-        assert!(!rust_accepts(&bad), "validate_spec accepts {pointer} = {value}");
+        assert!(
+            !rust_accepts(&bad),
+            "validate_spec accepts {pointer} = {value}"
+        );
     }
     let edited = with(job.clone(), "/spec/ladder/targetQuality/vmaf", json!(95));
     let messages = broken(&edited, Some(&job));

@@ -1015,6 +1015,71 @@ fn every_track_reaches_cmaf_outputs_on_the_cluster() {
     assert_eq!(r["text"][0]["lang"], "en", "{r}");
 }
 
+/// A ladder on the cluster: the plan task measures it once and records it; the rungs are renditions the
+/// chunk and stitch tasks run like the listed one; the status reports the ladder.
+#[test]
+fn a_ladder_is_measured_once_by_the_plan_and_its_rungs_run_on_the_cluster() {
+    let _c = cluster();
+    let src = input("ladder4", 4);
+    let yaml = job_yaml(
+        "laddered",
+        &src,
+        "  ladder: {codec: h264, targetQuality: {vmaf: 90}, preset: ultrafast, maxRungs: 3}\n",
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    let job = wait_complete("laddered", Duration::from_secs(180));
+    let status = &job["status"];
+    let rungs = status["ladder"]["rungs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!rungs.is_empty() && rungs.len() <= 3, "{status}");
+    let names: Vec<&str> = status["renditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    let mut expected = vec!["small"];
+    expected.extend(rungs.iter().map(|r| r["name"].as_str().unwrap()));
+    assert_eq!(
+        names, expected,
+        "the listed rendition, then the rungs: {status}"
+    );
+    for r in &rungs {
+        let v = ffprobe(&s3_dir().join(format!(
+            "tessera/outputs/laddered/{}.mp4",
+            r["name"].as_str().unwrap()
+        )));
+        assert_eq!(v["streams"][0]["height"], r["height"], "{v}");
+        assert_eq!(v["streams"][0]["nb_read_frames"], "100", "{v}");
+    }
+    // Measured once: by the plan task, never by a chunk or stitch task.
+    let measured = pod_logs("-worker-")
+        .iter()
+        .flat_map(|(_, log)| log.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| l.contains("job=default/laddered") && l.contains(" ladder chosen "))
+        .count();
+    assert_eq!(measured, 1, "one ladder measurement");
+    assert_eq!(input_probes("laddered"), 1);
+    let ready = json(&["get", "tj", "laddered", "-n", "default"]);
+    let msg = ready["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Complete")
+        .map(|c| c["message"].clone());
+    assert_eq!(
+        msg,
+        Some(Value::from(format!(
+            "{} renditions published",
+            expected.len()
+        ))),
+        "{ready}"
+    );
+    delete_job("laddered");
+}
+
 fn helm(args: &[&str]) -> std::process::Output {
     std::process::Command::new(
         tessera_e2e::s3server::cache_dir().join("kubectl-helm-2.2.2/bin/helm"),

@@ -399,7 +399,6 @@ fn score(
     enc.send_eof().map_err(|e| enc_err(e.to_string()))?;
     drain(&mut enc, &mut check)?;
     let scores = check.finish().map_err(enc_err)?;
-    drop(drain);
     Ok((
         scores.iter().sum::<f64>() / scores.len().max(1) as f64,
         bytes,

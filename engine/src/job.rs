@@ -372,9 +372,12 @@ pub fn prepare(
     Ok(p)
 }
 
+/// Encodes that refine the top rung's setting, at most.
+const REFINE: usize = 2;
+
 /// Build `spec.ladder`: sample chunks encoded at each candidate size and setting, scored with VMAF at the
-/// top size (`chunk::ladder_point`), the top rung's setting refined by one more encode interpolated on its
-/// size's curve, and the rungs chosen on the hull (`ladder::choose`).
+/// top size (`chunk::ladder_point`), the top rung's setting refined by encodes interpolated on its size's
+/// curve, and the rungs chosen on the frontier of undominated points (`ladder::choose`).
 fn measure_ladder(
     spec: &TranscodeJobSpec,
     l: &tessera_crds::LadderSpec,
@@ -389,8 +392,7 @@ fn measure_ladder(
     let quarter_turn = ((v.rotation.abs().round() as i64) % 180) == 90;
     let source_height = if quarter_turn { v.width } else { v.height };
     let top = crate::ladder::top_height(source_height, l.max_height);
-    let heights =
-        crate::ladder::candidate_heights(top, l.min_height.unwrap_or(DEFAULT_MIN_HEIGHT));
+    let heights = crate::ladder::candidate_heights(top, l.min_height.unwrap_or(DEFAULT_MIN_HEIGHT));
     // The sizes as renditions, so they get encoders and targets as any rendition does.
     let sizes_spec = TranscodeJobSpec {
         renditions: heights
@@ -445,11 +447,16 @@ fn measure_ladder(
             top_target,
         )?;
         Ok(LadderPoint {
-            width: if quarter_turn { outputs[o].target.height } else { outputs[o].target.width },
+            width: if quarter_turn {
+                outputs[o].target.height
+            } else {
+                outputs[o].target.width
+            },
             height: heights[o],
             crf,
             kbps: bytes as f64 * 8.0 / seconds / 1000.0,
             vmaf,
+            dominated: false,
             on_hull: false,
         })
     };
@@ -460,9 +467,13 @@ fn measure_ladder(
         }
     }
     crate::ladder::mark_hull(&mut points);
-    // The top rung: interpolate its size's curve to the target, and measure that setting too.
+    // The top rung: interpolate its size's curve to the target and measure that setting too (twice at
+    // most, as the top's size may change with what the first one shows).
     let goal = l.target_quality.vmaf;
-    if let Some(t) = crate::ladder::top_point(&points, goal).filter(|t| t.vmaf >= goal) {
+    for _ in 0..REFINE {
+        let Some(t) = crate::ladder::top_point(&points, goal).filter(|t| t.vmaf >= goal) else {
+            break;
+        };
         let o = heights.iter().position(|&h| h == t.height).unwrap_or(0);
         let probes: Vec<crate::target::Probe> = points
             .iter()
@@ -472,11 +483,17 @@ fn measure_ladder(
                 vmaf: p.vmaf,
             })
             .collect();
-        let crf = crate::target::choose(&probes, goal, &scale);
-        if !probes.iter().any(|p| p.crf == crf) {
-            points.push(measure(o, crf)?);
-            crate::ladder::mark_hull(&mut points);
+        let mut crf = crate::target::choose(&probes, goal, &scale);
+        // The interpolation may round onto a measured setting just short of the target: one step better.
+        if let Some(p) = probes.iter().find(|p| p.crf == crf) {
+            let better = crf.saturating_sub(1);
+            if p.vmaf >= goal || crf <= scale.lo || probes.iter().any(|p| p.crf == better) {
+                break;
+            }
+            crf = better;
         }
+        points.push(measure(o, crf)?);
+        crate::ladder::mark_hull(&mut points);
     }
     let taken: Vec<String> = spec.renditions.iter().map(|r| r.name.clone()).collect();
     let (rungs, notes) = crate::ladder::choose(
@@ -497,7 +514,10 @@ fn measure_ladder(
         display: format!("{}x{}", top_target.width, top_target.height),
         model: vmaf::model_for(top_target.width, top_target.height).to_string(),
         target_vmaf: goal,
-        sample_chunks: picks.iter().map(|&i| sizes.chunks[i].index as u32).collect(),
+        sample_chunks: picks
+            .iter()
+            .map(|&i| sizes.chunks[i].index as u32)
+            .collect(),
         sample_frames: frames,
         rungs,
         points,

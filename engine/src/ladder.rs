@@ -2,9 +2,12 @@
 //! the points it measured, and the rungs chosen on it. The measuring (sample encodes scored with VMAF at
 //! the top size) is `chunk::ladder_sample` and `chunk::ladder_point`; `job::prepare` runs both.
 //!
-//! The choice, in short: the top rung is the cheapest hull point whose VMAF reaches the target; each rung
-//! below is the hull's best point at no more than [`RUNG_SPACING`] of the rate above, down to
-//! [`LOWEST_VMAF`] or `maxRungs`. Every rung is a measured point on the hull, so none is dominated.
+//! The choice, in short: the top rung is the cheapest undominated point whose VMAF reaches the target;
+//! each rung below is the best undominated point at no more than [`RUNG_SPACING`] of the rate above, down
+//! to [`LOWEST_VMAF`] or `maxRungs`. Every rung is a measured encode on the rate-quality frontier (no
+//! other point scores as high for as little). The convex hull of the points is marked too: a rung may lie
+//! just under it, between two hull points of other sizes, when it is still the best encode measured
+//! within its rate (choosing only hull vertices would give a worse picture for the same budget there).
 
 use tessera_crds::ladder::{rung_name, LOWEST_VMAF, RUNG_SPACING};
 use tessera_crds::{LadderPoint, LadderRung};
@@ -73,7 +76,7 @@ pub fn sample_chunks(count: usize) -> Vec<usize> {
 pub fn sample_runs(frames: u64) -> Vec<std::ops::Range<u64>> {
     let run = crate::target::RUN;
     if frames <= 3 * run {
-        return vec![0..frames];
+        return std::iter::once(0..frames).collect();
     }
     [frames / 4, frames * 3 / 4]
         .into_iter()
@@ -89,11 +92,15 @@ pub fn dominates(a: &LadderPoint, b: &LadderPoint) -> bool {
     a.kbps <= b.kbps && a.vmaf >= b.vmaf && (a.kbps < b.kbps || a.vmaf > b.vmaf)
 }
 
-/// Mark the points on the hull: the upper convex hull, in (ln rate, VMAF), of the points no other
-/// dominates. A point under the hull is beaten by a mix of its neighbours on it.
+/// Mark the dominated points, and those on the hull: the upper convex hull, in (ln rate, VMAF), of the
+/// undominated ones. A point under the hull is beaten by a mix of its neighbours on it.
 pub fn mark_hull(points: &mut [LadderPoint]) {
+    for i in 0..points.len() {
+        let p = points[i];
+        points[i].dominated = points.iter().any(|q| dominates(q, &p));
+    }
     let mut order: Vec<usize> = (0..points.len())
-        .filter(|&i| !points.iter().any(|q| dominates(q, &points[i])))
+        .filter(|&i| !points[i].dominated)
         .collect();
     order.sort_by(|&a, &b| points[a].kbps.total_cmp(&points[b].kbps));
     // Equal points (same rate and score at two settings): keep one.
@@ -117,10 +124,10 @@ pub fn mark_hull(points: &mut [LadderPoint]) {
     }
 }
 
-/// The point of the hull a rung at `target` VMAF starts from: the cheapest reaching it, or, where none
-/// does, the best there is.
+/// The point a ladder topped at `target` VMAF starts from: the cheapest undominated one reaching it, or,
+/// where none does, the best there is.
 pub fn top_point(points: &[LadderPoint], target: f64) -> Option<LadderPoint> {
-    let mut hull: Vec<&LadderPoint> = points.iter().filter(|p| p.on_hull).collect();
+    let mut hull: Vec<&LadderPoint> = points.iter().filter(|p| !p.dominated).collect();
     hull.sort_by(|a, b| a.kbps.total_cmp(&b.kbps));
     hull.iter()
         .find(|p| p.vmaf >= target)
@@ -136,7 +143,7 @@ pub fn choose(
     max_rungs: usize,
     taken: &[String],
 ) -> (Vec<LadderRung>, Vec<String>) {
-    let mut hull: Vec<LadderPoint> = points.iter().filter(|p| p.on_hull).copied().collect();
+    let mut hull: Vec<LadderPoint> = points.iter().filter(|p| !p.dominated).copied().collect();
     hull.sort_by(|a, b| a.kbps.total_cmp(&b.kbps));
     let mut notes = Vec::new();
     let Some(top) = top_point(points, target) else {
@@ -158,7 +165,7 @@ pub fn choose(
     };
     let why_top = if top.vmaf >= target {
         format!(
-            "the cheapest point on the hull reaching VMAF {target}: {}p at crf {} ({:.0} kb/s, VMAF {:.1}){}",
+            "the cheapest undominated point reaching VMAF {target}: {}p at crf {} ({:.0} kb/s, VMAF {:.1}){}",
             top.height,
             top.crf,
             top.kbps,
@@ -190,20 +197,20 @@ pub fn choose(
         };
         if p.vmaf < LOWEST_VMAF {
             notes.push(format!(
-                "no rung below {:.0} kb/s: the hull's best at {:.0} kb/s or less scores VMAF {:.1}, under {LOWEST_VMAF}",
+                "no rung below {:.0} kb/s: the best point at {:.0} kb/s or less scores VMAF {:.1}, under {LOWEST_VMAF}",
                 above.kbps, limit, p.vmaf
             ));
             break;
         }
         if rungs.len() >= max_rungs {
             notes.push(format!(
-                "the ladder stops at maxRungs ({max_rungs}); the hull goes on down to {:.0} kb/s",
+                "the ladder stops at maxRungs ({max_rungs}); measured points go on down to {:.0} kb/s",
                 hull.first().map_or(0.0, |h| h.kbps)
             ));
             break;
         }
         let why = format!(
-            "the hull's best at no more than {:.0} % of the rate above ({limit:.0} kb/s): {}p at crf {} (VMAF {:.1}){}",
+            "the best point at no more than {:.0} % of the rate above ({limit:.0} kb/s): {}p at crf {} (VMAF {:.1}){}",
             RUNG_SPACING * 100.0,
             p.height,
             p.crf,
@@ -217,9 +224,9 @@ pub fn choose(
     heights.sort_unstable_by(|a, b| b.cmp(a));
     heights.dedup();
     for h in heights {
-        if !points.iter().any(|p| p.height == h && p.on_hull) {
+        if !points.iter().any(|p| p.height == h && !p.dominated) {
             notes.push(format!(
-                "{h}p is never on the hull: at each of its measured rates another size scores higher"
+                "{h}p is left out: at each of its measured rates another size scores higher for less"
             ));
         }
     }
@@ -273,19 +280,26 @@ mod tests {
             crf,
             kbps,
             vmaf,
+            dominated: false,
             on_hull: false,
         }
     }
 
-    /// A content model: each size's VMAF rises with ln(rate) to a ceiling that smaller sizes reach
-    /// sooner and lower (the usual crossing curves of a ladder).
+    /// A content model: each setting step costs 40 % of the rate and, on harder content, more VMAF;
+    /// smaller sizes cost less and top out lower (the crossing curves of a ladder).
     fn curves(hardness: f64) -> Vec<LadderPoint> {
         let mut out = Vec::new();
-        for (h, ceiling) in [(1080u32, 99.0), (720, 94.0), (540, 88.0), (360, 78.0), (240, 64.0)] {
+        for (h, ceiling) in [
+            (1080u32, 99.0),
+            (720, 94.0),
+            (540, 88.0),
+            (360, 78.0),
+            (240, 64.0),
+        ] {
             for (i, crf) in [16u8, 21, 26, 31, 36].into_iter().enumerate() {
                 let pixels = f64::from(h * h * 16 / 9);
-                let kbps = hardness * pixels / 1000.0 * 0.6f64.powi(i as i32 + 1);
-                let v = ceiling * (1.0 - (-(kbps / (hardness * pixels / 8000.0)).sqrt()).exp());
+                let kbps = hardness * pixels / 1000.0 * 0.6f64.powi(i as i32);
+                let v = ceiling - (4.0 + 2.0 * hardness) * i as f64;
                 out.push(pt(h, crf, kbps, v));
             }
         }
@@ -305,7 +319,10 @@ mod tests {
 
     #[test]
     fn settings_span_the_scale_within_bounds() {
-        assert_eq!(settings(&crate::target::scale("libx264")), [16, 21, 26, 31, 36]);
+        assert_eq!(
+            settings(&crate::target::scale("libx264")),
+            [16, 21, 26, 31, 36]
+        );
         let av1 = settings(&crate::target::scale("libsvtav1"));
         assert_eq!(av1.len(), 5);
         assert!(av1.windows(2).all(|w| w[0] < w[1]) && *av1.last().unwrap() <= 63);
@@ -318,7 +335,7 @@ mod tests {
     fn sampling_spreads_over_the_input() {
         assert_eq!(sample_chunks(2), [0, 1]);
         assert_eq!(sample_chunks(12), [2, 6, 10]);
-        assert_eq!(sample_runs(20), [0..20]);
+        assert_eq!(sample_runs(20), std::iter::once(0..20).collect::<Vec<_>>());
         assert_eq!(sample_runs(60), [11..19, 41..49]);
     }
 
@@ -327,13 +344,15 @@ mod tests {
         let mut p = vec![
             pt(720, 20, 1000.0, 90.0),
             pt(720, 25, 500.0, 80.0),
-            pt(540, 20, 600.0, 78.0),   // dominated by 720p at 500
+            pt(540, 20, 600.0, 78.0), // dominated by 720p at 500
             pt(540, 25, 300.0, 70.0),
-            pt(360, 25, 420.0, 71.0),   // undominated, but under the line from 300 to 500
+            pt(360, 25, 420.0, 71.0), // undominated, but under the line from 300 to 500
         ];
         mark_hull(&mut p);
         let on: Vec<bool> = p.iter().map(|p| p.on_hull).collect();
         assert_eq!(on, [true, true, false, true, false]);
+        let dominated: Vec<bool> = p.iter().map(|p| p.dominated).collect();
+        assert_eq!(dominated, [false, false, true, false, false]);
     }
 
     #[test]
@@ -343,8 +362,11 @@ mod tests {
             mark_hull(&mut p);
             let (rungs, notes) = choose(&p, 93.0, 5, &[]);
             for r in &rungs {
-                let at = p.iter().find(|q| q.height == r.height && q.crf == r.crf).unwrap();
-                assert!(at.on_hull, "{r:?} off the hull");
+                let at = p
+                    .iter()
+                    .find(|q| q.height == r.height && q.crf == r.crf)
+                    .unwrap();
+                assert!(!at.dominated, "{r:?} marked dominated");
                 assert!(!p.iter().any(|q| dominates(q, at)), "{r:?} dominated");
             }
             for w in rungs.windows(2) {
@@ -372,6 +394,9 @@ mod tests {
         let (rungs, notes) = choose(&p, 95.0, 3, &["480p".into()]);
         assert_eq!(rungs[0].name, "480p-2");
         assert_eq!(rungs[0].crf, 20);
-        assert!(notes.iter().any(|n| n.contains("out of reach")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("out of reach")),
+            "{notes:?}"
+        );
     }
 }

@@ -431,7 +431,10 @@ impl JobRun {
                     "Complete",
                     true,
                     "Completed",
-                    format!("{} renditions published", self.applied_spec().renditions.len()),
+                    format!(
+                        "{} renditions published",
+                        self.applied_spec().renditions.len()
+                    ),
                 ));
                 conditions.push(cond("Progressing", false, "Completed", String::new()));
             }
@@ -513,7 +516,10 @@ impl JobRun {
             master_playlist: self.result.as_ref().and_then(|r| r.master_playlist.clone()),
             manifest: self.result.as_ref().and_then(|r| r.manifest.clone()),
             thumbnails: self.result.as_ref().and_then(|r| r.thumbnails.clone()),
-            ladder: self.plan.as_ref().and_then(|p| p.ladder.as_deref().cloned()),
+            ladder: self
+                .plan
+                .as_ref()
+                .and_then(|p| p.ladder.as_deref().cloned()),
             encoder,
             gpu_seconds: (self.worker_seconds > 0.0)
                 .then(|| (self.worker_seconds * 10.0).round() / 10.0),

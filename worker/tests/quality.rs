@@ -271,3 +271,105 @@ fn a_quality_target_lands_on_its_mean_and_gives_hard_chunks_a_lower_crf() {
     assert!(q["chunksAtBound"].as_u64().unwrap() >= 2, "{q}");
     assert_eq!(q["maxCrf"], 24);
 }
+
+/// 6 s at 960x540 and 25 fps, keyframes every second: `source` (a lavfi graph) encoded near-losslessly.
+fn ladder_input(name: &str, source: &str) -> PathBuf {
+    fixture(
+        name,
+        &[
+            "-f", "lavfi", "-i", source, "-pix_fmt", "yuv420p", "-c:v", "libx264", "-crf", "8",
+            "-g", "25",
+        ],
+    )
+}
+
+/// Run a ladder job on `src`; check what any ladder must be, and return the summary.
+fn ladder_job(name: &str, src: &Path) -> serde_json::Value {
+    let out = out_dir(name);
+    let yaml = job_yaml(
+        src,
+        &out,
+        "hls",
+        "    []\n",
+        "  ladder: {codec: h264, targetQuality: {vmaf: 93}, preset: veryfast}\n  chunking: {targetSeconds: 2}\n",
+    );
+    let s = tessera_ok(&out, &yaml, &[]);
+    let l = &s["ladder"];
+    assert_eq!(l["display"], "960x540", "{l}");
+    assert_eq!(l["sampleChunks"], serde_json::json!([0, 1, 2]), "{l}");
+    let points = l["points"].as_array().unwrap();
+    let rungs = l["rungs"].as_array().unwrap();
+    // Three sizes (540p, 360p, 240p) at five settings each, and the top rung's refinements.
+    assert!(points.len() >= 15, "{l}");
+    assert!(!rungs.is_empty(), "{l}");
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    for r in rungs {
+        let p = points
+            .iter()
+            .find(|p| p["height"] == r["height"] && p["crf"] == r["crf"])
+            .unwrap_or_else(|| panic!("{r}: not a measured point"));
+        assert_eq!((f(p, "kbps"), f(p, "vmaf")), (f(r, "kbps"), f(r, "vmaf")));
+        // No measured point scores as high for as little.
+        for q in points {
+            let better = f(q, "kbps") <= f(p, "kbps")
+                && f(q, "vmaf") >= f(p, "vmaf")
+                && (f(q, "kbps") < f(p, "kbps") || f(q, "vmaf") > f(p, "vmaf"));
+            assert!(!better, "rung {r} is dominated by {q}");
+        }
+        assert_eq!(p["dominated"], false, "{p}");
+        assert!(r["why"].as_str().is_some_and(|w| w.len() > 20), "{r}");
+    }
+    assert!(
+        f(&rungs[0], "vmaf") >= 93.0,
+        "the top rung reaches the target: {l}"
+    );
+    for w in rungs.windows(2) {
+        assert!(
+            f(&w[1], "kbps") <= 0.55 * f(&w[0], "kbps") && f(&w[1], "vmaf") < f(&w[0], "vmaf"),
+            "rungs are spaced: {w:?}"
+        );
+    }
+    assert!(rungs.iter().all(|r| f(r, "vmaf") >= 40.0), "{l}");
+    // Every rung is a rendition of the output, at its height and with every frame.
+    let master = std::fs::read_to_string(out.join("master.m3u8")).unwrap();
+    for (i, r) in rungs.iter().enumerate() {
+        let rname = r["name"].as_str().unwrap();
+        assert_eq!(s["renditions"][i]["name"], rname, "{s}");
+        assert!(master.contains(&format!("{rname}/index.m3u8")), "{master}");
+        let v = video(&out.join(rname).join("index.m3u8"));
+        assert_eq!(num(&v, "height"), f(r, "height"), "{rname}");
+        assert_eq!(num(&v, "nb_read_frames"), 150.0, "{rname}");
+    }
+    s
+}
+
+#[test]
+fn a_ladder_follows_the_content_and_no_rung_is_dominated() {
+    let still = ladder_input(
+        "ladder-still.mp4",
+        "testsrc2=size=960x540:rate=25,trim=end_frame=1,loop=loop=149:size=1,setpts=N/25/TB",
+    );
+    let zoom = ladder_input(
+        "ladder-zoom.mp4",
+        "mandelbrot=size=960x540:rate=25,trim=duration=6",
+    );
+    let easy = ladder_job("ladder-still", &still);
+    let hard = ladder_job("ladder-zoom", &zoom);
+    let top = |s: &serde_json::Value| s["ladder"]["rungs"][0]["kbps"].as_f64().unwrap();
+    assert!(
+        top(&hard) > 10.0 * top(&easy),
+        "the zoom's top rung costs far more than the still slide's: {} and {}",
+        hard["ladder"],
+        easy["ladder"]
+    );
+    let shape = |s: &serde_json::Value| -> Vec<(u64, u64)> {
+        s["ladder"]["rungs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["height"].as_u64().unwrap(), r["crf"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_ne!(shape(&easy), shape(&hard));
+    eprintln!("still: {:?}\nzoom: {:?}", shape(&easy), shape(&hard));
+}
