@@ -30,12 +30,32 @@ pub fn definitions(with_cel: bool) -> Vec<(&'static str, serde_json::Value)> {
     .into_iter()
     .map(|(file, crd)| {
         let mut v = serde_json::to_value(&crd).expect("a CRD serialises");
+        if file == "transcodejob.yaml" {
+            require_renditions_or_ladder(&mut v);
+        }
         if !with_cel {
             strip_cel(&mut v);
         }
         (file, v)
     })
     .collect()
+}
+
+/// A job needs renditions or a ladder, said in the structural schema so that servers without CEL (before
+/// 1.25) reject it at apply too. Added here: kube's schema rewriter cannot take a property inside `anyOf`.
+fn require_renditions_or_ladder(crd: &mut serde_json::Value) {
+    for v in crd["spec"]["versions"].as_array_mut().into_iter().flatten() {
+        let spec = &mut v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        if let Some(m) = spec.as_object_mut() {
+            m.insert(
+                "anyOf".into(),
+                serde_json::json!([
+                    {"properties": {"renditions": {"minItems": 1}}},
+                    {"required": ["ladder"]}
+                ]),
+            );
+        }
+    }
 }
 
 /// Whether an API server of this version enforces CEL rules in CRDs (beta and on by default from 1.25).

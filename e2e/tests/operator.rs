@@ -200,15 +200,20 @@ fn invalid_specs_are_rejected_at_apply_with_the_field_named() {
         );
         eprintln!("rejected {renditions}: {}", err.trim());
     }
-    let ok = kubectl(
-        &["apply", "--dry-run=server", "-f", "-"],
-        Some(&base("[{name: a, video: {codec: h264}}]")),
-    );
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let ladder = "  ladder: {codec: h264, targetQuality: {vmaf: 93}}\n";
+    for good in [
+        base("[{name: a, video: {codec: h264}}]"),
+        // A ladder stands in for the renditions: empty, or left out.
+        base("[]") + ladder,
+        base("[]").replace("  renditions: []\n", "") + ladder,
+    ] {
+        let ok = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&good));
+        assert!(
+            ok.status.success(),
+            "{good}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
 }
 
 #[test]

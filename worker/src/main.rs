@@ -263,6 +263,26 @@ fn run(path: PathBuf, workers: Option<usize>, json: bool) -> Result<(), Error> {
         if let Some(m) = &summary.master_playlist {
             println!("  master playlist: {m}");
         }
+        if let Some(l) = &summary.ladder {
+            println!(
+                "  ladder: target VMAF {} at {} ({}), {} points on {} frames of chunks {:?}",
+                l.target_vmaf,
+                l.display,
+                l.model,
+                l.points.len(),
+                l.sample_frames,
+                l.sample_chunks
+            );
+            for r in &l.rungs {
+                println!(
+                    "    {:<8} crf {:<3} {:>7.0} kb/s  VMAF {:>5.1}  {}",
+                    r.name, r.crf, r.kbps, r.vmaf, r.why
+                );
+            }
+            for n in &l.notes {
+                println!("    note: {n}");
+            }
+        }
     }
     Ok(())
 }
