@@ -95,28 +95,7 @@ pub fn validate_spec(spec: &TranscodeJobSpec) -> Result<(), Vec<ValidationError>
                     "targetQuality is exclusive with crf and bitrate: the setting is chosen per chunk".into(),
                 );
             }
-            if !(20.0..=99.0).contains(&t.vmaf) {
-                err(
-                    at("video.targetQuality.vmaf"),
-                    format!("{} is out of range (20..=99)", t.vmaf),
-                );
-            }
-            for (f, b) in [("minCrf", t.min_crf), ("maxCrf", t.max_crf)] {
-                if let Some(b) = b.filter(|&b| b > crf_max) {
-                    err(
-                        at(&format!("video.targetQuality.{f}")),
-                        format!("{b} is out of range for {} (0..={crf_max})", v.codec),
-                    );
-                }
-            }
-            if let (Some(lo), Some(hi)) = (t.min_crf, t.max_crf) {
-                if lo > hi {
-                    err(
-                        at("video.targetQuality.minCrf"),
-                        format!("{lo} is above maxCrf {hi}"),
-                    );
-                }
-            }
+            check_target(&at("video.targetQuality"), t, v.codec, &mut err);
         }
         if let (Some(b), Some(m)) = (v.bitrate, v.maxrate) {
             if m.0 < b.0 {
@@ -212,39 +191,45 @@ fn preset_problem(codec: VideoCodec, p: &str) -> Option<String> {
     (!ok).then(|| format!("unknown preset {p:?} for {codec}; expected one of {expected}"))
 }
 
-fn check_ladder(
-    spec: &TranscodeJobSpec,
-    l: &crate::LadderSpec,
+/// A quality target's ranges, for `codec`'s CRF scale; `at` is the target's field path.
+fn check_target(
+    at: &str,
+    t: &crate::TargetQuality,
+    codec: VideoCodec,
     err: &mut impl FnMut(String, String),
 ) {
-    let at = |f: &str| format!("spec.ladder.{f}");
-    let crf_max = match l.codec {
+    let crf_max = match codec {
         VideoCodec::H264 | VideoCodec::Hevc => 51,
         VideoCodec::Av1 => 63,
     };
-    let t = &l.target_quality;
     if !(20.0..=99.0).contains(&t.vmaf) {
         err(
-            at("targetQuality.vmaf"),
+            format!("{at}.vmaf"),
             format!("{} is out of range (20..=99)", t.vmaf),
         );
     }
     for (f, b) in [("minCrf", t.min_crf), ("maxCrf", t.max_crf)] {
         if let Some(b) = b.filter(|&b| b > crf_max) {
             err(
-                at(&format!("targetQuality.{f}")),
-                format!("{b} is out of range for {} (0..={crf_max})", l.codec),
+                format!("{at}.{f}"),
+                format!("{b} is out of range for {codec} (0..={crf_max})"),
             );
         }
     }
     if let (Some(lo), Some(hi)) = (t.min_crf, t.max_crf) {
         if lo > hi {
-            err(
-                at("targetQuality.minCrf"),
-                format!("{lo} is above maxCrf {hi}"),
-            );
+            err(format!("{at}.minCrf"), format!("{lo} is above maxCrf {hi}"));
         }
     }
+}
+
+fn check_ladder(
+    spec: &TranscodeJobSpec,
+    l: &crate::LadderSpec,
+    err: &mut impl FnMut(String, String),
+) {
+    let at = |f: &str| format!("spec.ladder.{f}");
+    check_target(&at("targetQuality"), &l.target_quality, l.codec, err);
     for (f, dim) in [("maxHeight", l.max_height), ("minHeight", l.min_height)] {
         if let Some(d) = dim.filter(|d| !(16..=8192).contains(d)) {
             err(at(f), format!("{d} is out of range (16..=8192)"));

@@ -225,20 +225,7 @@ pub fn search(
     let runs = target::sample_runs(input.expected_frames);
     let mut convs: Vec<Converter> = searched.iter().map(|&o| outputs[o].converter()).collect();
     let mut samples: Vec<Vec<frame::Video>> = vec![Vec::new(); searched.len()];
-    let mut n = 0u64;
-    decode_chunk(input, cancel, &mut |f, _| {
-        if runs.iter().any(|r| r.contains(&n)) {
-            for (conv, kept) in convs.iter_mut().zip(&mut samples) {
-                let c = conv.convert(f).map_err(|e| Error::Chunk {
-                    chunk: index,
-                    detail: format!("scaling: {e}"),
-                })?;
-                kept.push(c.unwrap_or_else(|| f.clone()));
-            }
-        }
-        n += 1;
-        Ok(())
-    })?;
+    let n = keep_sample(input, &runs, &mut convs, &mut samples, cancel)?;
     for (&o, kept) in searched.iter().zip(&samples) {
         let out = &outputs[o];
         if kept.is_empty() {
@@ -299,22 +286,35 @@ pub fn ladder_sample(
     let mut kept: Vec<Vec<frame::Video>> = vec![Vec::new(); outputs.len()];
     for input in inputs {
         let runs = crate::ladder::sample_runs(input.expected_frames);
-        let mut n = 0u64;
-        decode_chunk(input, cancel, &mut |f, _| {
-            if runs.iter().any(|r| r.contains(&n)) {
-                for (conv, k) in convs.iter_mut().zip(&mut kept) {
-                    let c = conv.convert(f).map_err(|e| Error::Chunk {
-                        chunk: input.chunk.index,
-                        detail: format!("scaling the ladder's sample: {e}"),
-                    })?;
-                    k.push(c.unwrap_or_else(|| f.clone()));
-                }
-            }
-            n += 1;
-            Ok(())
-        })?;
+        keep_sample(input, &runs, &mut convs, &mut kept, cancel)?;
     }
     Ok(kept)
+}
+
+/// Decode the chunk once and append the frames in `runs` (indices in the chunk), converted by each of
+/// `convs`, to the matching list of `kept`. Answers the frames decoded.
+fn keep_sample(
+    input: &ChunkInput<'_>,
+    runs: &[std::ops::Range<u64>],
+    convs: &mut [Converter],
+    kept: &mut [Vec<frame::Video>],
+    cancel: &AtomicBool,
+) -> Result<u64> {
+    let mut n = 0u64;
+    decode_chunk(input, cancel, &mut |f, _| {
+        if runs.iter().any(|r| r.contains(&n)) {
+            for (conv, k) in convs.iter_mut().zip(kept.iter_mut()) {
+                let c = conv.convert(f).map_err(|e| Error::Chunk {
+                    chunk: input.chunk.index,
+                    detail: format!("scaling the sample: {e}"),
+                })?;
+                k.push(c.unwrap_or_else(|| f.clone()));
+            }
+        }
+        n += 1;
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// One point of a ladder: `samples` (`out`'s size) encoded at `crf`, decoded, upscaled to `top`'s size and
