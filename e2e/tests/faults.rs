@@ -202,10 +202,22 @@ fn both_operator_replicas_restarted_with_100_jobs_in_flight() {
     }
     let t0 = Instant::now();
     kubectl_ok(&["apply", "-f", "-"], Some(&all));
-    wait_until("some jobs to finish", Duration::from_secs(120), || {
+    // This test's jobs only: another test's job may be in the namespace too.
+    let ours = || -> Vec<serde_json::Value> {
         json(&["get", "tj", "-n", "default"])["items"]
             .as_array()
+            .cloned()
             .unwrap()
+            .into_iter()
+            .filter(|j| {
+                j["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("many-"))
+            })
+            .collect()
+    };
+    wait_until("some jobs to finish", Duration::from_secs(120), || {
+        ours()
             .iter()
             .filter(|j| j["status"]["phase"] == "Succeeded")
             .count()
@@ -226,10 +238,7 @@ fn both_operator_replicas_restarted_with_100_jobs_in_flight() {
     );
     let names: Vec<String> = (0..100).map(|i| format!("many-{i:03}")).collect();
     wait_until("all 100 jobs to complete", Duration::from_secs(400), || {
-        let items = json(&["get", "tj", "-n", "default"])["items"]
-            .as_array()
-            .cloned()
-            .unwrap();
+        let items = ours();
         for j in &items {
             assert!(
                 j["status"]["phase"] != "Failed",
@@ -280,10 +289,7 @@ fn both_operator_replicas_restarted_with_100_jobs_in_flight() {
         );
     }
     wait_until("the jobs to be gone", Duration::from_secs(120), || {
-        json(&["get", "tj", "-n", "default"])["items"]
-            .as_array()
-            .unwrap()
-            .is_empty()
+        ours().is_empty()
     });
 }
 
