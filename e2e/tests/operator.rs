@@ -367,7 +367,11 @@ fn backlog_scales_to_max_then_to_zero_and_priority_jumps_the_queue() {
     }
     // Only this test's jobs: another test's job may be in the namespace too.
     wait_until("the jobs to be gone", Duration::from_secs(60), || {
-        names.iter().all(|n| get_job(n).is_none())
+        json(&["get", "tj", "-n", "default"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| !names.iter().any(|n| j["metadata"]["name"] == n.as_str()))
     });
     eprintln!("30 jobs deleted in {:.1} s", t1.elapsed().as_secs_f64());
 }
